@@ -1,0 +1,360 @@
+"""One backup run: recover → choose levels → freeze → export → plan → pull → commit (DESIGN §5, §6).
+
+The order of the last steps is the commit protocol:
+
+1. every disk's frozen view is read and handed to the writer; the fleece is torn down at once (the guest
+   stops paying for copy-before-write as soon as possible);
+2. the writer flushes: packs durable, then the run's index;
+3. the manifest is written with put-if-absent — the commit point;
+4. only then the parent's bitmaps are dropped.
+
+Any failure before 3 — an exception, Ctrl-C, SIGTERM — tears the fleece down and folds every new bitmap
+back into its old one, so the next run's incremental is exact. A run killed with SIGKILL leaves that work
+to the next run, which starts by unwinding whatever ``fleece-`` objects it finds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbd
+
+from repository import Repository
+from repository.errors import UsageError
+from repository.manifest import KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, new_point_id
+
+from . import bitmaps, graph
+from .errors import ExportReadError, QemuError
+from .inventory import DiskInfo, VmInfo, inspect
+from .lock import VmLock
+from .plan import DiskPlan, Job, plan_full, plan_incremental
+from .pull import BufferPool, Puller
+from .qmp import Monitor
+
+log = logging.getLogger(__name__)
+
+TOOL = "fleece 0.1.0"
+
+#: ``event(name, data)``: "frozen" (the point in time is fixed), "disk" (a disk starts: planned sizes),
+#: "committed". Used for progress output and by tests to act at exact moments of a run.
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class BackupRequest:
+    qmp: str
+    vm: str | None = None
+    disks: list[str] | None = None
+    full: bool = False
+    workers: int = 4
+    scratch: str | None = None
+    on_event: EventHook | None = None
+    progress: Callable[[int], None] | None = None
+
+
+@dataclass
+class BackupResult:
+    manifest: Manifest
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
+    """Back up every selected disk of the VM behind ``req.qmp`` to one point in time in *repo*."""
+    if req.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    qmp_key = os.path.realpath(req.qmp)
+    with VmLock(f"qmp:{qmp_key}", f"the VM behind {req.qmp}"):
+        mon = Monitor(req.qmp)
+        try:
+            return _Run(repo, req, mon).run()
+        finally:
+            mon.close()
+
+
+class _Run:
+    def __init__(self, repo: Repository, req: BackupRequest, mon: Monitor) -> None:
+        self.repo = repo
+        self.req = req
+        self.mon = mon
+        self.event = req.on_event or (lambda name, data: None)
+        self.prefix = bitmaps.repo_prefix(repo.config.id)
+
+    # -- the run ----------------------------------------------------------------------------------------
+
+    def run(self) -> BackupResult:
+        started = time.monotonic()
+        info = inspect(self.mon)
+        vm = self.req.vm or info.name
+        if not vm:
+            raise UsageError("the VM has no name (-name); pass --vm NAME to say which name its points carry")
+        with VmLock(f"vm:{vm}", f"VM {vm!r}"):
+            info = self._recover(vm, info)
+            disks = self._select(info)
+            parent = self.repo.latest(vm)
+            levels = {d.id: bitmaps.choose_level(d, parent, self.req.full) for d in disks}
+            for d in disks:
+                lv = levels[d.id]
+                log.info("disk %s: %s backup (%s)", d.id, lv.kind, lv.reason)
+                if lv.remove_first:
+                    bitmaps.transaction(self.mon, [{"type": "block-dirty-bitmap-remove",
+                                                    "data": {"node": d.node, "name": n}} for n in lv.remove_first])
+            point_id = new_point_id()
+            new_bitmap = bitmaps.bitmap_name(self.repo.config.id, point_id)
+            manifest, stats = self._backup(vm, info, disks, levels, parent, point_id, new_bitmap)
+            for d in disks:
+                self._drop_old_bitmaps(d, new_bitmap)
+            stats["duration_s"] = round(time.monotonic() - started, 3)
+            self.event("committed", {"point": manifest.id})
+            return BackupResult(manifest, stats)
+
+    def _recover(self, vm: str, info: VmInfo) -> VmInfo:
+        """Unwind what an earlier, killed run left in QEMU (we hold the lock: no live run owns it)."""
+        for what in graph.unwind(self.mon):
+            log.warning("cleaned up after an interrupted run: removed %s", what)
+        info = inspect(self.mon)
+        committed_ids: set[str] | None = None
+
+        def committed(point_id: str) -> bool:
+            nonlocal committed_ids
+            if committed_ids is None:
+                committed_ids = set(self.repo.point_ids(vm))
+            return point_id in committed_ids
+
+        changed = False
+        for d in info.disks:
+            for line in bitmaps.recover(self.mon, d, self.prefix, committed):
+                log.warning("%s", line)
+                changed = True
+        return inspect(self.mon) if changed else info
+
+    def _select(self, info: VmInfo) -> list[DiskInfo]:
+        by_id = {d.id: d for d in info.disks}
+        if self.req.disks:
+            unknown = [d for d in self.req.disks if d not in by_id]
+            if unknown:
+                raise UsageError(f"no disk {', '.join(unknown)} in this VM; its disks are: "
+                                 f"{', '.join(by_id) or 'none'}")
+            chosen = [by_id[d] for d in dict.fromkeys(self.req.disks)]
+        else:
+            chosen = []
+            for d in info.disks:
+                if d.read_only:
+                    log.info("skipping read-only device %s (%s)", d.id, d.filename)
+                    continue
+                chosen.append(d)
+        if not chosen:
+            raise UsageError("the VM has no writable disks to back up")
+        for d in chosen:
+            if d.driver != "qcow2" and not self.req.full:
+                raise UsageError(f"disk {d.id} is a {d.driver} image: incremental backups need qcow2 persistent "
+                                 "dirty bitmaps; back it up with --full (every run a full), or leave it out "
+                                 "by naming the other disks with --disk")
+            if d.node.startswith(graph.PREFIX):
+                raise QemuError(f"disk {d.id} is still attached to fleece node {d.node}; "
+                                "this should have been cleaned up — report a bug")
+        return chosen
+
+    def _backup(self, vm: str, info: VmInfo, disks: list[DiskInfo], levels: dict[str, bitmaps.Level],
+                parent: Manifest | None, point_id: str, new_bitmap: str) -> tuple[Manifest, dict[str, Any]]:
+        scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
+        if not scratch.is_dir():
+            raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR")
+        run_dir = Path(tempfile.mkdtemp(prefix=graph.PREFIX, dir=scratch))  # 0700: private NBD socket
+        sock = str(run_dir / "nbd.sock")
+        fleeces = [graph.DiskFleece(d, graph.FleeceNames.for_disk(d.id),
+                                    scratch / f"{graph.PREFIX}{graph.FleeceNames.for_disk(d.id).token}-{point_id}.qcow2")
+                   for d in disks]
+        names = {n for f in fleeces for n in (f.names.target, f.names.cbw, f.names.snap, f.names.export)}
+        switched = False
+        committed = False
+        writer = None
+        stats: dict[str, Any] = {"point": point_id}
+        try:
+            for f in fleeces:
+                graph.create_scratch(f.scratch_file, f.disk.virtual_size)
+                graph.add_target(self.mon, f)
+                graph.add_cbw(self.mon, f)
+
+            # The point in time: bitmaps switch and filters go in while the guest is paused.
+            was_running = info.running
+            t0 = time.perf_counter()
+            if was_running:
+                self.mon.cmd("stop")
+            try:
+                actions = [a for f in fleeces for a in bitmaps.freeze_actions(f.disk.node, new_bitmap,
+                                                                              levels[f.disk.id], None)]
+                bitmaps.transaction(self.mon, actions)
+                switched = True
+                for f in fleeces:
+                    graph.insert_cbw(self.mon, f)
+            finally:
+                if was_running:
+                    self.mon.cmd("cont")
+            stats["pause_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+            log.info("point in time fixed for %d disk(s); guest paused %.1f ms", len(fleeces), stats["pause_ms"])
+            self.event("frozen", {"point": point_id, "pause_ms": stats["pause_ms"]})
+
+            for f in fleeces:
+                graph.add_snapshot(self.mon, f)
+            graph.start_nbd_server(self.mon, sock)
+            for f in fleeces:
+                lv = levels[f.disk.id]
+                graph.export(self.mon, f, lv.old_bitmap if lv.kind == KIND_INCREMENTAL else None)
+
+            writer = self.repo.writer()
+            pending: dict[str, Callable[[], DiskRecord]] = {}
+            pool = BufferPool(self.req.workers * 2 + 6, self.repo.config.chunk_size)
+            for f in fleeces:
+                pending[f.disk.id] = self._pull_disk(f, levels[f.disk.id], sock, writer, pool, new_bitmap)
+
+            for what in graph.unwind(self.mon, only=names):
+                log.debug("teardown: %s", what)
+            wstats = writer.flush()
+            # Only now has every blob's callback run: the extent maps are complete.
+            records = {disk_id: finish() for disk_id, finish in pending.items()}
+            stats["writer"] = wstats.as_dict()
+            kind = KIND_FULL if all(r.kind == KIND_FULL for r in records.values()) else KIND_INCREMENTAL
+            manifest = Manifest(
+                id=point_id, vm=vm, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                parent=parent.id if parent is not None and kind == KIND_INCREMENTAL else None,
+                kind=kind, disks=records, consistency="crash", tool=TOOL,
+                extra={"host": socket.gethostname(), "pause_ms": stats["pause_ms"],
+                       "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers})
+            self.repo.commit(manifest)
+            committed = True
+            log.info("committed point %s of VM %s", point_id, vm)
+            return manifest, stats
+        except BaseException as exc:
+            self._fail(exc, writer, names, fleeces, levels, new_bitmap, switched and not committed, scratch)
+            raise
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            for f in fleeces:
+                f.scratch_file.unlink(missing_ok=True)
+
+    def _pull_disk(self, f: graph.DiskFleece, level: bitmaps.Level, sock: str, writer: Any, pool: BufferPool,
+                   new_bitmap: str) -> Callable[[], DiskRecord]:
+        """Read one disk into *writer*; returns a function that builds its record once the writer flushed."""
+        disk = f.disk
+        chunk = self.repo.config.chunk_size
+        plan = self._plan(f, level, sock, chunk)
+        self.event("disk", {"disk": disk.id, "kind": plan.kind, "read_bytes": plan.read_bytes,
+                            "dirty_bytes": plan.dirty_bytes, "jobs": len(plan.jobs)})
+        extents: list[Extent] = [(o, n, None) for o, n in plan.zero]
+        lock = threading.Lock()
+        totals = {"stored_bytes": 0, "blobs": 0, "zero_read_bytes": 0}
+        recorded = [0]
+
+        def record(job: Job, ident: bytes | None, stored: int) -> None:
+            with lock:
+                recorded[0] += 1
+                if ident is None:
+                    totals["zero_read_bytes"] += job.length
+                    if plan.kind == KIND_INCREMENTAL:
+                        extents.append((job.offset, job.length, None))
+                else:
+                    extents.append((job.offset, job.length, ident))
+                    totals["stored_bytes"] += stored
+                    totals["blobs"] += 1
+
+        puller = Puller(sock, f.names.export, writer, pool, workers=self.req.workers, disk=disk.id,
+                        progress=self.req.progress)
+        t0 = time.monotonic()
+        try:
+            puller.run(plan.jobs, record)
+        except ExportReadError as exc:
+            raise ExportReadError(f"{exc}{self._scratch_hint(f)}") from None
+        seconds = round(time.monotonic() - t0, 3)
+        granularity = next((b.granularity for b in disk.bitmaps if b.name == level.old_bitmap), None)
+
+        def finish() -> DiskRecord:
+            if recorded[0] != len(plan.jobs):  # never commit a map with holes in it
+                raise QemuError(f"internal error: disk {disk.id}: {recorded[0]} of {len(plan.jobs)} blobs recorded")
+            extents.sort()
+            stats = {"dirty_bytes": plan.dirty_bytes, "read_bytes": plan.read_bytes,
+                     "zero_bytes": sum(n for _, n, b in extents if b is None), **totals,
+                     "seconds": seconds, "reason": level.reason}
+            return DiskRecord(kind=plan.kind, virtual_size=disk.virtual_size, extents=extents,
+                              granularity=granularity or disk.cluster_size or 65536, qcow2=disk.qcow2_options(),
+                              bitmap=new_bitmap, stats=stats)
+
+        return finish
+
+    def _plan(self, f: graph.DiskFleece, level: bitmaps.Level, sock: str, chunk: int) -> DiskPlan:
+        def handle(context: str) -> nbd.NBD:
+            h = nbd.NBD()
+            h.add_meta_context(context)
+            h.set_export_name(f.names.export)
+            h.connect_unix(sock)
+            if not h.can_meta_context(context):
+                raise QemuError(f"the NBD export of disk {f.disk.id} does not offer {context}")
+            return h
+
+        try:
+            size = f.disk.virtual_size
+            h_alloc = handle("base:allocation")
+            if level.kind == KIND_INCREMENTAL:
+                assert level.old_bitmap is not None
+                h_dirty = handle(f"qemu:dirty-bitmap:{level.old_bitmap}")
+                plan = plan_incremental(h_dirty, h_alloc, level.old_bitmap, size, chunk)
+                h_dirty.shutdown()
+            else:
+                plan = plan_full(h_alloc, size, chunk)
+            h_alloc.shutdown()
+            return plan
+        except nbd.Error as exc:
+            raise ExportReadError(f"block status of disk {f.disk.id} failed: {exc}{self._scratch_hint(f)}") from None
+
+    @staticmethod
+    def _scratch_hint(f: graph.DiskFleece) -> str:
+        try:
+            st = os.statvfs(f.scratch_file.parent)
+        except OSError:
+            return ""
+        free = st.f_bavail * st.f_frsize
+        if free < 64 << 20:
+            return (f" — the scratch directory {f.scratch_file.parent} is full ({free >> 20} MiB free): the guest "
+                    "kept running, the backup could not keep its point in time; use --scratch with more room")
+        return ""
+
+    def _fail(self, exc: BaseException, writer: Any, names: set[str], fleeces: list[graph.DiskFleece],
+              levels: dict[str, bitmaps.Level], new_bitmap: str, fold_back: bool, scratch: Path) -> None:
+        """Undo a failed run: graph first, then give every write back to the old bitmaps."""
+        log.error("backup failed (%s); rolling back", exc if str(exc) else type(exc).__name__)
+        if writer is not None:
+            try:
+                writer.abort()
+            except Exception as e:  # noqa: BLE001
+                log.debug("writer abort: %s", e)
+        try:
+            for what in graph.unwind(self.mon, only=names):
+                log.debug("rollback: removed %s", what)
+        except Exception as e:  # noqa: BLE001 - keep going: bitmaps matter more
+            log.error("could not tear the fleece down (%s); the next run will clean up", e)
+        if fold_back:
+            try:
+                actions = [a for f in fleeces
+                           for a in bitmaps.rollback_actions(f.disk.node, new_bitmap, levels[f.disk.id])]
+                bitmaps.transaction(self.mon, actions)
+                log.info("dirty bitmaps restored: the next incremental covers everything since the last point")
+            except Exception as e:  # noqa: BLE001
+                log.error("could not fold the dirty bitmaps back (%s); the next run will repair them", e)
+
+    def _drop_old_bitmaps(self, disk: DiskInfo, keep: str) -> None:
+        """After the commit: the parent's bitmap (and stale ones of this repository) are no longer needed."""
+        try:
+            current = next((d for d in inspect(self.mon).disks if d.id == disk.id), None)
+            if current is not None:
+                bitmaps.transaction(self.mon, bitmaps.commit_actions(current.node, keep, current.bitmaps, self.prefix))
+        except Exception as e:  # noqa: BLE001 - the point is committed; the next run finishes this
+            log.warning("point committed, but old bitmaps on %s could not be removed yet (%s)", disk.id, e)

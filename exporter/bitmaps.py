@@ -1,0 +1,161 @@
+"""Dirty-bitmap bookkeeping: which level a disk can have, and the commit protocol (DESIGN §5).
+
+Each point of a chain owns one persistent bitmap per disk, named ``fleece-<repo id>-<point id>``; it
+tracks every write *since* that point, and the point's manifest records its name. A backup:
+
+* at the freeze, in one transaction with the guest paused: adds the new point's bitmap and (for an
+  incremental) disables the parent's bitmap, which is then exported frozen;
+* on success — only after the manifest is committed — removes the parent's bitmap;
+* on failure, Ctrl-C or SIGTERM — folds the new bitmap back into the old one and re-enables it, in one
+  transaction: nothing the guest wrote is ever lost from tracking.
+
+A run killed before it could do either leaves a disabled old bitmap next to an enabled new one;
+:func:`recover` resolves such pairs the same way (commit if the manifest exists, fold back otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from repository.manifest import KIND_FULL, KIND_INCREMENTAL, Manifest
+
+from .inventory import Bitmap, DiskInfo
+from .qmp import Monitor
+
+log = logging.getLogger(__name__)
+
+PREFIX = "fleece-"
+
+
+def repo_prefix(repo_id: str) -> str:
+    return f"{PREFIX}{repo_id[:12]}-"
+
+
+def bitmap_name(repo_id: str, point_id: str) -> str:
+    return f"{repo_prefix(repo_id)}{point_id}"
+
+
+def point_of(name: str) -> str | None:
+    """The point id a fleece bitmap name carries (``fleece-<12 hex>-<point id>``)."""
+    parts = name.split("-", 2)
+    if len(parts) == 3 and parts[0] == "fleece" and len(parts[1]) == 12:
+        return parts[2]
+    return None
+
+
+@dataclass
+class Level:
+    """What one disk gets this run, and why."""
+
+    kind: str  # full | incremental
+    old_bitmap: str | None  # the parent's bitmap: exported (incremental) or dropped after commit (full)
+    reason: str
+    remove_first: list[str]  # unusable bitmaps to drop before starting (inconsistent ones)
+
+
+def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> Level:
+    """``auto`` level: incremental only when the chain's bitmap is present and trustworthy."""
+    record = parent.disks.get(disk.id) if parent else None
+    name = record.bitmap if record else None
+    bitmap = disk.bitmap(name) if name else None
+    if disk.driver != "qcow2":
+        return Level(KIND_FULL, None, f"{disk.driver} images cannot hold persistent dirty bitmaps", [])
+    if parent is None:
+        return Level(KIND_FULL, None, "no earlier point of this VM in the repository", [])
+    if record is None:
+        return Level(KIND_FULL, None, f"disk {disk.id} is not in the last point {parent.id}", [])
+    if bitmap is None:
+        return Level(KIND_FULL, None, f"bitmap {name} is gone (QEMU was restarted without a clean shutdown, "
+                                      "or the bitmap was removed)", [])
+    if bitmap.inconsistent:
+        return Level(KIND_FULL, None, f"bitmap {name} is inconsistent (QEMU crashed while it was in use); "
+                                      "it is removed", [bitmap.name])
+    if force_full:
+        return Level(KIND_FULL, name, "--full requested", [])
+    if not bitmap.persistent or not bitmap.recording:
+        return Level(KIND_FULL, None, f"bitmap {name} is not {'persistent' if not bitmap.persistent else 'recording'}; "
+                                      "it is removed", [bitmap.name])
+    if bitmap.busy:
+        from .errors import BitmapError
+
+        raise BitmapError(f"bitmap {name} on disk {disk.id} is in use by another block job; wait for it to finish")
+    if record.virtual_size != disk.virtual_size:
+        return Level(KIND_FULL, name, f"disk resized from {record.virtual_size} to {disk.virtual_size} bytes", [])
+    return Level(KIND_INCREMENTAL, name, f"bitmap {name} tracks every change since point {parent.id}", [])
+
+
+def freeze_actions(node: str, new: str, level: Level, granularity: int | None) -> list[dict]:
+    """Transaction actions for the freeze: new bitmap on, old bitmap frozen (incremental only)."""
+    add: dict = {"node": node, "name": new, "persistent": True}
+    if granularity:
+        add["granularity"] = granularity
+    actions = [{"type": "block-dirty-bitmap-add", "data": add}]
+    if level.kind == KIND_INCREMENTAL and level.old_bitmap:
+        actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": node, "name": level.old_bitmap}})
+    return actions
+
+
+def rollback_actions(node: str, new: str, level: Level) -> list[dict]:
+    """Failure: fold the new bitmap back into the old one (incremental) or just drop it (full)."""
+    if level.kind == KIND_INCREMENTAL and level.old_bitmap:
+        return [
+            {"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": level.old_bitmap, "bitmaps": [new]}},
+            {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": level.old_bitmap}},
+            {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": new}},
+        ]
+    return [{"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": new}}]
+
+
+def commit_actions(node: str, keep: str, bitmaps: list[Bitmap], prefix: str) -> list[dict]:
+    """Success: drop every other bitmap of this repository on the disk (the parent's and stale ones)."""
+    return [{"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": b.name}}
+            for b in bitmaps if b.name.startswith(prefix) and b.name != keep and not b.busy]
+
+
+def transaction(mon: Monitor, actions: list[dict]) -> None:
+    if actions:
+        mon.cmd("transaction", {"actions": actions})
+
+
+def recover(mon: Monitor, disk: DiskInfo, repo_prefix_: str, committed: Callable[[str], bool]) -> list[str]:
+    """Resolve what a killed run left in *disk*'s bitmaps; returns log lines of what was done.
+
+    For each repository's group of fleece bitmaps: inconsistent ones are removed; a disabled bitmap next
+    to a newer enabled one is a run that never finished — if that run's point was committed (only known
+    for our own repository) the old one is dropped, otherwise the new one is folded back into it.
+    """
+    done: list[str] = []
+    groups: dict[str, list[Bitmap]] = {}
+    for b in disk.bitmaps:
+        if point_of(b.name) is not None:
+            groups.setdefault(b.name[: len(PREFIX) + 13], []).append(b)
+    for prefix, group in groups.items():
+        for b in group:
+            if b.inconsistent:
+                transaction(mon, [{"type": "block-dirty-bitmap-remove", "data": {"node": disk.node, "name": b.name}}])
+                done.append(f"removed inconsistent bitmap {b.name} on {disk.id}")
+        usable = [b for b in group if not b.inconsistent and not b.busy]
+        disabled = sorted((b for b in usable if not b.recording), key=lambda b: b.name)
+        enabled = sorted((b for b in usable if b.recording), key=lambda b: b.name)
+        if not disabled:
+            continue
+        old = disabled[-1]
+        newer = [b for b in enabled if b.name > old.name]
+        if not newer:
+            # Disabled with nothing tracking since: it missed writes and cannot be trusted any more.
+            transaction(mon, [{"type": "block-dirty-bitmap-remove", "data": {"node": disk.node, "name": old.name}}])
+            done.append(f"removed stale disabled bitmap {old.name} on {disk.id} (next backup of it is full)")
+            continue
+        new = newer[-1]
+        new_point = point_of(new.name)
+        if prefix == repo_prefix_ and new_point is not None and committed(new_point):
+            transaction(mon, [{"type": "block-dirty-bitmap-remove", "data": {"node": disk.node, "name": old.name}}])
+            done.append(f"point {new_point} was committed by an interrupted run: removed old bitmap {old.name} "
+                        f"on {disk.id}")
+        else:
+            level = Level(KIND_INCREMENTAL, old.name, "recovery", [])
+            transaction(mon, rollback_actions(disk.node, new.name, level))
+            done.append(f"folded bitmap {new.name} of an interrupted run back into {old.name} on {disk.id}")
+    return done

@@ -1,0 +1,158 @@
+"""A small synchronous facade over ``qemu.qmp``'s asyncio :class:`~qemu.qmp.QMPClient`.
+
+The client and its event loop live on a private thread; callers get blocking methods. Keeping the loop
+off the main thread matters for a backup tool: a Ctrl-C or SIGTERM in the main thread interrupts only the
+*wait* for a reply, never the QMP conversation itself, so the same connection stays usable for the
+teardown that must follow (unlike driving ``run_until_complete`` from the interrupted thread).
+
+Example::
+
+    with Monitor("/run/vm/qmp.sock") as mon:
+        mon.cmd("query-status")                      # {'status': 'running', ...}
+        mon.cmd("block-dirty-bitmap-add", node="disk0", name="b", persistent=True)
+        mon.cmd_and_wait("block-export-del", {"id": "e", "mode": "hard"},
+                         event="BLOCK_EXPORT_DELETED", match={"id": "e"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from .errors import QemuError, QmpConnectError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class CommandError(QemuError):
+    """QEMU answered a command with an error; ``error_class`` is QMP's class (e.g. ``GenericError``)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QEMU refused {command}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class Monitor:
+    """Blocking QMP connection. One command at a time; safe to call from any single thread."""
+
+    def __init__(self, path: str, *, timeout: float = 30.0, connect_timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fleece-qmp", daemon=True)
+        self._thread.start()
+        self._client = QMPClient("fleece")
+        self.version: dict[str, int] = {}
+        try:
+            self._run(self._client.connect(path), connect_timeout)
+        except FutureTimeout:
+            self._stop_loop()
+            raise QmpConnectError(
+                f"no QMP greeting from {path} within {connect_timeout:.0f} s: it is not a QEMU QMP socket, or "
+                "another client (another fleece run, libvirt) holds it — a -qmp socket serves one client at a "
+                "time; give fleece a monitor of its own (-qmp unix:PATH,server=on,wait=off)") from None
+        except ConnectError as exc:
+            self._stop_loop()
+            cause = exc.exc
+            if isinstance(cause, FileNotFoundError):
+                hint = "no such socket: check the path and that the VM is running with -qmp unix:PATH,server=on"
+            elif isinstance(cause, ConnectionRefusedError):
+                hint = "connection refused: the VM is not running (stale socket) or is not listening there"
+            elif isinstance(cause, PermissionError):
+                hint = "permission denied: run fleece as a user that may open the socket"
+            else:
+                hint = f"{exc} — is this a QEMU QMP socket?"
+            raise QmpConnectError(f"cannot connect to QMP at {path}: {hint}") from None
+        except QMPError as exc:
+            self._stop_loop()
+            raise QmpConnectError(f"{path} does not speak QMP ({exc}); pass the VM's QMP socket") from None
+        greeting = self._client.greeting
+        if greeting is not None:
+            self.version = dict(greeting.QMP.version["qemu"])
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise
+        except KeyboardInterrupt:
+            # Let the command finish in the background; the connection stays consistent.
+            raise
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    # -- API --------------------------------------------------------------------------------------------
+
+    def cmd(self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None,
+            **kwargs: Any) -> Any:
+        """Execute *command* and return its ``return`` value; QMP errors raise :class:`CommandError`.
+
+        Arguments with hyphens go in *args* (``{"node-name": ...}``); plain ones may be keywords.
+        """
+        arguments = {**(args or {}), **kwargs}
+        try:
+            return self._run(self._client.execute(command, arguments or None), timeout or self.timeout)
+        except ExecuteError as exc:
+            raise CommandError(command, exc.error_class, str(exc)) from None
+        except FutureTimeout:
+            raise QemuError(f"QEMU did not answer {command} within {timeout or self.timeout:.0f} s") from None
+        except QMPError as exc:
+            raise QemuError(f"QMP connection to {self.path} failed during {command}: {exc}") from None
+
+    def cmd_and_wait(self, command: str, args: Mapping[str, Any], *, event: str,
+                     match: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Execute *command*, then wait for *event* whose data contains *match* (listener set up first)."""
+
+        async def run() -> dict[str, Any]:
+            with self._client.listener(event) as listener:
+                await self._client.execute(command, dict(args))
+                async for ev in listener:
+                    data = ev.get("data", {})
+                    if all(data.get(k) == v for k, v in match.items()):
+                        return dict(ev)
+            raise QemuError(f"event stream ended while waiting for {event}")
+
+        try:
+            return self._run(run(), timeout or self.timeout)
+        except ExecuteError as exc:
+            raise CommandError(command, exc.error_class, str(exc)) from None
+        except FutureTimeout:
+            raise QemuError(f"no {event} from QEMU within {timeout or self.timeout:.0f} s after {command}") from None
+        except QMPError as exc:
+            raise QemuError(f"QMP connection to {self.path} failed during {command}: {exc}") from None
+
+    def hmp(self, command_line: str) -> str:
+        """Run a human-monitor command (used by tests to simulate guest writes with ``qemu-io``)."""
+        return str(self.cmd("human-monitor-command", {"command-line": command_line}))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.disconnect(), 5)
+        except Exception as exc:  # noqa: BLE001 - closing must not mask the real error
+            log.debug("QMP disconnect: %s", exc)
+        self._stop_loop()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,174 @@
+"""The subcommands: each is (help, add_arguments, run). ``run`` wires arguments to the core and prints."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from repository import Repository
+from repository.errors import UsageError
+from repository.ratelimit import TokenBucket, parse_rate
+
+from .output import Progress, emit_json, human_bytes
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def add_repo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", required=True, metavar="REPO",
+                   help="repository: a path, file://PATH or s3://BUCKET[/PREFIX]")
+    p.add_argument("--s3-endpoint", metavar="URL", default=None,
+                   help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def open_repo(args: argparse.Namespace, create: bool = False, **options: Any) -> Repository:
+    return Repository.open(args.repo, create=create, endpoint=args.s3_endpoint,
+                           create_bucket=getattr(args, "create_bucket", False), **options)
+
+
+# -- init -----------------------------------------------------------------------------------------------
+
+def _init_args(p: argparse.ArgumentParser) -> None:
+    add_repo(p)
+    p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
+
+
+def _init(args: argparse.Namespace) -> int:
+    with open_repo(args, create=True) as repo:
+        cfg = repo.config
+        if args.json:
+            emit_json({"repo": repo.url, "id": cfg.id, "format": cfg.format, "chunk_size": cfg.chunk_size,
+                       "pack_target": cfg.pack_target, "compression": cfg.compression})
+        else:
+            print(f"repository {repo.url} ready (id {cfg.id}, format {cfg.format})")
+    return 0
+
+
+# -- list -----------------------------------------------------------------------------------------------
+
+def _list_args(p: argparse.ArgumentParser) -> None:
+    add_repo(p)
+    p.add_argument("--vm", help="only this VM")
+
+
+def _list(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        vms = [args.vm] if args.vm else repo.vms()
+        points, damaged = [], {}
+        for vm in vms:
+            scan = repo.scan(vm)
+            points.extend(m.summary() for m in scan.points)
+            damaged.update({f"{vm}/{pid}": err for pid, err in scan.damaged.items()})
+    if args.json:
+        emit_json({"repo": args.repo, "points": points, "damaged": damaged})
+    else:
+        if not points:
+            print("no points" + (f" for VM {args.vm}" if args.vm else ""))
+        for p in points:
+            dirty = sum(d.get("dirty_bytes", 0) for d in p["disks"].values())
+            stored = sum(d.get("stored_bytes", 0) for d in p["disks"].values())
+            print(f"{p['id']}  {p['vm']:<16} {p['kind']:<12} disks={len(p['disks'])} "
+                  f"changed={human_bytes(dirty)} stored={human_bytes(stored)}  parent={p['parent'] or '-'}")
+        for name, err in damaged.items():
+            print(f"DAMAGED {name}: {err}")
+    return 1 if damaged else 0
+
+
+# -- rebuild-index --------------------------------------------------------------------------------------
+
+def _rebuild_args(p: argparse.ArgumentParser) -> None:
+    add_repo(p)
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    with open_repo(args) as repo:
+        packs, blobs = repo.rebuild_index()
+    if args.json:
+        emit_json({"packs": packs, "blobs": blobs})
+    else:
+        print(f"index rebuilt from {packs} packs ({blobs} blobs)")
+    return 0
+
+
+# -- backup ---------------------------------------------------------------------------------------------
+
+def _backup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qmp", required=True, metavar="SOCK", help="the VM's QMP unix socket (one fleece may use)")
+    add_repo(p)
+    p.add_argument("--vm", help="name the points are stored under (default: QEMU's -name)")
+    p.add_argument("--disk", action="append", metavar="ID",
+                   help="back up only this disk (device id=; repeatable; default: every writable disk)")
+    p.add_argument("--full", action="store_true", help="full backup even where an incremental is possible")
+    p.add_argument("--workers", type=positive_int, default=4, metavar="N",
+                   help="parallel NBD connections (and S3 requests) (default 4)")
+    p.add_argument("--bwlimit", metavar="RATE", type=parse_rate_arg,
+                   help="cap bytes sent to the repository per second, e.g. 20M (K/M/G suffixes)")
+    p.add_argument("--scratch", metavar="DIR",
+                   help="directory for the fleece's copy-before-write images (default /var/tmp)")
+    p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
+
+
+def parse_rate_arg(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from exporter.backup import BackupRequest, run_backup
+
+    bar = Progress("backup")
+    total = [0]
+
+    def on_event(name: str, data: dict[str, Any]) -> None:
+        if name == "disk":
+            total[0] += data["read_bytes"]
+            bar(0, total[0])
+
+    with open_repo(args, create=True, workers=args.workers) as repo:
+        if args.bwlimit:
+            repo.backend.throttle = TokenBucket(args.bwlimit).consume
+        try:
+            result = run_backup(repo, BackupRequest(qmp=args.qmp, vm=args.vm, disks=args.disk, full=args.full,
+                                                    workers=args.workers, scratch=args.scratch,
+                                                    on_event=on_event, progress=bar))
+        finally:
+            bar.close()
+    m = result.manifest
+    writer = result.stats.get("writer", {})
+    doc = {**m.summary(), "pause_ms": result.stats.get("pause_ms"), "duration_s": result.stats.get("duration_s"),
+           "uploaded_bytes": writer.get("uploaded_bytes", 0), "new_blobs": writer.get("new_blobs", 0),
+           "dedup_blobs": writer.get("dedup_blobs", 0), "repo": args.repo}
+    if args.json:
+        emit_json(doc)
+    else:
+        print(f"point {m.id} of VM {m.vm}: {m.kind}, {len(m.disks)} disk(s), guest paused "
+              f"{doc['pause_ms']:.1f} ms, {doc['duration_s']:.1f} s")
+        for name, d in m.disks.items():
+            st = d.stats
+            print(f"  {name}: {d.kind:<11} changed {human_bytes(st.get('dirty_bytes', 0))}, read "
+                  f"{human_bytes(st.get('read_bytes', 0))}, zeroed {human_bytes(st.get('zero_bytes', 0))}, "
+                  f"stored {human_bytes(st.get('stored_bytes', 0))}")
+        print(f"  sent {human_bytes(doc['uploaded_bytes'])} to {args.repo}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "backup": ("back up a running VM's disks to one point in time", _backup_args, _backup),
+    "init": ("create a repository (backup creates one on first use too)", _init_args, _init),
+    "list": ("list the points in time of a repository", _list_args, _list),
+    "rebuild-index": ("regenerate the index from the packs' own tables", _rebuild_args, _rebuild),
+}
+

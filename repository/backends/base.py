@@ -1,0 +1,88 @@
+"""The storage backend contract.
+
+A backend stores immutable, named objects. The repository needs only six operations, each with
+documented error semantics so that the layers above can decide between retrying and giving up:
+
+* missing object → :class:`~repository.errors.ObjectNotFound`
+* may succeed if retried (timeout, 5xx, throttling, reset) → :class:`~repository.errors.TransientBackendError`
+  — backends retry these themselves a bounded number of times before raising
+* will not succeed (denied, no bucket, disk full) → :class:`~repository.errors.PermanentBackendError`
+
+Object names are ``/``-separated relative paths made of ``[A-Za-z0-9._%-]`` segments. No backend may ever
+expose a partially written object under its final name: a reader sees the whole object or nothing.
+The conformance suite in ``tests/test_backend_conformance.py`` pins this contract for every backend.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+_NAME = re.compile(r"^[A-Za-z0-9._%-]+(/[A-Za-z0-9._%-]+)*$")
+
+Data = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+
+
+def check_name(name: str) -> str:
+    """Reject names that could escape the repository or collide with temporary files."""
+    if not _NAME.match(name) or any(part in (".", "..") for part in name.split("/")) or ".tmp-" in name:
+        raise ValueError(f"invalid object name {name!r}")
+    return name
+
+
+class Backend(ABC):
+    """Immutable object storage (local directory, S3, ...)."""
+
+    #: Human-readable location, e.g. ``/srv/backups`` or ``s3://bucket/prefix``; never contains secrets.
+    location: str = ""
+    #: Called with a byte count before each piece of an object is sent (``--bwlimit``); may block.
+    throttle: Callable[[int], None] | None = None
+    #: How many operations this backend serves well in parallel (sizes the writer's upload pool).
+    parallelism: int = 2
+
+    @abstractmethod
+    def put(self, name: str, data: Data) -> None:
+        """Store *data* under *name*, replacing an existing object atomically."""
+
+    @abstractmethod
+    def put_if_absent(self, name: str, data: Data) -> bool:
+        """Store *data* under *name* unless it exists; return False (and change nothing) if it does."""
+
+    @abstractmethod
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read *length* bytes at *offset* (all of the rest when *length* is None).
+
+        Returns fewer bytes only when the object ends first; an *offset* at or past the end gives ``b""``.
+        """
+
+    @abstractmethod
+    def head(self, name: str) -> ObjectInfo:
+        """Size of an object (raises :class:`ObjectNotFound` when missing)."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose name starts with *prefix*, in no particular order."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove an object; removing a missing object is not an error."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default does nothing."""
+
+    def exists(self, name: str) -> bool:
+        from ..errors import ObjectNotFound
+
+        try:
+            self.head(name)
+        except ObjectNotFound:
+            return False
+        return True

@@ -1,0 +1,215 @@
+"""Local directory backend (the embedded default).
+
+Durability recipe, the same one every serious store uses: write to a temporary file in the target
+directory, ``fsync`` it, move it into place, ``fsync`` the directory. A crash leaves either the old state
+or the complete new object, plus at worst a ``*.tmp-*`` file that listings ignore and GC may delete.
+Create-if-absent uses ``link(2)``, which fails atomically when the name exists.
+
+Big objects (packs) are written with ``O_DIRECT`` through a small aligned bounce buffer: on this kind of
+machine copying a backup's packs through the page cache cost more CPU than hashing them, and a backup
+should not evict the host's cache for data it will not read again. Filesystems without ``O_DIRECT``
+(tmpfs) fall back to ordinary writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import ObjectNotFound, PermanentBackendError, RepositoryError, TransientBackendError
+from .base import Backend, Data, ObjectInfo, check_name
+
+_PIECE = 1 << 20  # write (and throttle) in pieces of this size
+_DIRECT_MIN = 256 << 10  # objects at least this big bypass the page cache (O_DIRECT)
+_ALIGN = 4096
+_TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY}
+
+
+class LocalBackend(Backend):
+    def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
+        self.root = Path(root).absolute()
+        self.location = str(self.root)
+        self._direct_ok = True
+        self._local = threading.local()
+        if create:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self._error(exc, "create the repository directory", str(self.root)) from None
+        elif not self.root.is_dir():
+            raise RepositoryError(f"repository directory {self.root} does not exist "
+                                  "(create it with 'fleece init --repo ...' or check the path)")
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def _error(self, exc: OSError, action: str, name: str) -> Exception:
+        text = f"cannot {action} {name} in {self.root}: {exc.strerror or exc}"
+        if exc.errno == errno.ENOENT:
+            return ObjectNotFound(f"{name} not found in {self.root}")
+        if exc.errno == errno.ENOSPC:
+            return PermanentBackendError(text + " (free some space on that filesystem)")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return PermanentBackendError(text + " (check permissions / that the filesystem is writable)")
+        if exc.errno in _TRANSIENT:
+            return TransientBackendError(text)
+        return PermanentBackendError(text)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory.is_dir():
+            return
+        missing = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+            except FileExistsError:
+                pass
+            self._fsync_dir(m.parent)
+
+    def _open_temp(self, tmp: Path, direct: bool) -> tuple[int, bool]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        if direct and self._direct_ok:
+            try:
+                return os.open(tmp, flags | os.O_DIRECT, 0o644), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct_ok = False  # filesystem without O_DIRECT (tmpfs): stop trying
+                tmp.unlink(missing_ok=True)
+        return os.open(tmp, flags, 0o644), False
+
+    def _bounce(self) -> mmap.mmap:
+        buf = getattr(self._local, "bounce", None)
+        if buf is None:
+            buf = self._local.bounce = mmap.mmap(-1, _PIECE)  # page aligned
+        return buf
+
+    def _write_temp(self, path: Path, data: Data) -> Path:
+        self._ensure_dir(path.parent)
+        tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(6)}")
+        view = memoryview(data).cast("B")
+        fd, direct = self._open_temp(tmp, len(view) >= _DIRECT_MIN)
+        try:
+            bounce = self._bounce() if direct else None
+            while view:
+                piece = view[:_PIECE]
+                if self.throttle is not None:
+                    self.throttle(len(piece))
+                if bounce is not None:
+                    aligned = len(piece) - len(piece) % _ALIGN
+                    if aligned:
+                        bounce[:aligned] = piece[:aligned]
+                        with memoryview(bounce) as b:
+                            self._write_all(fd, b[:aligned])
+                    if aligned != len(piece):  # unaligned tail: only at the very end of the object
+                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                        bounce = None
+                        self._write_all(fd, piece[aligned:])
+                else:
+                    self._write_all(fd, piece)
+                view = view[len(piece):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    @staticmethod
+    def _write_all(fd: int, view: memoryview) -> None:
+        while view:
+            view = view[os.write(fd, view):]
+
+    # -- the contract ----------------------------------------------------------------------------------
+
+    def put(self, name: str, data: Data) -> None:
+        path = self._path(name)
+        try:
+            tmp = self._write_temp(path, data)
+            os.replace(tmp, path)
+            self._fsync_dir(path.parent)
+        except OSError as exc:
+            raise self._error(exc, "write", name) from None
+
+    def put_if_absent(self, name: str, data: Data) -> bool:
+        path = self._path(name)
+        try:
+            if path.exists():
+                return False
+            tmp = self._write_temp(path, data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._fsync_dir(path.parent)
+            return True
+        except OSError as exc:
+            raise self._error(exc, "write", name) from None
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except OSError as exc:
+            raise self._error(exc, "read", name) from None
+
+    def head(self, name: str) -> ObjectInfo:
+        try:
+            return ObjectInfo(name, self._path(name).stat().st_size)
+        except OSError as exc:
+            raise self._error(exc, "stat", name) from None
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Walk only the deepest directory the prefix names; filter the rest by string prefix.
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        top = self.root / base if base else self.root
+        if not top.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for fn in sorted(filenames):
+                if ".tmp-" in fn:
+                    continue
+                name = fn if rel_dir == "." else f"{rel_dir}/{fn}"
+                if name.startswith(prefix):
+                    try:
+                        size = os.stat(os.path.join(dirpath, fn)).st_size
+                    except FileNotFoundError:
+                        continue  # deleted while listing
+                    yield ObjectInfo(name, size)
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+            self._fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc, "delete", name) from None

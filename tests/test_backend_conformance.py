@@ -1,0 +1,146 @@
+"""The backend contract (repository/backends/base.py), written once and run against every backend.
+
+Modelled on restic's backend test suite: each backend must pass it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from repository.backends import Backend
+from repository.errors import ObjectNotFound
+
+
+def test_put_get_head_roundtrip(backend: Backend) -> None:
+    data = os.urandom(100_000)
+    backend.put("data/ab/abcdef", data)
+    assert backend.get("data/ab/abcdef") == data
+    assert backend.head("data/ab/abcdef").size == len(data)
+    assert backend.exists("data/ab/abcdef")
+
+
+def test_put_replaces(backend: Backend) -> None:
+    backend.put("index/x", b"first")
+    backend.put("index/x", b"second, longer")
+    assert backend.get("index/x") == b"second, longer"
+    assert backend.head("index/x").size == len(b"second, longer")
+
+
+def test_put_accepts_bytearray_and_memoryview(backend: Backend) -> None:
+    backend.put("a", bytearray(b"from bytearray"))
+    backend.put("b", memoryview(b"xxfrom memoryviewxx")[2:-2])
+    assert backend.get("a") == b"from bytearray"
+    assert backend.get("b") == b"from memoryview"
+
+
+def test_empty_object(backend: Backend) -> None:
+    backend.put("empty", b"")
+    assert backend.get("empty") == b""
+    assert backend.head("empty").size == 0
+    assert [i.name for i in backend.list("empty")] == ["empty"]
+
+
+def test_put_if_absent(backend: Backend) -> None:
+    assert backend.put_if_absent("points/vm/p1", b"one") is True
+    assert backend.put_if_absent("points/vm/p1", b"two") is False
+    assert backend.get("points/vm/p1") == b"one"
+
+
+def test_put_if_absent_races_have_one_winner(backend: Backend) -> None:
+    results: list[bool] = []
+    barrier = threading.Barrier(6)
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        results.append(backend.put_if_absent("points/vm/race", f"writer {i}".encode()))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 5 + [True]
+    assert backend.get("points/vm/race").startswith(b"writer ")
+
+
+def test_missing_objects(backend: Backend) -> None:
+    with pytest.raises(ObjectNotFound):
+        backend.get("nope")
+    with pytest.raises(ObjectNotFound):
+        backend.get("nope", 10, 10)
+    with pytest.raises(ObjectNotFound):
+        backend.head("dir/nope")
+    assert not backend.exists("nope")
+    backend.delete("nope")  # deleting a missing object is fine
+
+
+def test_range_reads(backend: Backend) -> None:
+    data = bytes(range(256)) * 40
+    backend.put("r", data)
+    assert backend.get("r", 0, 10) == data[:10]
+    assert backend.get("r", 1000, 500) == data[1000:1500]
+    assert backend.get("r", 1000) == data[1000:]
+    assert backend.get("r", len(data) - 5, 100) == data[-5:]  # short: the object ends first
+    assert backend.get("r", len(data), 10) == b""
+    assert backend.get("r", len(data) + 100, 10) == b""
+
+
+def test_large_object(backend: Backend) -> None:
+    data = os.urandom(1 << 20) * 21  # 21 MiB: above any multipart threshold
+    backend.put("data/11/big", data)
+    assert backend.head("data/11/big").size == len(data)
+    assert backend.get("data/11/big", 20 << 20, 1 << 20) == data[20 << 20:]
+    assert backend.get("data/11/big") == data
+
+
+def test_list_by_prefix(backend: Backend) -> None:
+    names = ["config", "data/ab/ab01", "data/ab/ab02", "data/cd/cd01", "index/i1", "points/vm%2F1/p1",
+             "points/vm2/p1", "points/vm2/p2"]
+    for i, n in enumerate(names):
+        backend.put(n, b"x" * i)
+    assert sorted(i.name for i in backend.list()) == names
+    assert sorted(i.name for i in backend.list("data/")) == names[1:4]
+    assert sorted(i.name for i in backend.list("data/a")) == names[1:3]  # partial segment
+    assert sorted(i.name for i in backend.list("points/vm2/")) == names[6:]
+    assert list(backend.list("nothing/")) == []
+    sizes = {i.name: i.size for i in backend.list("points/")}
+    assert sizes == {"points/vm%2F1/p1": 5, "points/vm2/p1": 6, "points/vm2/p2": 7}
+
+
+def test_delete(backend: Backend) -> None:
+    backend.put("index/gone", b"x")
+    backend.delete("index/gone")
+    with pytest.raises(ObjectNotFound):
+        backend.get("index/gone")
+    assert list(backend.list("index/")) == []
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a//b", "a/./b", "", "x.tmp-123", "sp ace"])
+def test_invalid_names_rejected(backend: Backend, name: str) -> None:
+    with pytest.raises(ValueError):
+        backend.put(name, b"x")
+
+
+def test_interrupted_put_leaves_nothing(backend: Backend) -> None:
+    """A write that dies half-way must not leave a partial object under its name (or in a listing)."""
+    sent = []
+
+    def fail_after_first_piece(n: int) -> None:
+        sent.append(n)
+        if len(sent) > 1:
+            raise OSError("link went down")
+
+    backend.throttle = fail_after_first_piece
+    with pytest.raises(Exception):
+        backend.put("data/ff/partial", os.urandom(4 << 20))
+    with pytest.raises(Exception):
+        backend.put_if_absent("points/vm/partial", os.urandom(4 << 20))
+    backend.throttle = None
+    assert len(sent) >= 2, "the backend never reported its progress to the throttle"
+    assert not backend.exists("data/ff/partial")
+    assert not backend.exists("points/vm/partial")
+    assert list(backend.list()) == []
+    assert backend.put_if_absent("points/vm/partial", b"whole") is True

@@ -1,0 +1,205 @@
+"""A real, guest-less QEMU VM for the tests, plus ground truth.
+
+The VM runs ``qemu-system-x86_64 -M q35 -accel tcg -nodefaults`` with qcow2 disks on virtio-blk and two
+QMP monitors: one for fleece, one for the simulated guest. Guest writes are HMP ``qemu-io`` commands sent
+through the device's QOM path (the path a real guest write takes, through any filter fleece inserted),
+from the second monitor — never from the thread that reads NBD (FIELD-NOTES §3: that deadlocks).
+
+Every write is applied to a reference raw file too, so the reference always equals what the guest sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.qmp import Monitor
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass
+class Disk:
+    id: str
+    size: int
+    image: Path
+    reference: Path
+    cluster_size: int = 65536
+
+    @property
+    def qdev(self) -> str:
+        return f"/machine/peripheral/{self.id}/virtio-backend"
+
+
+class TestVM:
+    """Start with :meth:`start`; write with :meth:`write`/:meth:`zero`; compare with :meth:`snapshot_refs`."""
+
+    def __init__(self, workdir: Path, disks: dict[str, int], name: str = "testvm") -> None:
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.qmp_path = str(self.dir / "qmp.sock")
+        self.guest_qmp_path = str(self.dir / "guest-qmp.sock")
+        self.disks = {d: Disk(d, size, self.dir / f"{d}.qcow2", self.dir / f"{d}.ref.raw")
+                      for d, size in disks.items()}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.guest: Monitor | None = None
+        self._lock = threading.Lock()
+        self._tmp = Path(tempfile.mkdtemp(prefix="guestdata-", dir=self.dir))
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def create_disks(self) -> None:
+        for d in self.disks.values():
+            if not d.image.exists():
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={d.cluster_size}",
+                                str(d.image), str(d.size)], check=True)
+                with open(d.reference, "wb") as f:
+                    f.truncate(d.size)
+
+    def start(self) -> None:
+        self.create_disks()
+        args = [QEMU, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-name", self.name,
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                "-qmp", f"unix:{self.guest_qmp_path},server=on,wait=off"]
+        for d in self.disks.values():
+            args += ["-blockdev", f"driver=file,filename={d.image},node-name=file-{d.id}",
+                     "-blockdev", f"driver=qcow2,file=file-{d.id},node-name=node-{d.id}",
+                     "-device", f"virtio-blk-pci,drive=node-{d.id},id={d.id}"]
+        for p in (self.qmp_path, self.guest_qmp_path):
+            Path(p).unlink(missing_ok=True)
+        log = open(self.dir / "qemu.log", "ab")
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 30
+        while not (Path(self.qmp_path).exists() and Path(self.guest_qmp_path).exists()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU did not start: {(self.dir / 'qemu.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.guest = Monitor(self.guest_qmp_path)
+
+    def monitor(self) -> Monitor:
+        """A connection on fleece's monitor (for inspecting QEMU state from a test)."""
+        return Monitor(self.qmp_path)
+
+    def quit(self) -> None:
+        """Clean shutdown: persistent bitmaps are written to the qcow2s."""
+        if self.guest is not None:
+            try:
+                self.guest.cmd("quit")
+            except Exception:  # noqa: BLE001 - QEMU may close the socket before answering
+                pass
+            self.guest.close()
+            self.guest = None
+        if self.proc is not None:
+            self.proc.wait(30)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL QEMU: bitmaps created in this run are lost, stored ones become inconsistent."""
+        if self.guest is not None:
+            self.guest.close()
+            self.guest = None
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def status(self) -> str:
+        assert self.guest is not None
+        return self.guest.cmd("query-status")["status"]
+
+    # -- guest writes -----------------------------------------------------------------------------------
+
+    def _qemu_io(self, disk: Disk, command: str) -> None:
+        assert self.guest is not None
+        reply = self.guest.hmp(f'qemu-io -d {disk.qdev} "{command}"')
+        if reply.strip():
+            raise RuntimeError(f"qemu-io {command!r} on {disk.id}: {reply.strip()}")
+
+    def write(self, disk_id: str, offset: int, data: bytes) -> None:
+        """The guest writes *data* at *offset* (through the device, like a real guest)."""
+        disk = self.disks[disk_id]
+        assert 0 <= offset and offset + len(data) <= disk.size
+        with self._lock:
+            src = self._tmp / "chunk"
+            src.write_bytes(data)
+            self._qemu_io(disk, f"write -q -s {src} {offset} {len(data)}")
+            with open(disk.reference, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+
+    def zero(self, disk_id: str, offset: int, length: int) -> None:
+        """The guest zeroes a range (``write -z``: efficient zeroing, often unallocating)."""
+        disk = self.disks[disk_id]
+        with self._lock:
+            self._qemu_io(disk, f"write -q -z {offset} {length}")
+            with open(disk.reference, "r+b") as f:
+                f.seek(offset)
+                f.write(b"\0" * length)
+
+    def resize(self, disk_id: str, size: int) -> None:
+        disk = self.disks[disk_id]
+        assert self.guest is not None
+        self.guest.cmd("block_resize", {"node-name": f"node-{disk_id}", "size": size})
+        disk.size = size
+        with open(disk.reference, "r+b") as f:
+            f.truncate(size)
+
+    # -- ground truth -----------------------------------------------------------------------------------
+
+    def snapshot_refs(self, tag: str) -> dict[str, Path]:
+        """Copy every reference image (the truth at this instant) and return the copies."""
+        out = {}
+        with self._lock:
+            for d in self.disks.values():
+                dst = self.dir / f"{d.id}.{tag}.raw"
+                shutil.copyfile(d.reference, dst)
+                out[d.id] = dst
+        return out
+
+    def read_disk_stopped(self, disk_id: str) -> bytes:
+        """The disk's content as QEMU sees it (VM must be shut down): an independent check of the refs."""
+        disk = self.disks[disk_id]
+        out = self.dir / f"{disk_id}.readback.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk.image), str(out)], check=True)
+        data = out.read_bytes()
+        out.unlink()
+        return data
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    """Deterministic, incompressible-ish test data (different per seed)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64
+        counter += 1
+    return bytes(out[:n])
+
+
+def text_bytes(n: int, seed: int) -> bytes:
+    """Compressible data, like files on a real disk."""
+    line = f"seed {seed}: the quick brown fox jumps over the lazy dog 0123456789\n".encode()
+    return (line * (n // len(line) + 1))[:n]
+
+

@@ -1,0 +1,1 @@
+"""Helpers shared by the benchmark scripts in tools/ (not part of the installed package)."""
