@@ -15,11 +15,11 @@ to the next run, which starts by unwinding whatever ``fleece-`` objects it finds
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -111,10 +111,10 @@ class _Run:
             point_id = new_point_id()
             new_bitmap = bitmaps.bitmap_name(self.repo.config.id, point_id)
             manifest, stats = self._backup(vm, info, disks, levels, parent, point_id, new_bitmap)
+            self.event("committed", {"point": manifest.id})
             for d in disks:
                 self._drop_old_bitmaps(d, new_bitmap)
             stats["duration_s"] = round(time.monotonic() - started, 3)
-            self.event("committed", {"point": manifest.id})
             return BackupResult(manifest, stats)
 
     def _recover(self, vm: str, info: VmInfo) -> VmInfo:
@@ -169,7 +169,11 @@ class _Run:
         scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
         if not scratch.is_dir():
             raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR")
-        run_dir = Path(tempfile.mkdtemp(prefix=graph.PREFIX, dir=scratch))  # 0700: private NBD socket
+        # One private (0700) run directory per VM, for the NBD socket; we hold the VM's lock, so one left
+        # by a killed run of this VM can go.
+        run_dir = scratch / f"{graph.PREFIX}run-{hashlib.sha256(vm.encode()).hexdigest()[:12]}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(mode=0o700)
         sock = str(run_dir / "nbd.sock")
         fleeces = [graph.DiskFleece(d, graph.FleeceNames.for_disk(d.id),
                                     scratch / f"{graph.PREFIX}{graph.FleeceNames.for_disk(d.id).token}-{point_id}.qcow2")
@@ -286,7 +290,7 @@ class _Run:
                      "seconds": seconds, "reason": level.reason}
             return DiskRecord(kind=plan.kind, virtual_size=disk.virtual_size, extents=extents,
                               granularity=granularity or disk.cluster_size or 65536, qcow2=disk.qcow2_options(),
-                              bitmap=new_bitmap, stats=stats)
+                              bitmap=new_bitmap if level.track else None, stats=stats)
 
         return finish
 

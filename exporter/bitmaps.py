@@ -53,6 +53,7 @@ class Level:
     old_bitmap: str | None  # the parent's bitmap: exported (incremental) or dropped after commit (full)
     reason: str
     remove_first: list[str]  # unusable bitmaps to drop before starting (inconsistent ones)
+    track: bool = True  # give the new point a bitmap (only qcow2 can store persistent ones)
 
 
 def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> Level:
@@ -61,7 +62,7 @@ def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> L
     name = record.bitmap if record else None
     bitmap = disk.bitmap(name) if name else None
     if disk.driver != "qcow2":
-        return Level(KIND_FULL, None, f"{disk.driver} images cannot hold persistent dirty bitmaps", [])
+        return Level(KIND_FULL, None, f"{disk.driver} images cannot hold persistent dirty bitmaps", [], track=False)
     if parent is None:
         return Level(KIND_FULL, None, "no earlier point of this VM in the repository", [])
     if record is None:
@@ -88,6 +89,8 @@ def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> L
 
 def freeze_actions(node: str, new: str, level: Level, granularity: int | None) -> list[dict]:
     """Transaction actions for the freeze: new bitmap on, old bitmap frozen (incremental only)."""
+    if not level.track:
+        return []
     add: dict = {"node": node, "name": new, "persistent": True}
     if granularity:
         add["granularity"] = granularity
@@ -99,6 +102,8 @@ def freeze_actions(node: str, new: str, level: Level, granularity: int | None) -
 
 def rollback_actions(node: str, new: str, level: Level) -> list[dict]:
     """Failure: fold the new bitmap back into the old one (incremental) or just drop it (full)."""
+    if not level.track:
+        return []
     if level.kind == KIND_INCREMENTAL and level.old_bitmap:
         return [
             {"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": level.old_bitmap, "bitmaps": [new]}},

@@ -4,6 +4,7 @@ session or module, so the suite stays fast as it grows."""
 from __future__ import annotations
 
 import os
+import sys
 import secrets
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from repository.backends import Backend, LocalBackend
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/vm.py and friends
 
 
 def _local_backend(tmp_path: Path) -> Backend:
@@ -36,3 +38,58 @@ def unique() -> str:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+# -- QEMU ------------------------------------------------------------------------------------------------
+
+MiB = 1 << 20
+ODD_SIZE = 20 * MiB + 4608  # not a multiple of 64 KiB (nor of 4 KiB): exercises the last partial granule
+
+
+@pytest.fixture
+def make_vm(tmp_path_factory: pytest.TempPathFactory):
+    """Factory for real guest-less VMs; every VM is killed and its files removed at the end of the test."""
+    from vm import TestVM
+
+    made: list[TestVM] = []
+
+    def make(disks: dict[str, int] | None = None, name: str = "testvm", start: bool = True,
+             formats: dict[str, str] | None = None) -> TestVM:
+        vm = TestVM(tmp_path_factory.mktemp("vm"), disks or {"vda": 32 * MiB, "vdb": ODD_SIZE}, name=name,
+                    formats=formats)
+        made.append(vm)
+        if start:
+            vm.start()
+        return vm
+
+    yield make
+    for vm in made:
+        vm.cleanup()
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    d = tmp_path / "scratch"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """Mount a small tmpfs (root only): a filesystem that really fills up."""
+    import subprocess
+
+    if not is_root():
+        pytest.skip("mounting a tmpfs needs root")
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        d = tmp_path / f"tmpfs{len(mounts)}"
+        d.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
+        mounts.append(d)
+        return d
+
+    yield mount
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], check=False)

@@ -11,6 +11,7 @@ Every write is applied to a reference raw file too, so the reference always equa
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,7 @@ class Disk:
     image: Path
     reference: Path
     cluster_size: int = 65536
+    fmt: str = "qcow2"
 
     @property
     def qdev(self) -> str:
@@ -41,13 +43,18 @@ class Disk:
 class TestVM:
     """Start with :meth:`start`; write with :meth:`write`/:meth:`zero`; compare with :meth:`snapshot_refs`."""
 
-    def __init__(self, workdir: Path, disks: dict[str, int], name: str = "testvm") -> None:
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, workdir: Path, disks: dict[str, int], name: str = "testvm",
+                 formats: dict[str, str] | None = None) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.qmp_path = str(self.dir / "qmp.sock")
         self.guest_qmp_path = str(self.dir / "guest-qmp.sock")
-        self.disks = {d: Disk(d, size, self.dir / f"{d}.qcow2", self.dir / f"{d}.ref.raw")
+        formats = formats or {}
+        self.disks = {d: Disk(d, size, self.dir / f"{d}.{formats.get(d, 'qcow2')}", self.dir / f"{d}.ref.raw",
+                              fmt=formats.get(d, "qcow2"))
                       for d, size in disks.items()}
         self.proc: subprocess.Popen[bytes] | None = None
         self.guest: Monitor | None = None
@@ -59,8 +66,9 @@ class TestVM:
     def create_disks(self) -> None:
         for d in self.disks.values():
             if not d.image.exists():
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={d.cluster_size}",
-                                str(d.image), str(d.size)], check=True)
+                opts = ["-o", f"cluster_size={d.cluster_size}"] if d.fmt == "qcow2" else []
+                subprocess.run(["qemu-img", "create", "-q", "-f", d.fmt, *opts, str(d.image), str(d.size)],
+                               check=True)
                 with open(d.reference, "wb") as f:
                     f.truncate(d.size)
 
@@ -71,7 +79,7 @@ class TestVM:
                 "-qmp", f"unix:{self.guest_qmp_path},server=on,wait=off"]
         for d in self.disks.values():
             args += ["-blockdev", f"driver=file,filename={d.image},node-name=file-{d.id}",
-                     "-blockdev", f"driver=qcow2,file=file-{d.id},node-name=node-{d.id}",
+                     "-blockdev", f"driver={d.fmt},file=file-{d.id},node-name=node-{d.id}",
                      "-device", f"virtio-blk-pci,drive=node-{d.id},id={d.id}"]
         for p in (self.qmp_path, self.guest_qmp_path):
             Path(p).unlink(missing_ok=True)
@@ -123,10 +131,18 @@ class TestVM:
     # -- guest writes -----------------------------------------------------------------------------------
 
     def _qemu_io(self, disk: Disk, command: str) -> None:
+        """Run qemu-io on the device; QEMU 7.2 prints I/O errors to its stdout (our log), so look there too."""
         assert self.guest is not None
+        log = self.dir / "qemu.log"
+        before = log.stat().st_size
         reply = self.guest.hmp(f'qemu-io -d {disk.qdev} "{command}"')
         if reply.strip():
             raise RuntimeError(f"qemu-io {command!r} on {disk.id}: {reply.strip()}")
+        with open(log, "rb") as f:
+            f.seek(before)
+            printed = f.read().decode(errors="replace")
+        if "failed" in printed or "error" in printed.lower():
+            raise RuntimeError(f"guest I/O error: qemu-io {command!r} on {disk.id}: {printed.strip()}")
 
     def write(self, disk_id: str, offset: int, data: bytes) -> None:
         """The guest writes *data* at *offset* (through the device, like a real guest)."""
@@ -173,7 +189,8 @@ class TestVM:
         """The disk's content as QEMU sees it (VM must be shut down): an independent check of the refs."""
         disk = self.disks[disk_id]
         out = self.dir / f"{disk_id}.readback.raw"
-        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk.image), str(out)], check=True)
+        subprocess.run(["qemu-img", "convert", "-U", "-f", disk.fmt, "-O", "raw", str(disk.image), str(out)],
+                       check=True)
         data = out.read_bytes()
         out.unlink()
         return data
@@ -188,13 +205,8 @@ def sha256_file(path: Path) -> str:
 
 
 def random_bytes(n: int, seed: int) -> bytes:
-    """Deterministic, incompressible-ish test data (different per seed)."""
-    out = bytearray()
-    counter = 0
-    while len(out) < n:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64
-        counter += 1
-    return bytes(out[:n])
+    """Deterministic, incompressible test data (different per seed)."""
+    return random.Random(seed).randbytes(n)
 
 
 def text_bytes(n: int, seed: int) -> bytes:

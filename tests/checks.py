@@ -1,0 +1,59 @@
+"""Assertions shared by the end-to-end tests: bit-exact points, and QEMU left as it was found."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from exporter.qmp import Monitor
+from repository import Manifest, Repository
+
+
+def materialize(repo: Repository, manifest: Manifest, disk: str) -> bytes:
+    """The whole virtual disk at *manifest*, read back through the repository API alone."""
+    size = manifest.disks[disk].virtual_size
+    out = bytearray(size)
+    pieces = repo.resolve(manifest, disk)
+    blobs = dict(repo.iter_blobs(p.blob for p in pieces if p.blob is not None))
+    for p in pieces:
+        if p.blob is not None:
+            out[p.offset:p.offset + p.length] = blobs[p.blob][p.skip:p.skip + p.length]
+        # ZERO pieces and unlisted ranges stay zero
+    return bytes(out)
+
+
+def assert_point_matches(repo: Repository, manifest: Manifest, refs: dict[str, Path]) -> None:
+    """Byte-for-byte over every disk: the point equals the ground truth taken at its freeze."""
+    assert set(manifest.disks) == set(refs), (set(manifest.disks), set(refs))
+    for disk, ref in refs.items():
+        got = materialize(Repository.open(repo.url), Repository.open(repo.url).manifest(manifest.vm, manifest.id),
+                          disk)
+        want = ref.read_bytes()
+        assert len(got) == len(want), f"{disk}: size {len(got)} != {len(want)}"
+        if got != want:
+            diff = next(i for i in range(len(got)) if got[i] != want[i])
+            raise AssertionError(f"{disk} of point {manifest.id} differs from the truth first at byte {diff} "
+                                 f"(sha {hashlib.sha256(got).hexdigest()[:12]} != {hashlib.sha256(want).hexdigest()[:12]})")
+
+
+def fleece_bitmaps(mon: Monitor) -> dict[str, list[tuple[str, bool]]]:
+    """Named bitmaps per disk of a test VM (node ``node-<id>``): [(name, recording)], even under a filter."""
+    out = {}
+    for node in mon.cmd("query-named-block-nodes", {"flat": True}):
+        if node["node-name"].startswith("node-"):
+            out[node["node-name"][5:]] = sorted((b["name"], b["recording"])
+                                                for b in node.get("dirty-bitmaps", []) if "name" in b)
+    return out
+
+
+def assert_clean(mon: Monitor) -> None:
+    """No fleece exports, nodes or filters left; every device on its own node; the VM running."""
+    assert mon.cmd("query-block-exports") == []
+    nodes = [n["node-name"] for n in mon.cmd("query-named-block-nodes", {"flat": True})]
+    assert not [n for n in nodes if n.startswith("fleece-")], nodes
+    for dev in mon.cmd("query-block"):
+        if dev.get("inserted"):
+            assert not dev["inserted"]["node-name"].startswith("fleece-")
+    assert mon.cmd("query-status")["status"] == "running"
+    jobs = mon.cmd("query-block-jobs")
+    assert jobs == []
