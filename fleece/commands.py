@@ -165,10 +165,92 @@ def _backup(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- restore --------------------------------------------------------------------------------------------
+
+def _restore_args(p: argparse.ArgumentParser) -> None:
+    add_repo(p)
+    p.add_argument("--vm", required=True, help="the VM whose point to restore")
+    p.add_argument("--point", default="latest", metavar="ID|latest", help="point id (or a unique prefix); default latest")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the restored images")
+    p.add_argument("--disk", action="append", metavar="ID", help="restore only this disk (repeatable)")
+    p.add_argument("--flat", action="store_true", help="one flat image per disk instead of a qcow2 chain")
+    p.add_argument("--format", choices=("qcow2", "raw"), default="qcow2", help="image format with --flat")
+    p.add_argument("--workers", type=positive_int, default=4, metavar="N",
+                   help="parallel fetches and NBD writers (default 4)")
+    p.add_argument("--force", action="store_true", help="replace existing images in --out")
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from restore import RestoreRequest, run_restore
+
+    bar = Progress("restore")
+    try:
+        with open_repo(args, workers=args.workers) as repo:
+            result = run_restore(repo, RestoreRequest(vm=args.vm, out=Path(args.out), point=args.point,
+                                                      disks=args.disk, flat=args.flat, format=args.format,
+                                                      workers=args.workers, force=args.force, progress=bar))
+    finally:
+        bar.close()
+    doc = {"vm": args.vm, "point": result.point.id, "kind": result.point.kind, "mode": "flat" if args.flat else "chain",
+           "seconds": result.seconds,
+           "disks": {d.disk: {"path": str(d.path), "layers": [str(p) for p in d.layers], **d.stats}
+                     for d in result.disks}}
+    if args.json:
+        emit_json(doc)
+    else:
+        print(f"restored point {result.point.id} of VM {args.vm} in {result.seconds:.1f} s")
+        for d in result.disks:
+            extra = f" (chain of {len(d.layers)})" if not args.flat else ""
+            print(f"  {d.disk}: {d.path}{extra}, {human_bytes(d.stats.get('data_bytes', 0))} written")
+    return 0
+
+
+# -- verify ---------------------------------------------------------------------------------------------
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    add_repo(p)
+    p.add_argument("--vm", help="only this VM")
+    p.add_argument("--point", metavar="ID", help="only this point (and the chain it needs); needs --vm")
+    p.add_argument("--read-data", action="store_true", help="read and check every referenced blob")
+    p.add_argument("--workers", type=positive_int, default=4, metavar="N", help="parallel reads (default 4)")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from repository.check import verify
+
+    if args.point and not args.vm:
+        raise UsageError("--point needs --vm")
+    bar = Progress("verify")
+    try:
+        with open_repo(args, workers=args.workers) as repo:
+            report = verify(repo, vm=args.vm, point=args.point, read_data=args.read_data, workers=args.workers,
+                            progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        emit_json({"ok": report.ok, "read_data": args.read_data, "points": [p.as_dict() for p in report.points],
+                   "repository_problems": report.repository_problems, "blobs_checked": report.blobs_checked,
+                   "bytes_read": report.bytes_read})
+    else:
+        for problem in report.repository_problems:
+            print(f"DAMAGED {problem}")
+        for p in report.points:
+            print(f"{'ok     ' if p.ok else 'DAMAGED'} {p.vm} {p.id}")
+            for problem in p.problems:
+                print(f"        {problem}")
+        what = f", {report.blobs_checked} blobs read ({human_bytes(report.bytes_read)})" if args.read_data else ""
+        print(f"{len(report.points)} point(s) checked{what}: " + ("all ok" if report.ok else "DAMAGE FOUND"))
+    return 0 if report.ok else 1
+
+
 COMMANDS: dict[str, Command] = {
     "backup": ("back up a running VM's disks to one point in time", _backup_args, _backup),
     "init": ("create a repository (backup creates one on first use too)", _init_args, _init),
     "list": ("list the points in time of a repository", _list_args, _list),
+    "restore": ("rebuild a point in time as a qcow2 chain or a flat image", _restore_args, _restore),
+    "verify": ("check that every point can be restored", _verify_args, _verify),
     "rebuild-index": ("regenerate the index from the packs' own tables", _rebuild_args, _rebuild),
 }
 

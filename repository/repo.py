@@ -22,6 +22,16 @@ from .writer import BlobWriter
 
 
 @dataclass
+class ReadRange:
+    """One ranged read of a pack and the blobs it covers."""
+
+    pack: str
+    start: int
+    end: int
+    items: list[tuple[bytes, Location]]
+
+
+@dataclass
 class PointScan:
     """Every readable manifest of a VM (oldest first) and the ones that could not be read."""
 
@@ -77,13 +87,24 @@ class Repository:
         """Merge every ``index/*`` object (cached). A damaged index object is an error, never skipped."""
         if self._index is not None and not refresh:
             return self._index
-        index = Index()
-        for info in self.backend.list("index/"):
-            index_id = info.name.split("/", 1)[1]
-            for pack_id, entries in decode_index(index_id, self.backend.get(info.name)):
-                index.add_pack(pack_id, entries)
+        index, damaged = self.load_index_report()
+        if damaged:
+            raise next(iter(damaged.values()))
         self._index = index
         return index
+
+    def load_index_report(self) -> tuple[Index, dict[str, IntegrityError]]:
+        """Every readable index object merged, plus the damaged ones (for ``verify``)."""
+        index = Index()
+        damaged: dict[str, IntegrityError] = {}
+        for info in self.backend.list("index/"):
+            index_id = info.name.split("/", 1)[1]
+            try:
+                for pack_id, entries in decode_index(index_id, self.backend.get(info.name)):
+                    index.add_pack(pack_id, entries)
+            except IntegrityError as exc:
+                damaged[info.name] = exc
+        return index, damaged
 
     def pack_table(self, pack_id: str) -> list[PackEntry]:
         """Read a pack's own blob table with two small range reads."""
@@ -249,25 +270,34 @@ class Repository:
         loc = self.locate(blob)
         return self.decode(blob, loc, self.read_range(loc.pack, loc.offset, loc.length))
 
-    def iter_blobs(self, blobs: Iterable[bytes], max_gap: int = 1 << 20,
-                   max_read: int = 32 << 20) -> Iterator[tuple[bytes, bytes]]:
-        """Yield ``(id, plaintext)`` for *blobs*, grouped by pack with coalesced range reads."""
-        by_pack: dict[str, list[tuple[Location, bytes]]] = {}
+    def plan_reads(self, blobs: Iterable[bytes], max_range: int = 16 << 20,
+                   max_gap: int = 256 << 10) -> list[ReadRange]:
+        """Group *blobs* by pack into coalesced range reads (one GET each, at most *max_range* bytes)."""
+        by_pack: dict[str, list[tuple[bytes, Location]]] = {}
         for blob in dict.fromkeys(blobs):
             loc = self.locate(blob)
-            by_pack.setdefault(loc.pack, []).append((loc, blob))
+            by_pack.setdefault(loc.pack, []).append((blob, loc))
+        out: list[ReadRange] = []
         for pack, items in by_pack.items():
-            items.sort(key=lambda it: it[0].offset)
-            i = 0
-            while i < len(items):
-                start = items[i][0].offset
-                j = i + 1
-                end = start + items[i][0].length
-                while (j < len(items) and items[j][0].offset - end <= max_gap
-                       and items[j][0].offset + items[j][0].length - start <= max_read):
-                    end = max(end, items[j][0].offset + items[j][0].length)
-                    j += 1
-                data = memoryview(self.read_range(pack, start, end - start))
-                for loc, blob in items[i:j]:
-                    yield blob, self.decode(blob, loc, data[loc.offset - start: loc.offset - start + loc.length])
-                i = j
+            items.sort(key=lambda it: it[1].offset)
+            current = ReadRange(pack, items[0][1].offset, items[0][1].offset + items[0][1].length, [items[0]])
+            for blob, loc in items[1:]:
+                if loc.offset - current.end <= max_gap and loc.offset + loc.length - current.start <= max_range:
+                    current.items.append((blob, loc))
+                    current.end = max(current.end, loc.offset + loc.length)
+                else:
+                    out.append(current)
+                    current = ReadRange(pack, loc.offset, loc.offset + loc.length, [(blob, loc)])
+            out.append(current)
+        return out
+
+    def read_blobs(self, rng: ReadRange) -> Iterator[tuple[bytes, bytes]]:
+        """Fetch one range read and yield its blobs' verified plaintexts."""
+        data = memoryview(self.read_range(rng.pack, rng.start, rng.end - rng.start))
+        for blob, loc in rng.items:
+            yield blob, self.decode(blob, loc, data[loc.offset - rng.start: loc.offset - rng.start + loc.length])
+
+    def iter_blobs(self, blobs: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(id, plaintext)`` for *blobs* (sequentially; restore parallelises over :meth:`plan_reads`)."""
+        for rng in self.plan_reads(blobs):
+            yield from self.read_blobs(rng)

@@ -7,6 +7,7 @@ ranges must read back as zeros, the first and last granule of each disk (one of 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from pathlib import Path
@@ -21,6 +22,9 @@ from repository.errors import PermanentBackendError, RepositoryError
 from vm import TestVM, random_bytes, text_bytes
 
 
+_snapshots = itertools.count(1)  # unique names for ground-truth copies (ids of objects get reused)
+
+
 class Recorder:
     """Snapshot the ground truth at the freeze; optionally act (guest writes) right after it."""
 
@@ -30,13 +34,11 @@ class Recorder:
         self.after_freeze = after_freeze
         self.before_pull = before_pull
         self.events: list[str] = []
-        self._tag = 0
 
     def __call__(self, name: str, data: dict) -> None:
         self.events.append(name)
         if name == "frozen":
-            self._tag += 1
-            self.refs = self.vm.snapshot_refs(f"t{id(self)}-{self._tag}")
+            self.refs = self.vm.snapshot_refs(f"point{next(_snapshots)}")
             if self.after_freeze:
                 self.after_freeze()
         if name == "disk" and self.before_pull:

@@ -1,0 +1,220 @@
+"""Where restored bytes go: a qcow2 through ``qemu-nbd`` + libnbd, or a sparse raw file directly.
+
+``qemu-img``/``qemu-nbd`` own the qcow2 format, so a restored image is exactly what QEMU itself would
+write — fleece never produces qcow2 metadata on its own. Several libnbd connections share one
+``qemu-nbd`` (``-e``), one per restore worker.
+
+Zeros are handled by what the target must show:
+
+* a fresh image (a full's base, a flat image) already reads as zero, so zero runs are skipped and the
+  image stays thin;
+* an overlay must *mask* its backing file, so ``ZERO`` entries — and zero runs inside data — are written
+  as NBD write-zeroes (qcow2 zero clusters: no data allocated, older data hidden).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import nbd
+
+from repository.errors import FleeceError
+
+ZERO_GRAIN = 64 << 10  # zero detection granularity inside data (the qcow2 cluster size of most images)
+
+
+class RestoreError(FleeceError):
+    """The target image could not be created or written."""
+
+
+class Target(Protocol):
+    """What restore writes into; ``writer()`` gives each worker thread its own handle."""
+
+    def writer(self) -> Writer: ...
+
+    def close(self) -> None: ...
+
+
+class Writer(Protocol):
+    def pwrite(self, data: memoryview | bytes, offset: int) -> None: ...
+
+    def zero(self, length: int, offset: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def qemu_img(*args: str) -> str:
+    try:
+        return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as exc:
+        raise RestoreError(f"qemu-img {args[0]} failed: {exc.stderr.strip()}") from None
+    except FileNotFoundError:
+        raise RestoreError("qemu-img not found: install qemu-utils (tools/setup does)") from None
+
+
+def create_qcow2(path: Path, size: int, options: dict[str, Any], backing: str | None = None) -> None:
+    """A qcow2 like the source (cluster size, compat); *backing* is a name relative to *path*'s directory."""
+    opts = [f"{k}={v}" for k, v in sorted(options.items()) if k in ("cluster_size", "compat")]
+    args = ["create", "-q", "-f", "qcow2"]
+    if opts:
+        args += ["-o", ",".join(opts)]
+    if backing is not None:
+        args += ["-b", backing, "-F", "qcow2"]
+    qemu_img(*args, str(path), str(size))
+
+
+class NbdWriter:
+    def __init__(self, socket_path: str) -> None:
+        self.h = nbd.NBD()
+        self.h.connect_unix(socket_path)
+
+    def pwrite(self, data: memoryview | bytes, offset: int) -> None:
+        self.h.pwrite(data, offset)
+
+    def zero(self, length: int, offset: int) -> None:
+        self.h.zero(length, offset)
+
+    def flush(self) -> None:
+        self.h.flush()
+
+    def close(self) -> None:
+        try:
+            self.h.shutdown()
+        except nbd.Error:
+            pass
+
+
+class QemuNbdTarget:
+    """A qcow2 served read-write by a private ``qemu-nbd`` on a unix socket.
+
+    qemu-nbd makes clients beyond its ``-e`` limit wait forever, so it is sized for every worker plus
+    the caller's own connection.
+    """
+
+    def __init__(self, image: Path, run_dir: Path, connections: int) -> None:
+        self.image = image
+        self.socket = str(run_dir / f"{image.name}.sock")
+        Path(self.socket).unlink(missing_ok=True)
+        log = open(run_dir / f"{image.name}.qemu-nbd.log", "wb")
+        self.proc = subprocess.Popen(
+            ["qemu-nbd", "-f", "qcow2", "-k", self.socket, "--persistent", "-e", str(connections + 1),
+             "--cache=writeback", "--discard=unmap", str(image)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        self._log = run_dir / f"{image.name}.qemu-nbd.log"
+        self._writers: list[NbdWriter] = []
+        self._lock = threading.Lock()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RestoreError(f"qemu-nbd did not start for {image}: {self._log.read_text().strip()}")
+            time.sleep(0.01)
+
+    def writer(self) -> NbdWriter:
+        w = NbdWriter(self.socket)
+        with self._lock:
+            self._writers.append(w)
+        return w
+
+    def close(self) -> None:
+        """Flush every connection, then let qemu-nbd close the image cleanly."""
+        try:
+            for w in self._writers:
+                w.flush()
+        finally:
+            for w in self._writers:
+                w.close()
+            self.proc.terminate()
+            try:
+                rc = self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise RestoreError(f"qemu-nbd did not exit for {self.image}") from None
+            if rc not in (0, -15):
+                raise RestoreError(f"qemu-nbd failed for {self.image}: {self._log.read_text().strip()}")
+
+
+class RawWriter:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def pwrite(self, data: memoryview | bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def zero(self, length: int, offset: int) -> None:
+        # Restore only masks inside overlays (qcow2); a raw target is fresh and sparse. Still, be correct.
+        block = bytes(min(length, 1 << 20))
+        while length > 0:
+            n = min(length, len(block))
+            self.pwrite(block[:n], offset)
+            offset += n
+            length -= n
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RawTarget:
+    """A sparse raw file written with ``pwrite`` (no NBD in the way)."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        os.ftruncate(self.fd, size)
+
+    def writer(self) -> RawWriter:
+        return RawWriter(self.fd)
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def write_blob_piece(w: Writer, data: memoryview, offset: int, mask: bool, zero_check: Any) -> tuple[int, int]:
+    """Write *data* at *offset*, skipping (fresh target) or zero-writing (overlay, *mask*) its zero runs.
+
+    Zero detection works on ``ZERO_GRAIN`` blocks aligned to the disk, so an image stays as thin as its
+    source. Returns ``(data bytes written, zero bytes)``.
+    """
+    end = offset + len(data)
+    pos = offset
+    written = zeros = 0
+    run_start, run_zero = offset, None
+    while pos < end:
+        nxt = min(end, (pos // ZERO_GRAIN + 1) * ZERO_GRAIN)
+        is_zero = zero_check(data[pos - offset: nxt - offset])
+        if run_zero is None:
+            run_zero = is_zero
+        elif is_zero != run_zero:
+            written, zeros = _flush_run(w, data, offset, run_start, pos, run_zero, mask, written, zeros)
+            run_start, run_zero = pos, is_zero
+        pos = nxt
+    if run_zero is not None:
+        written, zeros = _flush_run(w, data, offset, run_start, end, run_zero, mask, written, zeros)
+    return written, zeros
+
+
+def _flush_run(w: Writer, data: memoryview, base: int, start: int, end: int, is_zero: bool, mask: bool,
+               written: int, zeros: int) -> tuple[int, int]:
+    if is_zero:
+        if mask:
+            w.zero(end - start, start)
+        return written, zeros + end - start
+    w.pwrite(data[start - base: end - base], start)
+    return written + end - start, zeros

@@ -1,0 +1,281 @@
+"""Restore and verify, end to end: a real VM backed up into a chain of 1 full + 4 incrementals on two
+disks (one of odd size), then every point restored as a qcow2 chain and as flat qcow2/raw images and
+compared with ``qemu-img compare`` to the ground truth of its freeze; then the repository is damaged in
+the ways storage really fails, and verify and restore must notice."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import ODD_SIZE, ROOT, MiB
+from exporter.backup import BackupRequest, run_backup
+from repository import IntegrityError, Manifest, RepoConfig, Repository
+from repository.check import verify
+from restore import RestoreRequest, run_restore
+from test_backup import Recorder, seed
+from vm import TestVM, random_bytes, text_bytes
+
+FLEECE = str(ROOT / ".venv" / "bin" / "fleece")
+
+
+@dataclass
+class Chain:
+    repo_dir: Path
+    points: list[Manifest]
+    refs: list[dict[str, Path]]  # ground truth of each point, per disk
+    source_allocated: int  # bytes the source vda had allocated at the full
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+
+
+def identical(image: Path, ref: Path, fmt: str = "qcow2") -> None:
+    p = qemu_img("compare", "-f", fmt, "-F", "raw", str(image), str(ref))
+    assert p.returncode == 0, f"{image} != {ref}: {p.stdout} {p.stderr}"
+
+
+def allocated(image: Path) -> int:
+    """Bytes of *image* that hold data in its own layer (not zero clusters, not backing)."""
+    out = json.loads(qemu_img("map", "--output=json", str(image)).stdout)
+    return sum(e["length"] for e in out if e["data"] and e.get("depth", 0) == 0)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    work = tmp_path_factory.mktemp("chain")
+    vm = TestVM(work / "vm", {"vda": 32 * MiB, "vdb": ODD_SIZE})
+    vm.start()
+    try:
+        scratch = work / "scratch"
+        scratch.mkdir()
+        repo_dir = work / "repo"
+        repo = Repository.open(str(repo_dir), create=True, config=RepoConfig(pack_target=2 * MiB))
+        points, refs = [], []
+
+        def point(**kw) -> None:
+            rec = Recorder(vm, kw.pop("after_freeze", None))
+            res = run_backup(repo, BackupRequest(qmp=vm.qmp_path, scratch=str(scratch), on_event=rec, **kw))
+            points.append(res.manifest)
+            refs.append(rec.refs)
+
+        seed(vm)
+        vm.write("vda", 10 * MiB, text_bytes(6 * MiB, 1))
+        vm.write("vdb", 12 * MiB, random_bytes(2 * MiB, 2))
+        point()  # full
+        src_alloc = points[0].disks["vda"].stats["dirty_bytes"]
+        # inc 1: overwrite the middle of an older blob (flat restore must combine both), first/last granules
+        vm.write("vda", 11 * MiB + 4096, random_bytes(100_000, 3))
+        vm.write("vda", 0, b"\x01" * 512)
+        vm.write("vdb", ODD_SIZE - 512, b"\x02" * 512)
+        point()
+        # inc 2: the guest zeroes ranges that hold older data; and writes during the backup
+        vm.zero("vda", 12 * MiB, 2 * MiB)
+        vm.zero("vdb", 12 * MiB + 65536, 65536)
+        point(after_freeze=lambda: vm.write("vda", 20 * MiB, b"\x03" * MiB))
+        # inc 3: new data over the zeroed range, a range straddling the chunk grid
+        vm.write("vda", 12 * MiB + 8192, random_bytes(8192, 4))
+        vm.write("vda", 16 * MiB - 10_000, text_bytes(20_000, 5))
+        point()
+        # inc 4: more of everything, on both disks
+        vm.write("vdb", 0, random_bytes(3 * MiB, 6))
+        vm.zero("vda", 0, 65536)
+        point()
+        assert [p.kind for p in points] == ["full"] + ["incremental"] * 4
+        yield Chain(repo_dir, points, refs, src_alloc)
+    finally:
+        vm.cleanup()
+
+
+@pytest.fixture
+def repo_copy(chain: Chain, tmp_path: Path) -> Repository:
+    """A private copy of the chain's repository, for tests that damage it."""
+    dst = tmp_path / "repo"
+    shutil.copytree(chain.repo_dir, dst)
+    return Repository.open(str(dst))
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_chain_restore_of_every_point(chain: Chain, tmp_path: Path, index: int) -> None:
+    repo = Repository.open(str(chain.repo_dir))
+    point = chain.points[index]
+    out = tmp_path / "out"
+    result = run_restore(repo, RestoreRequest(vm="testvm", out=out, point=point.id, workers=3))
+    for disk in ("vda", "vdb"):
+        top = out / f"{disk}.qcow2"
+        identical(top, chain.refs[index][disk])
+        info = json.loads(qemu_img("info", "--backing-chain", "--output=json", str(top)).stdout)
+        assert len(info) == index + 2  # empty top overlay + one layer per point
+        assert info[0]["backing-filename"] == f"{disk}/{point.id}.qcow2"  # relative names only
+        for layer in info[1:-1]:
+            assert not layer["backing-filename"].startswith("/")
+        for layer in sorted((out / disk).glob("*.qcow2")):
+            assert qemu_img("check", str(layer)).returncode == 0
+            assert json.loads(qemu_img("info", "--output=json", str(layer)).stdout)["cluster-size"] == 65536
+        assert [d.disk for d in result.disks] == ["vda", "vdb"]
+    # The restored directory is self-contained: moved elsewhere, the chain still opens.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    identical(moved / "vdb.qcow2", chain.refs[index]["vdb"])
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("index", [0, 2, 4])
+def test_flat_restore(chain: Chain, tmp_path: Path, index: int, fmt: str) -> None:
+    repo = Repository.open(str(chain.repo_dir))
+    run_restore(repo, RestoreRequest(vm="testvm", out=tmp_path, point=chain.points[index].id, flat=True,
+                                     format=fmt, workers=2))
+    for disk in ("vda", "vdb"):
+        identical(tmp_path / f"{disk}.{fmt}", chain.refs[index][disk], fmt)
+    if fmt == "raw":
+        assert (tmp_path / "vdb.raw").stat().st_size == ODD_SIZE
+        assert os.stat(tmp_path / "vda.raw").st_blocks * 512 < 24 * MiB  # sparse
+
+
+def test_restored_images_are_thin_and_zeros_mask_older_data(chain: Chain, tmp_path: Path) -> None:
+    repo = Repository.open(str(chain.repo_dir))
+    run_restore(repo, RestoreRequest(vm="testvm", out=tmp_path, point=chain.points[2].id))
+    base = tmp_path / "vda" / f"{chain.points[0].id}.qcow2"
+    # the base holds about the data the source had allocated, not the whole disk
+    assert allocated(base) <= chain.source_allocated + 4 * 65536
+    # the overlay of the zeroing point: zero clusters (no data) over the zeroed range, hiding older data
+    overlay = tmp_path / "vda" / f"{chain.points[2].id}.qcow2"
+    entries = json.loads(qemu_img("map", "--output=json", str(overlay)).stdout)
+    zeroed = [e for e in entries if e["start"] <= 12 * MiB < e["start"] + e["length"]]
+    assert zeroed and zeroed[0]["zero"] and not zeroed[0]["data"] and zeroed[0]["depth"] == 0
+    p = subprocess.run(["qemu-io", "-r", "-c", f"read -P 0 {12 * MiB} {2 * MiB}", str(tmp_path / "vda.qcow2")],
+                       capture_output=True, text=True)
+    assert "Pattern verification failed" not in p.stdout and p.returncode == 0
+
+
+def test_flatten_the_chain_with_qemu_img(chain: Chain, tmp_path: Path) -> None:
+    repo = Repository.open(str(chain.repo_dir))
+    run_restore(repo, RestoreRequest(vm="testvm", out=tmp_path / "c"))
+    assert qemu_img("convert", "-O", "qcow2", str(tmp_path / "c" / "vdb.qcow2"), str(tmp_path / "f.qcow2")).returncode == 0
+    identical(tmp_path / "f.qcow2", chain.refs[-1]["vdb"])
+
+
+def test_verify_ok(chain: Chain) -> None:
+    repo = Repository.open(str(chain.repo_dir))
+    for read_data in (False, True):
+        report = verify(repo, read_data=read_data)
+        assert report.ok, [p.problems for p in report.points]
+        assert len(report.points) == 5
+    assert report.blobs_checked > 0
+
+
+def _damage_pack_of(repo: Repository, point: Manifest, disk: str = "vda") -> tuple[Path, bytes]:
+    blob = next(b for _, _, b in point.disks[disk].extents if b is not None)
+    loc = repo.load_index().lookup(blob)
+    return Path(repo.backend.location) / f"data/{loc.pack[:2]}/{loc.pack}", blob
+
+
+def test_verify_and_restore_detect_a_deleted_pack(chain: Chain, repo_copy: Repository, tmp_path: Path) -> None:
+    repo = repo_copy
+    last = chain.points[-1]
+    pack, _ = _damage_pack_of(repo, last, "vdb")
+    # only packs no earlier point uses, so that earlier points stay restorable
+    pack.unlink()
+    report = verify(Repository.open(repo.url))
+    by_id = {p.id: p for p in report.points}
+    assert not by_id[last.id].ok and any(pack.name in x for x in by_id[last.id].problems)
+    assert all(by_id[p.id].ok for p in chain.points[:-1])
+    with pytest.raises(IntegrityError, match=f"point {last.id} disk vdb.*{pack.name}.*missing"):
+        run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path / "a", point=last.id))
+    assert not (tmp_path / "a" / "vdb").exists() and not (tmp_path / "a" / "vdb.qcow2").exists()
+    run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path / "b", point=chain.points[3].id))
+    identical(tmp_path / "b" / "vdb.qcow2", chain.refs[3]["vdb"])
+
+
+def test_verify_read_data_detects_a_flipped_byte(chain: Chain, repo_copy: Repository, tmp_path: Path) -> None:
+    repo = repo_copy
+    full = chain.points[0]
+    pack, blob = _damage_pack_of(repo, full)
+    loc = repo.load_index().lookup(blob)
+    raw = bytearray(pack.read_bytes())
+    raw[loc.offset + loc.length // 2] ^= 0x10
+    pack.write_bytes(bytes(raw))
+    assert verify(Repository.open(repo.url)).ok  # structure intact: only reading the data can tell
+    report = verify(Repository.open(repo.url), read_data=True)
+    assert not report.ok
+    damaged = {p.id for p in report.points if not p.ok}
+    assert damaged == {p.id for p in chain.points}  # every point depends on the full
+    assert any(blob.hex() in x for x in next(p for p in report.points if p.id == full.id).problems)
+    with pytest.raises(IntegrityError, match=f"point {full.id} disk vda: blob {blob.hex()}.*pack {loc.pack}"):
+        run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path, point=full.id,
+                                                              flat=True))
+    assert not list(tmp_path.glob("vda.*"))  # no half-written image under the final name
+
+
+def test_verify_detects_a_truncated_index(chain: Chain, repo_copy: Repository) -> None:
+    repo = repo_copy
+    (idx,) = [i for i in repo.backend.list("index/")][:1]
+    path = Path(repo.backend.location) / idx.name
+    path.write_bytes(path.read_bytes()[:-7])
+    report = verify(Repository.open(repo.url))
+    assert not report.ok and any(idx.name in p for p in report.repository_problems)
+    assert any(not p.ok for p in report.points)
+    Repository.open(repo.url).rebuild_index()
+    assert verify(Repository.open(repo.url), read_data=True).ok
+
+
+def test_verify_detects_a_missing_parent(chain: Chain, repo_copy: Repository, tmp_path: Path) -> None:
+    repo = repo_copy
+    gone = chain.points[2]
+    repo.backend.delete(f"points/testvm/{gone.id}")
+    report = verify(Repository.open(repo.url))
+    by_id = {p.id: p for p in report.points}
+    for later in chain.points[3:]:
+        assert not by_id[later.id].ok and any(f"parent point {gone.id}" in x for x in by_id[later.id].problems)
+    for earlier in chain.points[:2]:
+        assert by_id[earlier.id].ok
+    with pytest.raises(IntegrityError, match=f"parent point {gone.id}.*missing"):
+        run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path, point=chain.points[4].id))
+    run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path / "ok", point=chain.points[1].id))
+    identical(tmp_path / "ok" / "vda.qcow2", chain.refs[1]["vda"])
+
+
+def fleece(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FLEECE, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_restore_and_verify(chain: Chain, tmp_path: Path) -> None:
+    """The disaster-recovery case: a new HOME, no cache, nothing but the repository."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "newhome")}
+    repo = str(chain.repo_dir)
+    out = tmp_path / "out"
+    middle = chain.points[2].id
+    p = fleece("restore", "--repo", repo, "--vm", "testvm", "--point", middle[:20], "--out", str(out), "--json",
+               env=env)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["point"] == middle and doc["mode"] == "chain" and len(doc["disks"]["vda"]["layers"]) == 3
+    identical(out / "vda.qcow2", chain.refs[2]["vda"])
+
+    again = fleece("restore", "--repo", repo, "--vm", "testvm", "--out", str(out), env=env)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    forced = fleece("restore", "--repo", repo, "--vm", "testvm", "--out", str(out), "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+    identical(out / "vda.qcow2", chain.refs[-1]["vda"])
+
+    flat = fleece("restore", "--repo", repo, "--vm", "testvm", "--out", str(tmp_path / "flat"), "--flat",
+                  "--format", "raw", "--disk", "vdb", env=env)
+    assert flat.returncode == 0, flat.stderr
+    identical(tmp_path / "flat" / "vdb.raw", chain.refs[-1]["vdb"], "raw")
+    assert not (tmp_path / "flat" / "vda.raw").exists()
+
+    bad = fleece("restore", "--repo", repo, "--vm", "testvm", "--point", "20200101T000000.000Z-00000000",
+                 "--out", str(tmp_path / "x"), env=env)
+    assert bad.returncode == 1 and chain.points[-1].id in bad.stderr  # lists the points that exist
+
+    v = fleece("verify", "--repo", repo, "--read-data", "--json", env=env)
+    assert v.returncode == 0, v.stderr
+    vdoc = json.loads(v.stdout)
+    assert vdoc["ok"] and len(vdoc["points"]) == 5 and {p["status"] for p in vdoc["points"]} == {"ok"}
