@@ -217,7 +217,8 @@ class _Run:
 
             writer = self.repo.writer()
             pending: dict[str, Callable[[], DiskRecord]] = {}
-            pool = BufferPool(self.req.workers * 2 + 6, self.repo.config.chunk_size)
+            # Enough buffers for every reader plus what the writer queues; reading outpaces compression.
+            pool = BufferPool(self.req.workers + 4, self.repo.config.chunk_size)
             for f in fleeces:
                 pending[f.disk.id] = self._pull_disk(f, levels[f.disk.id], sock, writer, pool, new_bitmap)
 
