@@ -150,7 +150,8 @@ def _backup(args: argparse.Namespace) -> int:
     writer = result.stats.get("writer", {})
     doc = {**m.summary(), "pause_ms": result.stats.get("pause_ms"), "duration_s": result.stats.get("duration_s"),
            "uploaded_bytes": writer.get("uploaded_bytes", 0), "new_blobs": writer.get("new_blobs", 0),
-           "dedup_blobs": writer.get("dedup_blobs", 0), "repo": args.repo}
+           "dedup_blobs": writer.get("dedup_blobs", 0), "repo": args.repo,
+           "backend_requests": dict(getattr(repo.backend, "requests", {}))}
     if args.json:
         emit_json(doc)
     else:

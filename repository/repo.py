@@ -144,8 +144,12 @@ class Repository:
     def commit(self, manifest: Manifest) -> None:
         """Write *manifest* — the commit point. Only call after the run's writer has flushed."""
         name = manifest_name(manifest.vm, manifest.id)
-        if not self.backend.put_if_absent(name, manifest.to_bytes()):
-            raise RepositoryError(f"point {manifest.id} of VM {manifest.vm} already exists in {self.url}")
+        data = manifest.to_bytes()
+        if not self.backend.put_if_absent(name, data):
+            # A retried conditional PUT whose first attempt landed (the reply was lost) finds its own
+            # manifest: that is a success. Anything else is a real collision.
+            if self.backend.get(name) != data:
+                raise RepositoryError(f"point {manifest.id} of VM {manifest.vm} already exists in {self.url}")
         self._manifests[(manifest.vm, manifest.id)] = manifest
 
     # -- points -----------------------------------------------------------------------------------------

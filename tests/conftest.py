@@ -16,17 +16,63 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/vm.py and friends
 
 
-def _local_backend(tmp_path: Path) -> Backend:
+# -- S3: a real Ceph RGW, started once per session -------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory):
+    """A single-node Ceph RGW (memstore) on loopback; its endpoint and keys go into the AWS environment
+    variables, so boto3 — and every ``fleece`` subprocess — finds it through the standard chain."""
+    import s3_server
+
+    d = tmp_path_factory.mktemp("rgw")
+    info = s3_server.start(d)
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": info["access_key"], "AWS_SECRET_ACCESS_KEY": info["secret_key"],
+                       "AWS_ENDPOINT_URL_S3": info["endpoint"]})
+    try:
+        yield info
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3_server.stop(d)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(rgw: dict) -> str:
+    from repository.backends.s3 import S3Backend
+
+    S3Backend("fleece-tests", create_bucket=True).close()
+    return "fleece-tests"
+
+
+def s3_url(bucket: str) -> str:
+    """A fresh, empty repository location in the test bucket."""
+    return f"s3://{bucket}/{secrets.token_hex(6)}"
+
+
+def _local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return LocalBackend(tmp_path / "repo", create=True)
 
 
-BACKEND_FACTORIES = {"local": _local_backend}
+def _s3_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from repository.backends.s3 import S3Backend
+
+    bucket = request.getfixturevalue("s3_bucket")
+    b = S3Backend(bucket, secrets.token_hex(6))
+    b.multipart_threshold, b.part_size = 8 << 20, 5 << 20  # exercise multipart with small objects
+    return b
 
 
-@pytest.fixture(params=sorted(BACKEND_FACTORIES))
+BACKEND_FACTORIES = {"local": _local_backend, "s3": _s3_backend}
+
+
+@pytest.fixture(params=[pytest.param("local"), pytest.param("s3", marks=pytest.mark.s3)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """Every backend, fresh and empty: the conformance suite runs once per entry."""
-    b = BACKEND_FACTORIES[request.param](tmp_path)
+    b = BACKEND_FACTORIES[request.param](request, tmp_path)
     yield b
     b.close()
 
