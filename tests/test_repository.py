@@ -215,8 +215,11 @@ def test_missing_parent_breaks_chain(repo: Repository) -> None:
 
 def test_commit_is_create_only(repo: Repository) -> None:
     m = write_point(repo, sample_chunks()[:1])
+    repo.commit(m)  # the same manifest again (a retried PUT whose reply was lost): a success, no change
+    other = Manifest(m.id, m.vm, m.created, None, "full", {"d0": DiskRecord("full", CHUNK, [])})
     with pytest.raises(RepositoryError, match="already exists"):
-        repo.commit(m)
+        repo.commit(other)  # a different point under the same id never replaces the committed one
+    assert Repository.open(repo.url).manifest("vm1", m.id).disks["d0"].extents == m.disks["d0"].extents
 
 
 def test_unknown_point_lists_existing(repo: Repository) -> None:
