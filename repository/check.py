@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .errors import IntegrityError, RepositoryError
 from .manifest import Manifest
 from .pack import pack_name
-from .repo import Repository
+from .repo import ReadRange, Repository
 
 
 @dataclass
@@ -111,7 +111,7 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
                     problems.append(f"disk {disk}: pack {name} is truncated ({packs[name]} bytes)")
 
     if read_data:
-        _read_all(repo, blobs_of, own, index, packs, report, workers, progress)
+        _read_all(repo, blobs_of, own, packs, report, workers, progress)
 
     for key in selected:
         rep = PointReport(key[0], key[1], list(own.get(key, [])))
@@ -123,39 +123,36 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
 
 
 def _read_all(repo: Repository, blobs_of: dict[tuple[str, str], set[bytes]], own: dict[tuple[str, str], list[str]],
-              index: object, packs: dict[str, int], report: VerifyReport, workers: int,
+              packs: dict[str, int], report: VerifyReport, workers: int,
               progress: Callable[[int], None] | None) -> None:
     """Read every referenced, locatable blob once; map failures back to the points that use them."""
+    index = repo.load_index()
     readable = {b for blobs in blobs_of.values() for b in blobs
-                if (loc := repo.load_index().lookup(b)) is not None and pack_name(loc.pack) in packs}
+                if (loc := index.lookup(b)) is not None and pack_name(loc.pack) in packs}
     failures: dict[bytes, str] = {}
     lock = threading.Lock()
 
-    def check(rng: object) -> None:
-        done: set[bytes] = set()
+    def checked(nbytes: int) -> None:
+        with lock:
+            report.blobs_checked += 1
+            report.bytes_read += nbytes
+        if progress is not None:
+            progress(nbytes)
+
+    def check(rng: ReadRange) -> None:
         try:
-            for blob, plain in repo.read_blobs(rng):  # type: ignore[arg-type]
-                done.add(blob)
+            for _, plain in repo.read_blobs(rng):
+                checked(len(plain))
+            return
+        except RepositoryError:
+            pass
+        # Something in this range is bad: check its blobs one by one so one bad blob hides no other.
+        for blob, _ in rng.items:
+            try:
+                checked(len(repo.read_blob(blob)))
+            except RepositoryError as exc:
                 with lock:
-                    report.blobs_checked += 1
-                    report.bytes_read += len(plain)
-                if progress is not None:
-                    progress(len(plain))
-        except (IntegrityError, RepositoryError) as exc:
-            with lock:
-                for blob, _ in rng.items:  # type: ignore[attr-defined]
-                    if blob not in done:
-                        failures[blob] = str(exc)
-                        break
-            # the rest of that range: check blob by blob so one bad blob does not hide others
-            for blob, loc in rng.items[len(done) + 1:]:  # type: ignore[attr-defined]
-                try:
-                    repo.read_blob(blob)
-                    with lock:
-                        report.blobs_checked += 1
-                except (IntegrityError, RepositoryError) as exc2:
-                    with lock:
-                        failures[blob] = str(exc2)
+                    failures[blob] = str(exc)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(check, repo.plan_reads(readable)))

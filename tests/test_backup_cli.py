@@ -63,6 +63,19 @@ def test_backup_and_list_json(make_vm, tmp_path, scratch) -> None:
     assert human.returncode == 0 and inc["id"] in human.stdout
 
 
+def test_bwlimit_caps_what_is_sent(make_vm, tmp_path, scratch) -> None:
+    vm = make_vm()
+    vm.write("vda", 0, random_bytes(6 * MiB, 9))  # incompressible: ~6 MiB must go to the repository
+    started = time.monotonic()
+    p = fleece("backup", "--qmp", vm.qmp_path, "--repo", str(tmp_path / "repo"), "--scratch", str(scratch),
+               "--bwlimit", "2M", "--json")
+    elapsed = time.monotonic() - started
+    assert p.returncode == 0, p.stderr
+    sent = json.loads(p.stdout)["uploaded_bytes"]
+    assert sent > 6 * MiB
+    assert elapsed >= (sent - (512 << 10)) / (2 << 20) * 0.95  # never faster than the limit (minus one burst)
+
+
 def test_qmp_socket_errors(tmp_path, scratch) -> None:
     repo = str(tmp_path / "repo")
     p = fleece("backup", "--qmp", str(tmp_path / "nope.sock"), "--repo", repo)

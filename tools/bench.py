@@ -10,6 +10,13 @@ Cases (each repetition interleaves all of them on a fresh copy of the cached dis
 * ``fleece-restore-chain`` / ``fleece-restore-flat`` — restore of the last point of a 1 full + 5
   incrementals chain
 * ``qemu-img-convert`` — ``qemu-img convert -O qcow2`` of that chain from local qcow2 files
+* ``sha256-limit``   — the same cells hashed by one SHA-256 per core
+* with a Ceph RGW (started here, bluestore): ``fleece-full-s3``, ``fleece-inc-s3``, ``fleece-restore-flat-s3``
+* peers, on the raw twin of the disk (they back up files): ``restic-full``/``restic-inc`` (local repository,
+  restic's defaults: compression auto, AES), ``restic-*-s3`` (same RGW), ``borg-full``/``borg-inc``
+  (``--encryption=none --compression zstd,3``)
+
+S3 request counts are read from RGW's own access log, the same way for fleece and restic.
 
 Each command case runs under ``/usr/bin/time`` for wall time, CPU time and peak RSS. Raw results go to
 ``bench-results/<stamp>.jsonl``; a Markdown table and the ratios against the targets go to stdout.
@@ -121,6 +128,77 @@ def zstd_limit(raw: Path, offsets: list[int], level: int) -> Result:
                   sum(stored), None, extra={"threads": threads, "level": level})
 
 
+def sha256_limit(raw: Path, offsets: list[int]) -> Result:
+    import hashlib
+
+    threads = os.cpu_count() or 1
+
+    def work(i: int) -> None:
+        fd = os.open(raw, os.O_RDONLY)
+        for off in offsets[i::threads]:
+            hashlib.sha256(os.pread(fd, CHUNK, off)).digest()
+        os.close(fd)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return Result("sha256-limit", 0, time.perf_counter() - t0, time.process_time() - c0,
+                  bytes_in=len(offsets) * CHUNK)
+
+
+class Rgw:
+    """One Ceph RGW for the whole benchmark run; counts requests from its access log."""
+
+    def __init__(self, directory: Path) -> None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import s3_server
+
+        self._mod = s3_server
+        self.dir = directory
+        shutil.rmtree(directory, ignore_errors=True)
+        self.info = s3_server.start(directory, backend="bluestore")
+        self.env = dict(os.environ, AWS_ACCESS_KEY_ID=self.info["access_key"],
+                        AWS_SECRET_ACCESS_KEY=self.info["secret_key"], AWS_ENDPOINT_URL_S3=self.info["endpoint"])
+        self._log = directory / "log" / "ceph-client.rgw.a.log"
+        self._pos = 0
+
+    def requests(self) -> dict[str, int]:
+        """Requests (by method) since the last call."""
+        counts: dict[str, int] = {}
+        with open(self._log, "rb") as f:
+            f.seek(self._pos)
+            chunk = f.read()
+            self._pos += len(chunk)
+        for line in chunk.split(b"\n"):
+            if b" beast: " in line and b'"' in line:
+                method = line.split(b'"', 2)[1].split(b" ", 1)[0].decode()
+                counts[method] = counts.get(method, 0) + 1
+        return counts
+
+    def bucket_bytes(self, bucket: str) -> int:
+        import boto3
+
+        c = boto3.client("s3", endpoint_url=self.info["endpoint"], aws_access_key_id=self.info["access_key"],
+                         aws_secret_access_key=self.info["secret_key"], region_name="us-east-1")
+        total = 0
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            total += sum(o["Size"] for o in page.get("Contents", []))
+        return total
+
+    def create_bucket(self, bucket: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.info["endpoint"], aws_access_key_id=self.info["access_key"],
+                     aws_secret_access_key=self.info["secret_key"], region_name="us-east-1").create_bucket(Bucket=bucket)
+
+    def stop(self) -> None:
+        self._mod.stop(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def plain_read(uri: str, extents: list[tuple[int, int]], workers: int = 4) -> Result:
     """libnbd reads of exactly *extents* (1 MiB requests over *workers* connections): no hash, no zstd."""
     pieces = [(o + i, min(MiB, n - i)) for o, n in extents for i in range(0, n, MiB)]
@@ -146,41 +224,102 @@ def fleece_json(args: list[str]) -> tuple[dict, dict]:
     return json.loads(p.stdout), t
 
 
-def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, quick: bool, incs: int) -> list[Result]:
+def peer(name: str, rep: int, cmd: list[str], repo_bytes, env: dict[str, str] | None = None,
+         rgw: Rgw | None = None, data: int | None = None) -> Result:
+    before = repo_bytes()
+    if rgw is not None:
+        rgw.requests()
+    p, t = timed(cmd, env=env)
+    grown = repo_bytes() - before
+    r = Result(name, rep, **t, bytes_in=data, bytes_stored=grown, bytes_sent=grown)
+    if rgw is not None:
+        r.requests = sum(rgw.requests().values())
+    return r
+
+
+def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | None,
+            peers: bool) -> list[Result]:
     out: list[Result] = []
     disk = work / "disk.qcow2"
     shutil.copyfile(qcow2, disk)
     twin = work / "disk.raw"
-    shutil.copyfile(raw, twin)  # sparse-unaware copy is fine: page cache warm-up for the zstd limit
+    subprocess.run(["cp", "--sparse=always", str(raw), str(twin)], check=True)
     size = os.path.getsize(raw)
+    level = RepoConfig().compression["level"]
+    repo = work / "repo"
+    s3repo = f"s3://bench-{rep}-{os.getpid()}/fleece"
+    restic_local = work / "restic"
+    borg_repo = work / "borg"
+    restic_s3 = f"s3:{rgw.info['endpoint']}/restic-{rep}-{os.getpid()}" if rgw else ""
+    penv = dict(rgw.env if rgw else os.environ, RESTIC_PASSWORD="bench", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                RESTIC_CACHE_DIR=str(work / "restic-cache"), BORG_BASE_DIR=str(work / "borg-home"))
+    data_bytes = 0
+
+    def fleece_backup(case: str, target: str, env: dict[str, str] | None = None) -> dict:
+        before = du(repo) if not target.startswith("s3://") else rgw.bucket_bytes(target[5:].split("/")[0])
+        if rgw is not None:
+            rgw.requests()
+        p, t = timed([FLEECE, "backup", "--qmp", vm.qmp, "--repo", target, "--scratch", str(work), "--json"], env=env)
+        doc = json.loads(p.stdout)
+        after = du(repo) if not target.startswith("s3://") else rgw.bucket_bytes(target[5:].split("/")[0])
+        st = doc["disks"]["vda"]
+        r = Result(case, rep, **t, bytes_in=st["read_bytes"], bytes_stored=after - before,
+                   bytes_sent=doc["uploaded_bytes"],
+                   extra={"pause_ms": doc["pause_ms"], "dirty_bytes": st["dirty_bytes"], "zero_bytes": st["zero_bytes"],
+                          "id": doc["id"]})
+        if target.startswith("s3://") and rgw is not None:
+            r.requests = sum(rgw.requests().values())
+            r.extra["puts"] = doc["backend_requests"].get("PUT", 0)
+        out.append(r)
+        return doc
+
+    def peers_backup(kind: str) -> None:
+        if not peers:
+            return
+        if kind == "full":
+            subprocess.run(["restic", "-q", "-r", str(restic_local), "init"], env=penv, check=True,
+                           capture_output=True)
+            subprocess.run(["borg", "init", "-e", "none", str(borg_repo)], env=penv, check=True, capture_output=True)
+            if rgw is not None:
+                subprocess.run(["restic", "-q", "-r", restic_s3, "init"], env=penv, check=True, capture_output=True)
+        out.append(peer(f"restic-{kind}", rep, ["restic", "-q", "-r", str(restic_local), "backup", "--host", "bench",
+                                                str(twin)], lambda: du(restic_local), penv, data=size))
+        if rgw is not None:
+            bucket = restic_s3.rsplit("/", 1)[1]
+            out.append(peer(f"restic-{kind}-s3", rep, ["restic", "-q", "-r", restic_s3, "backup", "--host", "bench",
+                                                       str(twin)], lambda: rgw.bucket_bytes(bucket), penv, rgw, size))
+        out.append(peer(f"borg-{kind}", rep, ["borg", "create", "--compression", "zstd,3", f"{borg_repo}::{kind}",
+                                              str(twin)], lambda: du(borg_repo), penv, data=size))
+
+    if rgw is not None:
+        rgw.create_bucket(s3repo[5:].split("/")[0])
     vm = BenchVM(work, {"vda": disk})
     try:
         with vm.live_export("vda") as uri:
             p, t = timed(["nbdcopy", uri, "null:"])
             out.append(Result("nbdcopy", rep, **t, bytes_in=size))
-        level = RepoConfig().compression["level"]
-        r = zstd_limit(twin, cells_with_data(twin, size), level)
+        cells = cells_with_data(twin, size)
+        r = zstd_limit(twin, cells, level)
+        r.rep = rep
+        out.append(r)
+        r = sha256_limit(twin, cells)
         r.rep = rep
         out.append(r)
 
-        repo = work / "repo"
-        doc, t = fleece_json(["backup", "--qmp", vm.qmp, "--repo", str(repo), "--scratch", str(work)])
-        out.append(Result("fleece-full", rep, **t, bytes_in=doc["disks"]["vda"]["read_bytes"],
-                          bytes_stored=du(repo), bytes_sent=doc["uploaded_bytes"],
-                          extra={"pause_ms": doc["pause_ms"]}))
+        doc = fleece_backup("fleece-full", str(repo))
         points = [doc["id"]]
+        if rgw is not None:
+            fleece_backup("fleece-full-s3", s3repo, rgw.env)
+        peers_backup("full")
         for i in range(incs):
             ops = change(qcow2, seed=1000 * rep + i)  # layout of the pristine image (not in use)
             vm.apply("vda", ops)
             apply_raw(twin, ops)
-            before = du(repo)
-            doc, t = fleece_json(["backup", "--qmp", vm.qmp, "--repo", str(repo), "--scratch", str(work)])
+            doc = fleece_backup("fleece-inc" if i == 0 else "fleece-inc-more", str(repo))
             points.append(doc["id"])
             if i == 0:
-                st = doc["disks"]["vda"]
-                out.append(Result("fleece-inc", rep, **t, bytes_in=st["read_bytes"], bytes_stored=du(repo) - before,
-                                  bytes_sent=doc["uploaded_bytes"],
-                                  extra={"dirty_bytes": st["dirty_bytes"], "zero_bytes": st["zero_bytes"]}))
+                if rgw is not None:
+                    fleece_backup("fleece-inc-s3", s3repo, rgw.env)
                 m = Repository.open(str(repo)).manifest("benchvm", doc["id"])
                 extents = [(o, n) for o, n, b in m.disks["vda"].extents if b is not None]
                 with vm.live_export("vda") as uri:
@@ -191,15 +330,26 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, quick: bool, incs: int
                 r.extra["dirty_zstd_bytes"] = sum(len(c.compress(os.pread(fd, n, o))) for o, n in extents)
                 os.close(fd)
                 out.append(r)
+                peers_backup("inc")
     finally:
         vm.quit()
 
     for mode in ("chain", "flat"):
         dst = work / f"restore-{mode}"
         extra = ["--flat"] if mode == "flat" else []
-        doc, t = fleece_json(["restore", "--repo", str(repo), "--vm", "benchvm", "--out", str(dst), *extra])
+        p, t = timed([FLEECE, "restore", "--repo", str(repo), "--vm", "benchvm", "--out", str(dst), "--json", *extra])
+        doc = json.loads(p.stdout)
         out.append(Result(f"fleece-restore-{mode}", rep, **t, bytes_in=doc["disks"]["vda"]["data_bytes"],
                           extra={"layers": len(points)}))
+    if rgw is not None:
+        dst = work / "restore-s3"
+        rgw.requests()
+        p, t = timed([FLEECE, "restore", "--repo", s3repo, "--vm", "benchvm", "--out", str(dst), "--flat", "--json"],
+                     env=rgw.env)
+        doc = json.loads(p.stdout)
+        out.append(Result("fleece-restore-flat-s3", rep, **t, bytes_in=doc["disks"]["vda"]["data_bytes"],
+                          requests=sum(rgw.requests().values()), extra={"layers": 2}))
+        shutil.rmtree(dst)
     chain_top = work / "restore-chain" / "vda.qcow2"
     if rep == 0:  # correctness of the benchmark itself: both restores equal the VM's disk
         for img in (chain_top, work / "restore-flat" / "vda.qcow2"):
@@ -220,8 +370,8 @@ def median(results: list[Result], case: str, attr: str) -> float | None:
 
 def report(results: list[Result], reps: int) -> str:
     cases = list(dict.fromkeys(r.case for r in results))
-    lines = [f"| case (median of {reps}) | wall s | CPU s | peak RSS MiB | data MB | stored MB | sent MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| case (median of {reps}) | wall s | CPU s | peak RSS MiB | data MB | stored MB | sent MB | S3 requests |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(v: float | None, scale: float = 1, digits: int = 2) -> str:
         return "–" if v is None else f"{v / scale:.{digits}f}"
@@ -229,7 +379,8 @@ def report(results: list[Result], reps: int) -> str:
     for c in cases:
         lines.append(f"| {c} | {f(median(results, c, 'wall_s'))} | {f(median(results, c, 'cpu_s'))} | "
                      f"{f(median(results, c, 'rss_mib'), digits=0)} | {f(median(results, c, 'bytes_in'), 1e6, 0)} | "
-                     f"{f(median(results, c, 'bytes_stored'), 1e6, 1)} | {f(median(results, c, 'bytes_sent'), 1e6, 1)} |")
+                     f"{f(median(results, c, 'bytes_stored'), 1e6, 1)} | {f(median(results, c, 'bytes_sent'), 1e6, 1)} | "
+                     f"{f(median(results, c, 'requests'), digits=0)} |")
     m = lambda c, a="wall_s": median(results, c, a)  # noqa: E731
     lines.append("")
     checks = []
@@ -246,8 +397,32 @@ def report(results: list[Result], reps: int) -> str:
                        "≤ 1.00"))
         checks.append(("chain restore / qemu-img convert of the chain",
                        m("fleece-restore-chain") / m("qemu-img-convert"), "(info)"))
+    for peer_name in ("restic", "restic-s3", "borg"):
+        suffix = "-s3" if peer_name.endswith("-s3") else ""
+        base = peer_name.replace("-s3", "")
+        if m(f"{base}-full{suffix}") and m(f"fleece-full{suffix}"):
+            checks.append((f"full: fleece{suffix} / {peer_name} wall", m(f"fleece-full{suffix}") / m(f"{base}-full{suffix}"),
+                           "≤ 0.35" if base == "restic" else "(info)"))
+        if m(f"{base}-inc{suffix}") and m(f"fleece-inc{suffix}"):
+            checks.append((f"incremental: {peer_name} / fleece{suffix} wall (speed-up)",
+                           m(f"{base}-inc{suffix}") / m(f"fleece-inc{suffix}"), "≥ 6"))
+    if m("restic-full", "bytes_stored") and m("fleece-full", "bytes_stored"):
+        checks.append(("full: fleece stored / restic stored", m("fleece-full", "bytes_stored") / m("restic-full", "bytes_stored"),
+                       "≤ 1.00"))
+    if m("fleece-full-s3") and m("fleece-full"):
+        checks.append(("full: to RGW / to local (wall)", m("fleece-full-s3") / m("fleece-full"), "(info)"))
+        checks.append(("incremental: to RGW / to local (wall)", m("fleece-inc-s3") / m("fleece-inc"), "(info)"))
+        puts = statistics.median(r.extra["puts"] for r in results if r.case == "fleece-full-s3")
+        gib = m("fleece-full-s3", "bytes_sent") / (1 << 30)
+        checks.append(("full to RGW: PUT requests per GiB uploaded", puts / gib, "≤ 64"))
+    if m("fleece-restore-flat-s3"):
+        checks.append(("restore from RGW (flat), MB/s of disk data",
+                       m("fleece-restore-flat-s3", "bytes_in") / 1e6 / m("fleece-restore-flat-s3"), "(info)"))
     rss = max(r.rss_mib for r in results if r.case.startswith("fleece") and r.rss_mib)
-    checks.append(("peak RSS of any fleece run (MiB)", rss, "≤ 256"))
+    checks.append(("peak RSS of any fleece run (MiB)", rss, "≤ 256 (aim 128)"))
+    peer_rss = [r.rss_mib for r in results if r.case.startswith(("restic", "borg")) and r.rss_mib]
+    if peer_rss:
+        checks.append(("peak RSS of restic/borg (MiB)", max(peer_rss), "(info)"))
     lines.append("| ratio | value | target |")
     lines.append("|---|---:|---|")
     lines += [f"| {name} | {value:.2f} | {target} |" for name, value, target in checks]
@@ -259,19 +434,27 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 GiB disk, 1 repetition, 2 incrementals (~2 minutes)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"), help="directory for the JSON-lines results")
+    ap.add_argument("--no-s3", action="store_true", help="skip the Ceph RGW cases")
+    ap.add_argument("--no-peers", action="store_true", help="skip restic and borg")
     args = ap.parse_args()
     reps = args.reps or (1 if args.quick else 3)
     incs = 2 if args.quick else 5
     print(f"building / reusing the benchmark disk in {CACHE} ...", file=sys.stderr, flush=True)
     qcow2, raw = build_disk(quick=args.quick)
     results: list[Result] = []
-    for rep in range(reps):
-        work = Path(tempfile.mkdtemp(prefix="fleece-bench-", dir=CACHE))
-        try:
-            print(f"repetition {rep + 1}/{reps} ...", file=sys.stderr, flush=True)
-            results += one_rep(rep, qcow2, raw, work, args.quick, incs)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    peers = not args.no_peers and all(shutil.which(t) for t in ("restic", "borg"))
+    rgw = None if args.no_s3 else Rgw(CACHE / "rgw")
+    try:
+        for rep in range(reps):
+            work = Path(tempfile.mkdtemp(prefix="fleece-bench-", dir=CACHE))
+            try:
+                print(f"repetition {rep + 1}/{reps} ...", file=sys.stderr, flush=True)
+                results += one_rep(rep, qcow2, raw, work, incs, rgw, peers)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if rgw is not None:
+            rgw.stop()
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     with open(Path(args.out) / f"{stamp}.jsonl", "w") as f:

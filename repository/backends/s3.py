@@ -50,6 +50,31 @@ _NETWORK = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError,
             ResponseStreamingError, ConnectionError, TimeoutError)
 
 
+class _ViewReader:
+    """A seekable, read-only file over a memoryview: lets boto3 sign and send a pack without copying it
+    (retries seek back to 0)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n is None or n < 0 else min(len(self._view), self._pos + n)
+        out = bytes(self._view[self._pos:end])
+        self._pos = end
+        return out
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else len(self._view) + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 class S3Backend(Backend):
     """One bucket (and optional key prefix) as a repository backend."""
 
@@ -61,7 +86,9 @@ class S3Backend(Backend):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.parallelism = max(2, workers)
+        # Parallel PUTs: each holds one pack buffer in memory; three keep a link busy without bloating RSS.
+        self.parallelism = max(2, min(workers, 3))
+        self._pool_size = max(2, workers) + 4
         self.attempts = attempts or int(os.environ.get("FLEECE_S3_ATTEMPTS", "8"))
         self.backoff = backoff
         self.backoff_cap = backoff_cap
@@ -72,7 +99,7 @@ class S3Backend(Backend):
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         session = boto3.session.Session()
         config = Config(
-            max_pool_connections=self.parallelism + 4,
+            max_pool_connections=self._pool_size,
             retries={"max_attempts": 1, "mode": "standard"},  # ours, below
             connect_timeout=10, read_timeout=60, tcp_keepalive=True,
             s3={"addressing_style": "path"} if endpoint else {},
@@ -123,8 +150,8 @@ class S3Backend(Backend):
                                              "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile) and the "
                                              "bucket's policy")
             if code in _TRANSIENT_CODES or status.startswith("5"):
-                return TransientBackendError(f"{what} failed: {code or status} {err.get('Message', '')}".strip())
-            return PermanentBackendError(f"{what} failed: {code or status} {err.get('Message', '')}".strip())
+                return TransientBackendError(f"{what} failed: {code or status} {err.get('Message') or ''}".strip())
+            return PermanentBackendError(f"{what} failed: {code or status} {err.get('Message') or ''}".strip())
         if isinstance(exc, _NETWORK):
             return TransientBackendError(f"{what} failed: {type(exc).__name__}: {exc}")
         if isinstance(exc, BotoCoreError):
@@ -178,7 +205,7 @@ class S3Backend(Backend):
             self._multipart(name, key, view)
             return
         self._throttled(view)
-        self._retry("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(view)))
+        self._retry("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=_ViewReader(view)))
 
     def put_if_absent(self, name: str, data: Data) -> bool:
         key = self._key(name)
@@ -199,7 +226,7 @@ class S3Backend(Backend):
         try:
             parts = []
             for number, start in enumerate(range(0, len(view), self.part_size), 1):
-                piece = bytes(view[start:start + self.part_size])
+                piece = _ViewReader(view[start:start + self.part_size])
                 self._throttled(piece)
                 r = self._retry("PUT", name, lambda n=number, b=piece: self.client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=b))

@@ -1,0 +1,34 @@
+"""The qemu-nbd restore target: what happens when qemu-nbd does not exit when asked."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from restore import targets
+from restore.targets import QemuNbdTarget, create_qcow2
+
+
+def test_qemu_nbd_that_ignores_sigterm_is_killed_and_image_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    image = tmp_path / "x.qcow2"
+    create_qcow2(image, 8 << 20, {})
+    target = QemuNbdTarget(image, tmp_path, 2)
+    data = os.urandom(1 << 20)
+    w = target.writer()
+    w.pwrite(data, 3 << 20)
+    monkeypatch.setattr(targets, "TERM_WAIT", 0.5)
+    monkeypatch.setattr(target.proc, "terminate", lambda: None)  # as if SIGTERM were ignored
+    with caplog.at_level(logging.WARNING):
+        target.close()
+    assert target.proc.returncode == -9
+    assert "killed it" in caplog.text
+    raw = tmp_path / "x.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    got = raw.read_bytes()
+    assert got[3 << 20:4 << 20] == data
+    assert got.count(0) == len(got) - (1 << 20) + data.count(0)
