@@ -107,14 +107,8 @@ class Monitor:
         Arguments with hyphens go in *args* (``{"node-name": ...}``); plain ones may be keywords.
         """
         arguments = {**(args or {}), **kwargs}
-        try:
-            return self._run(self._client.execute(command, arguments or None), timeout or self.timeout)
-        except ExecuteError as exc:
-            raise CommandError(command, exc.error_class, str(exc)) from None
-        except FutureTimeout:
-            raise QemuError(f"QEMU did not answer {command} within {timeout or self.timeout:.0f} s") from None
-        except QMPError as exc:
-            raise QemuError(f"QMP connection to {self.path} failed during {command}: {exc}") from None
+        return self._execute(self._client.execute(command, arguments or None), command, timeout,
+                             "QEMU did not answer {command} within {seconds:.0f} s")
 
     def cmd_and_wait(self, command: str, args: Mapping[str, Any], *, event: str,
                      match: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
@@ -129,12 +123,17 @@ class Monitor:
                         return dict(ev)
             raise QemuError(f"event stream ended while waiting for {event}")
 
+        return self._execute(run(), command, timeout, f"no {event} from QEMU within {{seconds:.0f}} s after {{command}}")
+
+    def _execute(self, coro: Coroutine[Any, Any, T], command: str, timeout: float | None, timeout_message: str) -> T:
+        """Run a coroutine that executes *command*, mapping every failure to fleece's QEMU errors."""
+        seconds = timeout or self.timeout
         try:
-            return self._run(run(), timeout or self.timeout)
+            return self._run(coro, seconds)
         except ExecuteError as exc:
             raise CommandError(command, exc.error_class, str(exc)) from None
         except FutureTimeout:
-            raise QemuError(f"no {event} from QEMU within {timeout or self.timeout:.0f} s after {command}") from None
+            raise QemuError(timeout_message.format(command=command, seconds=seconds)) from None
         except QMPError as exc:
             raise QemuError(f"QMP connection to {self.path} failed during {command}: {exc}") from None
 

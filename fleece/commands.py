@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from repository import Repository
+from repository.config import MAX_LEVEL, MIN_LEVEL, RepoConfig
 from repository.errors import UsageError
 from repository.ratelimit import TokenBucket, parse_rate
 
 from .output import Progress, emit_json, human_bytes
+
+DEFAULT_LEVEL = RepoConfig().compression["level"]
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -22,14 +26,24 @@ def add_repo(p: argparse.ArgumentParser) -> None:
                    help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for whole numbers in [low, high] whose errors say what is allowed."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at most {high}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number(1)
 
 
 def open_repo(args: argparse.Namespace, create: bool = False, **options: Any) -> Repository:
@@ -42,10 +56,17 @@ def open_repo(args: argparse.Namespace, create: bool = False, **options: Any) ->
 def _init_args(p: argparse.ArgumentParser) -> None:
     add_repo(p)
     p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
+    p.add_argument("--compression-level", type=whole_number(MIN_LEVEL, MAX_LEVEL), default=DEFAULT_LEVEL, metavar="N",
+                   help=f"zstd level of a new repository, {MIN_LEVEL}-{MAX_LEVEL} (default {DEFAULT_LEVEL}); "
+                        "higher stores less and costs more CPU, lower suits fast links and slow CPUs")
 
 
 def _init(args: argparse.Namespace) -> int:
-    with open_repo(args, create=True) as repo:
+    config = RepoConfig(compression={"algorithm": "zstd", "level": args.compression_level})
+    with open_repo(args, create=True, config=config) as repo:
+        if repo.config.compression != config.compression:
+            print(f"note: {repo.url} already exists with compression {repo.config.compression}; kept it",
+                  file=sys.stderr)
         cfg = repo.config
         if args.json:
             emit_json({"repo": repo.url, "id": cfg.id, "format": cfg.format, "chunk_size": cfg.chunk_size,

@@ -18,6 +18,8 @@ FORMAT = 1
 CONFIG_NAME = "config"
 MiB = 1 << 20
 
+MIN_LEVEL, MAX_LEVEL = 1, 19  # zstd levels a repository may use (20+ need huge windows: not for restore hosts)
+
 
 @dataclass(frozen=True)
 class RepoConfig:
@@ -58,6 +60,10 @@ class RepoConfig:
             raise RepositoryError(f"{where}: unsupported blob hash {self.hash!r}")
         if self.compression.get("algorithm") != "zstd":
             raise RepositoryError(f"{where}: unsupported compression {self.compression!r}")
+        level = self.compression.get("level")
+        if not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
+            raise RepositoryError(f"{where}: zstd level {level!r} must be a whole number from {MIN_LEVEL} to "
+                                  f"{MAX_LEVEL}")
         if self.encryption.get("mode") != "none":
             raise RepositoryError(f"{where}: encrypted repositories ({self.encryption.get('mode')!r}) are not "
                                   "supported by this fleece version")

@@ -17,17 +17,22 @@ Range = tuple[int, int]
 RangeList = list[Range]
 
 
+def _append_merged(out: RangeList, off: int, length: int) -> None:
+    """Append a range that starts at or after the last one, merging it if they overlap or touch."""
+    if out and off <= out[-1][0] + out[-1][1]:
+        last_off, last_len = out[-1]
+        out[-1] = (last_off, max(last_off + last_len, off + length) - last_off)
+    else:
+        out.append((off, length))
+
+
 def normalize(ranges: Iterable[Range]) -> RangeList:
     """Sort, drop empty ranges and merge overlapping or touching ones."""
     out: RangeList = []
     for off, length in sorted(r for r in ranges if r[1] > 0):
         if off < 0:
             raise ValueError(f"negative offset {off}")
-        if out and off <= out[-1][0] + out[-1][1]:
-            last_off, last_len = out[-1]
-            out[-1] = (last_off, max(last_off + last_len, off + length) - last_off)
-        else:
-            out.append((off, length))
+        _append_merged(out, off, length)
     return out
 
 
@@ -47,11 +52,7 @@ def union(a: RangeList, b: RangeList) -> RangeList:
         else:
             off, length = b[j]
             j += 1
-        if out and off <= out[-1][0] + out[-1][1]:
-            last_off, last_len = out[-1]
-            out[-1] = (last_off, max(last_off + last_len, off + length) - last_off)
-        else:
-            out.append((off, length))
+        _append_merged(out, off, length)
     return out
 
 

@@ -246,3 +246,24 @@ def test_writer_error_surfaces_and_commits_nothing(repo: Repository) -> None:
         w.flush()
     w.abort()
     assert calls and list(repo.backend.list("points/")) == []
+
+
+def test_compression_level_is_the_repository_s(tmp_path: Path) -> None:
+    """The level chosen at creation is stored in ``config`` and used by every later writer."""
+    text = sample_chunks()[0]
+    sizes = {}
+    for level in (1, 19):
+        url = str(tmp_path / f"repo{level}")
+        Repository.open(url, create=True, config=RepoConfig(compression={"algorithm": "zstd", "level": level}))
+        again = Repository.open(url)
+        assert again.config.compression["level"] == level
+        m = write_point(again, [text])
+        sizes[level] = m.disks["d0"].stats["stored_bytes"]
+        assert read_disk(again, m) == {0: text}
+    assert sizes[19] < sizes[1]
+
+
+def test_out_of_range_compression_level_refused(tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError, match="zstd level 25"):
+        Repository.open(str(tmp_path / "r"), create=True,
+                        config=RepoConfig(compression={"algorithm": "zstd", "level": 25}))

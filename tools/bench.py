@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,17 @@ def cells_with_data(raw: Path, size: int) -> list[int]:
     return sorted(cells)
 
 
+def _on_threads(work: Callable[[int], None], threads: int) -> tuple[float, float]:
+    """Run ``work(i)`` for i in range(threads) on as many threads; wall and CPU seconds taken."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def zstd_limit(raw: Path, offsets: list[int], level: int) -> Result:
     """One compressor per core over the same cells (page cache warm): the CPU limit of a full."""
     threads = os.cpu_count() or 1
@@ -118,13 +130,8 @@ def zstd_limit(raw: Path, offsets: list[int], level: int) -> Result:
                 nonzero[i] += len(data)
         os.close(fd)
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return Result("zstd-limit", 0, time.perf_counter() - t0, time.process_time() - c0, None, sum(nonzero),
+    wall, cpu = _on_threads(work, threads)
+    return Result("zstd-limit", 0, wall, cpu, None, sum(nonzero),
                   sum(stored), None, extra={"threads": threads, "level": level})
 
 
@@ -139,13 +146,8 @@ def sha256_limit(raw: Path, offsets: list[int]) -> Result:
             hashlib.sha256(os.pread(fd, CHUNK, off)).digest()
         os.close(fd)
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return Result("sha256-limit", 0, time.perf_counter() - t0, time.process_time() - c0,
+    wall, cpu = _on_threads(work, threads)
+    return Result("sha256-limit", 0, wall, cpu,
                   bytes_in=len(offsets) * CHUNK)
 
 
