@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 
 from exporter.qmp import Monitor
 from repository import Manifest, Repository
+
+FLEECE = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "fleece")
+
+
+def fleece(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``fleece`` command as a user would (output captured, never raising)."""
+    return subprocess.run([FLEECE, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+
+
+def identical(image: Path, ref: Path, fmt: str | None = None) -> None:
+    """``qemu-img compare`` of a restored image (format probed unless given) with a raw reference."""
+    p = qemu_img("compare", *(["-f", fmt] if fmt else []), "-F", "raw", str(image), str(ref))
+    assert p.returncode == 0, f"{image} != {ref}: {p.stdout} {p.stderr}"
 
 
 def materialize(repo: Repository, manifest: Manifest, disk: str) -> bytes:

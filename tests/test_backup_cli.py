@@ -12,20 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
-from checks import assert_clean, assert_point_matches, fleece_bitmaps
-from conftest import ODD_SIZE, ROOT, MiB
+from checks import FLEECE, assert_clean, assert_point_matches, fleece, fleece_bitmaps
+from conftest import ODD_SIZE, MiB
 from exporter.backup import BackupRequest, run_backup
 from repository import RepoConfig, Repository
 from test_backup import Recorder, seed
 from vm import random_bytes
 
-FLEECE = str(ROOT / ".venv" / "bin" / "fleece")
-
-
-def fleece(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([FLEECE, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ODD_SIZE, ROOT, MiB
+from checks import fleece, identical, qemu_img
+from conftest import ODD_SIZE, MiB
 from exporter.backup import BackupRequest, run_backup
 from repository import IntegrityError, Manifest, RepoConfig, Repository
 from repository.check import verify
@@ -22,7 +23,6 @@ from restore import RestoreRequest, run_restore
 from test_backup import Recorder, seed
 from vm import TestVM, random_bytes, text_bytes
 
-FLEECE = str(ROOT / ".venv" / "bin" / "fleece")
 
 
 @dataclass
@@ -31,15 +31,6 @@ class Chain:
     points: list[Manifest]
     refs: list[dict[str, Path]]  # ground truth of each point, per disk
     source_allocated: int  # bytes the source vda had allocated at the full
-
-
-def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-
-
-def identical(image: Path, ref: Path, fmt: str = "qcow2") -> None:
-    p = qemu_img("compare", "-f", fmt, "-F", "raw", str(image), str(ref))
-    assert p.returncode == 0, f"{image} != {ref}: {p.stdout} {p.stderr}"
 
 
 def allocated(image: Path) -> int:
@@ -240,10 +231,6 @@ def test_verify_detects_a_missing_parent(chain: Chain, repo_copy: Repository, tm
         run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path, point=chain.points[4].id))
     run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path / "ok", point=chain.points[1].id))
     identical(tmp_path / "ok" / "vda.qcow2", chain.refs[1]["vda"])
-
-
-def fleece(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([FLEECE, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_restore_and_verify(chain: Chain, tmp_path: Path) -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 
 import s3_server
-from checks import assert_clean, assert_point_matches, fleece_bitmaps
-from conftest import ROOT, MiB, s3_url
+from checks import assert_clean, assert_point_matches, fleece, fleece_bitmaps, identical
+from conftest import MiB, s3_url
 from exporter.backup import BackupRequest, run_backup
 from faulty_proxy import FaultyProxy
 from repository import RepoConfig, Repository
@@ -22,16 +20,6 @@ from test_backup import Recorder, seed
 from vm import random_bytes, text_bytes
 
 pytestmark = pytest.mark.s3
-FLEECE = str(ROOT / ".venv" / "bin" / "fleece")
-
-
-def fleece(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([FLEECE, *args], capture_output=True, text=True, env=env, timeout=600)
-
-
-def identical(image: Path, ref: Path) -> None:
-    p = subprocess.run(["qemu-img", "compare", "-F", "raw", str(image), str(ref)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_disaster_recovery_from_the_bucket_alone(make_vm, s3_bucket, rgw, tmp_path, scratch) -> None:

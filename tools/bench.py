@@ -255,7 +255,6 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
     restic_s3 = f"s3:{rgw.info['endpoint']}/restic-{rep}-{os.getpid()}" if rgw else ""
     penv = dict(rgw.env if rgw else os.environ, RESTIC_PASSWORD="bench", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
                 RESTIC_CACHE_DIR=str(work / "restic-cache"), BORG_BASE_DIR=str(work / "borg-home"))
-    data_bytes = 0
 
     def fleece_backup(case: str, target: str, env: dict[str, str] | None = None) -> dict:
         before = du(repo) if not target.startswith("s3://") else rgw.bucket_bytes(target[5:].split("/")[0])
