@@ -100,8 +100,8 @@ class _Run:
         with VmLock(f"vm:{vm}", f"VM {vm!r}"):
             info = self._recover(vm, info)
             disks = self._select(info)
-            parent = self.repo.latest(vm)
-            levels = {d.id: bitmaps.choose_level(d, parent, self.req.full) for d in disks}
+            bases = self.repo.latest_layers(vm, [d.id for d in disks])
+            levels = {d.id: bitmaps.choose_level(d, bases[d.id], self.req.full) for d in disks}
             for d in disks:
                 lv = levels[d.id]
                 log.info("disk %s: %s backup (%s)", d.id, lv.kind, lv.reason)
@@ -110,7 +110,7 @@ class _Run:
                                                     "data": {"node": d.node, "name": n}} for n in lv.remove_first])
             point_id = new_point_id()
             new_bitmap = bitmaps.bitmap_name(self.repo.config.id, point_id)
-            manifest, stats = self._backup(vm, info, disks, levels, parent, point_id, new_bitmap)
+            manifest, stats = self._backup(vm, info, disks, levels, point_id, new_bitmap)
             self.event("committed", {"point": manifest.id})
             for d in disks:
                 self._drop_old_bitmaps(d, new_bitmap)
@@ -165,7 +165,7 @@ class _Run:
         return chosen
 
     def _backup(self, vm: str, info: VmInfo, disks: list[DiskInfo], levels: dict[str, bitmaps.Level],
-                parent: Manifest | None, point_id: str, new_bitmap: str) -> tuple[Manifest, dict[str, Any]]:
+                point_id: str, new_bitmap: str) -> tuple[Manifest, dict[str, Any]]:
         scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
         if not scratch.is_dir():
             raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR")
@@ -231,7 +231,8 @@ class _Run:
             kind = KIND_FULL if all(r.kind == KIND_FULL for r in records.values()) else KIND_INCREMENTAL
             manifest = Manifest(
                 id=point_id, vm=vm, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                parent=parent.id if parent is not None and kind == KIND_INCREMENTAL else None,
+                # the newest layer this point builds on (per-disk parents are in the disk records)
+                parent=max((r.parent for r in records.values() if r.parent), default=None),
                 kind=kind, disks=records, consistency="crash", tool=TOOL,
                 extra={"host": socket.gethostname(), "pause_ms": stats["pause_ms"],
                        "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers})
@@ -291,7 +292,8 @@ class _Run:
                      "seconds": seconds, "reason": level.reason}
             return DiskRecord(kind=plan.kind, virtual_size=disk.virtual_size, extents=extents,
                               granularity=granularity or disk.cluster_size or 65536, qcow2=disk.qcow2_options(),
-                              bitmap=new_bitmap if level.track else None, stats=stats)
+                              bitmap=new_bitmap if level.track else None, stats=stats,
+                              parent=level.since if plan.kind == KIND_INCREMENTAL else None)
 
         return finish
 

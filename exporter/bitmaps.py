@@ -54,17 +54,22 @@ class Level:
     reason: str
     remove_first: list[str]  # unusable bitmaps to drop before starting (inconsistent ones)
     track: bool = True  # give the new point a bitmap (only qcow2 can store persistent ones)
+    since: str | None = None  # incremental: the point whose layer this one builds on
 
 
 def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> Level:
-    """``auto`` level: incremental only when the chain's bitmap is present and trustworthy."""
+    """``auto`` level: incremental only when the chain's bitmap is present and trustworthy.
+
+    *parent* is the newest point that holds this disk — not necessarily the VM's newest point, which
+    may be a backup of other disks only (``--disk``) that left this disk's bitmap alone.
+    """
     record = parent.disks.get(disk.id) if parent else None
     name = record.bitmap if record else None
     bitmap = disk.bitmap(name) if name else None
     if disk.driver != "qcow2":
         return Level(KIND_FULL, None, f"{disk.driver} images cannot hold persistent dirty bitmaps", [], track=False)
     if parent is None:
-        return Level(KIND_FULL, None, "no earlier point of this VM in the repository", [])
+        return Level(KIND_FULL, None, f"no earlier point of this VM holds disk {disk.id}", [])
     if record is None:
         return Level(KIND_FULL, None, f"disk {disk.id} is not in the last point {parent.id}", [])
     if bitmap is None:
@@ -84,7 +89,8 @@ def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> L
         raise BitmapError(f"bitmap {name} on disk {disk.id} is in use by another block job; wait for it to finish")
     if record.virtual_size != disk.virtual_size:
         return Level(KIND_FULL, name, f"disk resized from {record.virtual_size} to {disk.virtual_size} bytes", [])
-    return Level(KIND_INCREMENTAL, name, f"bitmap {name} tracks every change since point {parent.id}", [])
+    return Level(KIND_INCREMENTAL, name, f"bitmap {name} tracks every change since point {parent.id}", [],
+                 since=parent.id)
 
 
 def freeze_actions(node: str, new: str, level: Level, granularity: int | None) -> list[dict]:

@@ -106,11 +106,18 @@ class DiskRecord:
     qcow2: dict[str, Any] = field(default_factory=dict)
     bitmap: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    # The point holding this disk's previous layer (incrementals only). A backup of some disks only
+    # (``--disk``) leaves the others' layers in older points, so each disk names its own; manifests
+    # written without it mean the point's parent.
+    parent: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "virtual_size": self.virtual_size, "granularity": self.granularity,
-                "qcow2": self.qcow2, "bitmap": self.bitmap, "stats": self.stats,
-                "extent_count": len(self.extents), "extents": encode_extents(self.extents)}
+        obj = {"kind": self.kind, "virtual_size": self.virtual_size, "granularity": self.granularity,
+               "qcow2": self.qcow2, "bitmap": self.bitmap, "stats": self.stats,
+               "extent_count": len(self.extents), "extents": encode_extents(self.extents)}
+        if self.parent is not None:
+            obj["parent"] = self.parent
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> DiskRecord:
@@ -119,7 +126,7 @@ class DiskRecord:
             raise IntegrityError(f"{where}: extent map has {len(extents)} entries, expected {obj['extent_count']}")
         return cls(kind=obj["kind"], virtual_size=obj["virtual_size"], extents=extents,
                    granularity=obj.get("granularity", 65536), qcow2=obj.get("qcow2", {}),
-                   bitmap=obj.get("bitmap"), stats=obj.get("stats", {}))
+                   bitmap=obj.get("bitmap"), stats=obj.get("stats", {}), parent=obj.get("parent"))
 
 
 @dataclass
@@ -166,9 +173,17 @@ class Manifest:
         except (KeyError, TypeError) as exc:
             raise IntegrityError(f"{where} lacks field {exc}") from None
 
+    def disk_parent(self, disk: str) -> str | None:
+        """The point holding the previous layer of *disk* (``None`` for a full)."""
+        record = self.disks[disk]
+        if record.kind == KIND_FULL:
+            return None
+        return record.parent or self.parent
+
     def summary(self) -> dict[str, Any]:
         """The ``fleece list --json`` view of this point."""
         return {"id": self.id, "vm": self.vm, "kind": self.kind, "parent": self.parent, "created": self.created,
                 "consistency": self.consistency,
-                "disks": {name: {"kind": d.kind, "virtual_size": d.virtual_size, **d.stats}
+                "disks": {name: {"kind": d.kind, "virtual_size": d.virtual_size, "parent": self.disk_parent(name),
+                                 **d.stats}
                           for name, d in self.disks.items()}}

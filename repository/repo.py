@@ -197,6 +197,25 @@ class Repository:
                 continue
         return None
 
+    def latest_layers(self, vm: str, disks: Iterable[str]) -> dict[str, Manifest | None]:
+        """For each disk, the newest readable point of *vm* that holds it (what its next layer builds on).
+
+        Walks back from the newest point only as far as needed: usually the latest point holds every disk.
+        """
+        wanted = set(disks)
+        found: dict[str, Manifest | None] = dict.fromkeys(wanted)
+        for point_id in reversed(self.point_ids(vm)):
+            if not wanted:
+                break
+            try:
+                m = self.manifest(vm, point_id)
+            except IntegrityError:
+                continue
+            for disk in wanted & m.disks.keys():
+                found[disk] = m
+            wanted -= m.disks.keys()
+        return found
+
     def find_point(self, vm: str, point: str | None) -> Manifest:
         """A point by id, or the newest for ``None``/``"latest"``, with errors that list what exists."""
         ids = self.point_ids(vm)
@@ -226,17 +245,18 @@ class Repository:
                                      "incremental of that disk depends on it")
             if record.kind == KIND_FULL:
                 return chain
-            if current.parent is None:
+            previous = current.disk_parent(disk)
+            if previous is None:
                 raise IntegrityError(f"point {current.id}: disk {disk} is incremental but has no parent point")
-            if current.parent in seen:
-                raise IntegrityError(f"point {current.id}: parent loop at {current.parent}")
+            if previous in seen:
+                raise IntegrityError(f"point {current.id}: parent loop at {previous}")
             try:
-                parent = self.manifest(manifest.vm, current.parent)
+                parent = self.manifest(manifest.vm, previous)
             except IntegrityError:
                 raise
             except RepositoryError:
                 raise IntegrityError(f"the chain of point {manifest.id} (VM {manifest.vm}) is broken: parent point "
-                                     f"{current.parent} of {current.id} is missing") from None
+                                     f"{previous} of {current.id} is missing") from None
             seen.add(parent.id)
             chain.append(parent)
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from checks import assert_clean, assert_point_matches, fleece_bitmaps
+from checks import assert_clean, assert_point_matches, fleece_bitmaps, identical
 from conftest import MiB, ODD_SIZE
 from exporter.backup import BackupRequest, BackupResult, run_backup
 from repository import RepoConfig, Repository
 from repository.errors import PermanentBackendError, RepositoryError
+from restore import RestoreRequest, run_restore
 from vm import TestVM, random_bytes, text_bytes
 
 
@@ -311,6 +312,35 @@ def test_full_flag_and_disk_selection(make_vm, repo, scratch) -> None:
     # vdb's older bitmap was dropped with the commit; vda's bitmap is untouched
     assert len(fleece_bitmaps(vm.guest)["vdb"]) == 1
     assert len(fleece_bitmaps(vm.guest)["vda"]) == 1
+
+
+def test_disk_subset_backup_keeps_the_other_disks_incremental(make_vm, repo, scratch, tmp_path) -> None:
+    """``--disk vda`` leaves vdb's bitmap alone: vdb's next layer builds on the last point that holds it."""
+    vm = make_vm()
+    seed(vm)
+    first, _ = backup(vm, repo, scratch)
+    vm.write("vda", 2 * MiB, random_bytes(65536, 70))
+    vm.write("vdb", 1 * MiB, random_bytes(65536, 71))
+    only, rec = backup(vm, repo, scratch, disks=["vda"])
+    assert list(only.manifest.disks) == ["vda"] and only.manifest.kind == "incremental"
+    assert only.manifest.disks["vda"].parent == first.manifest.id
+    check(vm, repo, only, rec)
+    vm.write("vdb", 9 * MiB, random_bytes(65536, 72))
+    vm.write("vda", 6 * MiB, random_bytes(65536, 73))
+    both, rec = backup(vm, repo, scratch)
+    vda, vdb = both.manifest.disks["vda"], both.manifest.disks["vdb"]
+    assert vda.kind == vdb.kind == "incremental"
+    assert (vda.parent, vdb.parent) == (only.manifest.id, first.manifest.id)
+    assert vdb.stats["dirty_bytes"] == 2 * 65536  # both of vdb's writes since the first point, nothing else
+    assert both.manifest.parent == only.manifest.id
+    check(vm, repo, both, rec)
+    assert [m.id for m in repo.disk_chain(both.manifest, "vdb")] == [both.manifest.id, first.manifest.id]
+    reopened = Repository.open(repo.url)  # the per-disk parent survives the manifest round trip
+    assert reopened.manifest("testvm", both.manifest.id).disk_parent("vdb") == first.manifest.id
+    out = tmp_path / "restored"
+    run_restore(reopened, RestoreRequest(vm="testvm", out=out, point=both.manifest.id))  # chain: vdb skips a point
+    for disk in ("vda", "vdb"):
+        identical(out / f"{disk}.qcow2", rec.refs[disk])
 
 
 def test_scratch_full_fails_the_backup_not_the_guest(make_vm, repo, scratch, tmpfs) -> None:
