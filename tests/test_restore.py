@@ -6,6 +6,7 @@ the ways storage really fails, and verify and restore must notice."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -168,7 +169,9 @@ def _damage_pack_of(repo: Repository, point: Manifest, disk: str = "vda") -> tup
     return Path(repo.backend.location) / f"data/{loc.pack[:2]}/{loc.pack}", blob
 
 
-def test_verify_and_restore_detect_a_deleted_pack(chain: Chain, repo_copy: Repository, tmp_path: Path) -> None:
+def test_verify_and_restore_detect_a_deleted_pack(chain: Chain, repo_copy: Repository, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
     repo = repo_copy
     last = chain.points[-1]
     pack, _ = _damage_pack_of(repo, last, "vdb")
@@ -183,6 +186,8 @@ def test_verify_and_restore_detect_a_deleted_pack(chain: Chain, repo_copy: Repos
     assert not (tmp_path / "a" / "vdb").exists() and not (tmp_path / "a" / "vdb.qcow2").exists()
     run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path / "b", point=chain.points[3].id))
     identical(tmp_path / "b" / "vdb.qcow2", chain.refs[3]["vdb"])
+    # every qemu-nbd exited when asked (this sequence used to hit qemu-nbd's lost SIGTERM wake-up)
+    assert "did not exit" not in caplog.text
 
 
 def test_verify_read_data_detects_a_flipped_byte(chain: Chain, repo_copy: Repository, tmp_path: Path) -> None:

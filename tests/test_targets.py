@@ -32,3 +32,28 @@ def test_qemu_nbd_that_ignores_sigterm_is_killed_and_image_checked(tmp_path: Pat
     got = raw.read_bytes()
     assert got[3 << 20:4 << 20] == data
     assert got.count(0) == len(got) - (1 << 20) + data.count(0)
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_qemu_nbd_target_with_and_without_direct_io(tmp_path: Path, tmpfs, where: str) -> None:
+    """O_DIRECT where the filesystem takes it, the page cache where it does not; the bytes are the same."""
+    d = tmp_path if where == "disk" else tmpfs("64M")
+    image = d / "x.qcow2"
+    create_qcow2(image, 8 << 20, {})
+    try:  # the test's own probe, independent of the code under test
+        os.close(os.open(image, os.O_RDWR | os.O_DIRECT))
+        direct = True
+    except OSError:
+        direct = False
+    target = QemuNbdTarget(image, tmp_path, 2)
+    assert target.direct == direct
+    assert ("--cache=none" in target.proc.args) == direct
+    data = os.urandom(1 << 20)
+    w = target.writer()
+    w.pwrite(data[:4096 + 17], 5)  # unaligned for O_DIRECT: qemu must bounce it
+    w.pwrite(data, 2 << 20)
+    target.close()
+    raw = tmp_path / "x.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    got = raw.read_bytes()
+    assert got[5:5 + 4096 + 17] == data[:4096 + 17] and got[2 << 20:3 << 20] == data
