@@ -140,14 +140,18 @@ def _read_all(repo: Repository, blobs_of: dict[tuple[str, str], set[bytes]], own
             progress(nbytes)
 
     def check(rng: ReadRange) -> None:
+        done: set[bytes] = set()
         try:
-            for _, plain in repo.read_blobs(rng):
+            for blob, plain in repo.read_blobs(rng):
                 checked(len(plain))
+                done.add(blob)
             return
         except RepositoryError:
             pass
-        # Something in this range is bad: check its blobs one by one so one bad blob hides no other.
+        # Something in this range is bad: check the rest blob by blob so one bad blob hides no other.
         for blob, _ in rng.items:
+            if blob in done:
+                continue
             try:
                 checked(len(repo.read_blob(blob)))
             except RepositoryError as exc:

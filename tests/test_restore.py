@@ -154,13 +154,17 @@ def test_flatten_the_chain_with_qemu_img(chain: Chain, tmp_path: Path) -> None:
     identical(tmp_path / "f.qcow2", chain.refs[-1]["vdb"])
 
 
+def referenced_blobs(points: list[Manifest]) -> set[bytes]:
+    return {b for m in points for rec in m.disks.values() for _, _, b in rec.extents if b is not None}
+
+
 def test_verify_ok(chain: Chain) -> None:
     repo = Repository.open(str(chain.repo_dir))
     for read_data in (False, True):
         report = verify(repo, read_data=read_data)
         assert report.ok, [p.problems for p in report.points]
         assert len(report.points) == 5
-    assert report.blobs_checked > 0
+    assert report.blobs_checked == len(referenced_blobs(chain.points))  # each read once
 
 
 def _damage_pack_of(repo: Repository, point: Manifest, disk: str = "vda") -> tuple[Path, bytes]:
@@ -204,6 +208,7 @@ def test_verify_read_data_detects_a_flipped_byte(chain: Chain, repo_copy: Reposi
     damaged = {p.id for p in report.points if not p.ok}
     assert damaged == {p.id for p in chain.points}  # every point depends on the full
     assert any(blob.hex() in x for x in next(p for p in report.points if p.id == full.id).problems)
+    assert report.blobs_checked == len(referenced_blobs(chain.points)) - 1  # all but the bad one, once each
     with pytest.raises(IntegrityError, match=f"point {full.id} disk vda: blob {blob.hex()}.*pack {loc.pack}"):
         run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path, point=full.id,
                                                               flat=True))
