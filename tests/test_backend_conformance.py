@@ -5,6 +5,7 @@ Modelled on restic's backend test suite: each backend must pass it unchanged.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 
@@ -94,6 +95,19 @@ def test_large_object(backend: Backend) -> None:
     assert backend.head("data/11/big").size == len(data)
     assert backend.get("data/11/big", 20 << 20, 1 << 20) == data[20 << 20:]
     assert backend.get("data/11/big") == data
+
+
+def test_put_from_a_page_aligned_writable_buffer(backend: Backend) -> None:
+    """What the writer hands over: a view of a reused, page-aligned pack buffer, with an unaligned tail."""
+    n = (3 << 20) + 123
+    buf = mmap.mmap(-1, 4 << 20)
+    data = os.urandom(n)
+    buf[:n] = data
+    with memoryview(buf) as view:
+        backend.put("data/22/aligned", view[:n])
+        backend.put("data/22/offset", view[4096 + 1:n])  # same buffer, not aligned at its start
+    assert backend.get("data/22/aligned") == data
+    assert backend.get("data/22/offset") == data[4096 + 1:]
 
 
 def test_list_by_prefix(backend: Backend) -> None:

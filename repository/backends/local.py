@@ -5,7 +5,8 @@ directory, ``fsync`` it, move it into place, ``fsync`` the directory. A crash le
 or the complete new object, plus at worst a ``*.tmp-*`` file that listings ignore and GC may delete.
 Create-if-absent uses ``link(2)``, which fails atomically when the name exists.
 
-Big objects (packs) are written with ``O_DIRECT`` through a small aligned bounce buffer: on this kind of
+Big objects (packs) are written with ``O_DIRECT`` (from the caller's buffer when it is page aligned, as
+pack buffers are, otherwise through a small aligned bounce buffer): on this kind of
 machine copying a backup's packs through the page cache cost more CPU than hashing them, and a backup
 should not evict the host's cache for data it will not read again. Filesystems without ``O_DIRECT``
 (tmpfs) fall back to ordinary writes.
@@ -13,6 +14,7 @@ should not evict the host's cache for data it will not read again. Filesystems w
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -29,6 +31,13 @@ _PIECE = 1 << 20  # write (and throttle) in pieces of this size
 _DIRECT_MIN = 256 << 10  # objects at least this big bypass the page cache (O_DIRECT)
 _ALIGN = 4096
 _TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY}
+
+
+def _page_aligned(view: memoryview) -> bool:
+    """Whether a buffer starts on an ``O_DIRECT`` boundary (read-only buffers are not inspected)."""
+    if view.readonly or not view:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _ALIGN == 0
 
 
 class LocalBackend(Backend):
@@ -111,13 +120,16 @@ class LocalBackend(Backend):
         fd, direct = self._open_temp(tmp, len(view) >= _DIRECT_MIN)
         try:
             bounce = self._bounce() if direct else None
+            source_aligned = direct and _page_aligned(view)  # pieces start at multiples of _PIECE
             while view:
                 piece = view[:_PIECE]
                 if self.throttle is not None:
                     self.throttle(len(piece))
                 if bounce is not None:
                     aligned = len(piece) - len(piece) % _ALIGN
-                    if aligned:
+                    if aligned and source_aligned:  # straight from the caller's page-aligned buffer
+                        self._write_all(fd, piece[:aligned])
+                    elif aligned:
                         bounce[:aligned] = piece[:aligned]
                         with memoryview(bounce) as b:
                             self._write_all(fd, b[:aligned])
