@@ -125,14 +125,14 @@ class QemuNbdTarget:
         self.image = image
         self.socket = str(run_dir / f"{image.name}.sock")
         Path(self.socket).unlink(missing_ok=True)
-        log = open(run_dir / f"{image.name}.qemu-nbd.log", "wb")
+        log_file = open(run_dir / f"{image.name}.qemu-nbd.log", "wb")
         self.direct = direct_io_supported(image)
         cache = ["--cache=none", "--aio=native"] if self.direct else ["--cache=writeback"]
         self.proc = subprocess.Popen(
             ["qemu-nbd", "-f", "qcow2", "-k", self.socket, "--persistent", "-e", str(connections + 1),
              *cache, "--discard=unmap", str(image)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        log.close()
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+        log_file.close()
         self._log = run_dir / f"{image.name}.qemu-nbd.log"
         self._writers: list[NbdWriter] = []
         self._lock = threading.Lock()
@@ -191,11 +191,13 @@ class QemuNbdTarget:
         return None
 
     def _check_after_kill(self) -> None:
-        res = subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(self.image)],
-                             capture_output=True, text=True)
+        def check(*repair: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["qemu-img", "check", "-q", *repair, "-f", "qcow2", str(self.image)],
+                                  capture_output=True, text=True)
+
+        res = check()
         if res.returncode == 3:  # only leaked clusters: free them
-            res = subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", "-f", "qcow2", str(self.image)],
-                                 capture_output=True, text=True)
+            res = check("-r", "leaks")
         if res.returncode != 0:
             raise RestoreError(f"qemu-nbd had to be killed and {self.image} is inconsistent "
                                f"({res.stdout.strip() or res.stderr.strip()}); run the restore again")

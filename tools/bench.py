@@ -180,21 +180,20 @@ class Rgw:
                 counts[method] = counts.get(method, 0) + 1
         return counts
 
-    def bucket_bytes(self, bucket: str) -> int:
+    def _client(self):  # noqa: ANN202 - a boto3 client
         import boto3
 
-        c = boto3.client("s3", endpoint_url=self.info["endpoint"], aws_access_key_id=self.info["access_key"],
-                         aws_secret_access_key=self.info["secret_key"], region_name="us-east-1")
+        return boto3.client("s3", endpoint_url=self.info["endpoint"], aws_access_key_id=self.info["access_key"],
+                            aws_secret_access_key=self.info["secret_key"], region_name="us-east-1")
+
+    def bucket_bytes(self, bucket: str) -> int:
         total = 0
-        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket):
             total += sum(o["Size"] for o in page.get("Contents", []))
         return total
 
     def create_bucket(self, bucket: str) -> None:
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.info["endpoint"], aws_access_key_id=self.info["access_key"],
-                     aws_secret_access_key=self.info["secret_key"], region_name="us-east-1").create_bucket(Bucket=bucket)
+        self._client().create_bucket(Bucket=bucket)
 
     def stop(self) -> None:
         self._mod.stop(self.dir)
@@ -221,8 +220,9 @@ def plain_read(uri: str, extents: list[tuple[int, int]], workers: int = 4) -> Re
     return Result("plain-read", 0, time.perf_counter() - t0, bytes_in=sum(n for _, n in pieces))
 
 
-def fleece_json(args: list[str]) -> tuple[dict, dict]:
-    p, t = timed([FLEECE, *args, "--json"])
+def fleece_json(args: list[str], env: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """Run ``fleece ARGS --json`` under /usr/bin/time: its JSON document and the timings."""
+    p, t = timed([FLEECE, *args, "--json"], env=env)
     return json.loads(p.stdout), t
 
 
@@ -257,12 +257,14 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
                 RESTIC_CACHE_DIR=str(work / "restic-cache"), BORG_BASE_DIR=str(work / "borg-home"))
 
     def fleece_backup(case: str, target: str, env: dict[str, str] | None = None) -> dict:
-        before = du(repo) if not target.startswith("s3://") else rgw.bucket_bytes(target[5:].split("/")[0])
+        def stored() -> int:
+            return rgw.bucket_bytes(target[5:].split("/")[0]) if target.startswith("s3://") else du(repo)
+
+        before = stored()
         if rgw is not None:
             rgw.requests()
-        p, t = timed([FLEECE, "backup", "--qmp", vm.qmp, "--repo", target, "--scratch", str(work), "--json"], env=env)
-        doc = json.loads(p.stdout)
-        after = du(repo) if not target.startswith("s3://") else rgw.bucket_bytes(target[5:].split("/")[0])
+        doc, t = fleece_json(["backup", "--qmp", vm.qmp, "--repo", target, "--scratch", str(work)], env)
+        after = stored()
         st = doc["disks"]["vda"]
         r = Result(case, rep, **t, bytes_in=st["read_bytes"], bytes_stored=after - before,
                    bytes_sent=doc["uploaded_bytes"],
@@ -338,16 +340,13 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
     for mode in ("chain", "flat"):
         dst = work / f"restore-{mode}"
         extra = ["--flat"] if mode == "flat" else []
-        p, t = timed([FLEECE, "restore", "--repo", str(repo), "--vm", "benchvm", "--out", str(dst), "--json", *extra])
-        doc = json.loads(p.stdout)
+        doc, t = fleece_json(["restore", "--repo", str(repo), "--vm", "benchvm", "--out", str(dst), *extra])
         out.append(Result(f"fleece-restore-{mode}", rep, **t, bytes_in=doc["disks"]["vda"]["data_bytes"],
                           extra={"layers": len(points)}))
     if rgw is not None:
         dst = work / "restore-s3"
         rgw.requests()
-        p, t = timed([FLEECE, "restore", "--repo", s3repo, "--vm", "benchvm", "--out", str(dst), "--flat", "--json"],
-                     env=rgw.env)
-        doc = json.loads(p.stdout)
+        doc, t = fleece_json(["restore", "--repo", s3repo, "--vm", "benchvm", "--out", str(dst), "--flat"], rgw.env)
         out.append(Result("fleece-restore-flat-s3", rep, **t, bytes_in=doc["disks"]["vda"]["data_bytes"],
                           requests=sum(rgw.requests().values()), extra={"layers": 2}))
         shutil.rmtree(dst)
