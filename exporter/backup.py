@@ -15,9 +15,9 @@ to the next run, which starts by unwinding whatever ``fleece-`` objects it finds
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import random
 import shutil
 import socket
 import threading
@@ -35,9 +35,11 @@ from repository.manifest import KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent,
 
 from . import bitmaps, graph
 from .errors import ExportReadError, QemuError
+from .audit import DEFAULT_SAMPLE, AuditReport, audit, choose_sample
+from .identity import Machine, check_history
 from .inventory import DiskInfo, VmInfo, inspect
 from .lock import VmLock
-from .plan import DiskPlan, Job, plan_full, plan_incremental
+from .plan import ALLOCATION, DiskPlan, Job, PlanSources, plan_full, plan_incremental
 from .pull import BufferPool, Puller
 from .qmp import Monitor
 
@@ -45,8 +47,12 @@ log = logging.getLogger(__name__)
 
 TOOL = "fleece 0.1.0"
 
-#: ``event(name, data)``: "frozen" (the point in time is fixed), "disk" (a disk starts: planned sizes),
-#: "committed". Used for progress output and by tests to act at exact moments of a run.
+#: ``event(name, data)``, in run order: "frozen" (the point in time is fixed, nothing exported yet),
+#: "exported" (every NBD export is up, nothing planned), per disk "planning" (its live status is read,
+#: the fleece target not yet) and "disk" (planned, about to be read: planned sizes), "pulled" (every disk
+#: read, fleece still in place), "flushing" (fleece gone, the last packs and the index about to be
+#: uploaded), "committing" (all durable, manifest about to be written), "committed" (manifest written,
+#: old bitmaps not yet dropped). Used for progress output and by tests to act at exact moments of a run.
 EventHook = Callable[[str, dict[str, Any]], None]
 
 
@@ -58,6 +64,8 @@ class BackupRequest:
     full: bool = False
     workers: int = 4
     scratch: str | None = None
+    audit_sample: int = DEFAULT_SAMPLE  # clean blobs re-read per incremental disk to check the bitmap (0 = off)
+    adopt: bool = False  # continue the history of a VM name recorded from another machine (identity.py)
     on_event: EventHook | None = None
     progress: Callable[[int], None] | None = None
 
@@ -69,14 +77,22 @@ class BackupResult:
 
 
 def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
-    """Back up every selected disk of the VM behind ``req.qmp`` to one point in time in *repo*."""
+    """Back up every selected disk of the VM behind ``req.qmp`` to one point in time in *repo*.
+
+    One fleece per QEMU process at a time: the lock is keyed on the process behind the socket (not the
+    socket path, not the VM name), so a second run through another monitor of the same QEMU is refused
+    instead of "cleaning up" the first run's live fleece, and two different VMs that share a name never
+    block each other. Only the holder of that lock unwinds ``fleece-`` leftovers in that QEMU.
+    """
     if req.workers < 1:
         raise UsageError("--workers must be at least 1")
-    qmp_key = os.path.realpath(req.qmp)
-    with VmLock(f"qmp:{qmp_key}", f"the VM behind {req.qmp}"):
+    # The socket's lock first: a second run through the same socket is told at once, instead of waiting
+    # for a greeting QEMU gives one client at a time.
+    with VmLock(f"qmp:{os.path.realpath(req.qmp)}", f"the VM behind {req.qmp}"):
         mon = Monitor(req.qmp)
         try:
-            return _Run(repo, req, mon).run()
+            with VmLock(mon.process_key(), f"the QEMU process behind {req.qmp} (pid {mon.peer_pid or '?'})"):
+                return _Run(repo, req, mon).run()
         finally:
             mon.close()
 
@@ -97,25 +113,37 @@ class _Run:
         vm = self.req.vm or info.name
         if not vm:
             raise UsageError("the VM has no name (-name); pass --vm NAME to say which name its points carry")
-        with VmLock(f"vm:{vm}", f"VM {vm!r}"):
-            info = self._recover(vm, info)
-            disks = self._select(info)
-            bases = self.repo.latest_layers(vm, [d.id for d in disks])
-            levels = {d.id: bitmaps.choose_level(d, bases[d.id], self.req.full) for d in disks}
-            for d in disks:
-                lv = levels[d.id]
-                log.info("disk %s: %s backup (%s)", d.id, lv.kind, lv.reason)
-                if lv.remove_first:
-                    bitmaps.transaction(self.mon, [{"type": "block-dirty-bitmap-remove",
-                                                    "data": {"node": d.node, "name": n}} for n in lv.remove_first])
-            point_id = new_point_id()
-            new_bitmap = bitmaps.bitmap_name(self.repo.config.id, point_id)
-            manifest, stats = self._backup(vm, info, disks, levels, point_id, new_bitmap)
-            self.event("committed", {"point": manifest.id})
-            for d in disks:
-                self._drop_old_bitmaps(d, new_bitmap)
-            stats["duration_s"] = round(time.monotonic() - started, 3)
-            return BackupResult(manifest, stats)
+        self.vm = vm
+        self.machine = Machine.of(self.mon, info)
+        self._check_identity(vm)
+        info = self._recover(vm, info)
+        disks = self._select(info)
+        bases = self.repo.latest_layers(vm, [d.id for d in disks])
+        levels = {d.id: bitmaps.choose_level(d, bases[d.id], self.req.full) for d in disks}
+        for d in disks:
+            lv = levels[d.id]
+            log.info("disk %s: %s backup (%s)", d.id, lv.kind, lv.reason)
+            if lv.remove_first:
+                bitmaps.transaction(self.mon, [{"type": "block-dirty-bitmap-remove",
+                                                "data": {"node": d.node, "name": n}} for n in lv.remove_first])
+        point_id = new_point_id()
+        new_bitmap = bitmaps.bitmap_name(self.repo.config.id, point_id)
+        manifest, stats = self._backup(vm, info, disks, levels, point_id, new_bitmap)
+        self.event("committed", {"point": manifest.id})
+        for d in disks:
+            self._drop_old_bitmaps(d, new_bitmap)
+        stats["duration_s"] = round(time.monotonic() - started, 3)
+        return BackupResult(manifest, stats)
+
+    def _check_identity(self, vm: str) -> None:
+        ids = self.repo.point_ids(vm)
+        if not ids:
+            return
+        last = self.repo.manifest(vm, ids[-1])
+        line = check_history(vm, self.machine, Machine.from_json(last.extra.get("machine")), last.id,
+                             self.req.adopt)
+        if line:
+            log.warning("%s", line)
 
     def _recover(self, vm: str, info: VmInfo) -> VmInfo:
         """Unwind what an earlier, killed run left in QEMU (we hold the lock: no live run owns it)."""
@@ -169,16 +197,12 @@ class _Run:
         scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
         if not scratch.is_dir():
             raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR")
-        # One private (0700) run directory per VM, for the NBD socket; we hold the VM's lock, so one left
-        # by a killed run of this VM can go.
-        run_dir = scratch / f"{graph.PREFIX}run-{hashlib.sha256(vm.encode()).hexdigest()[:12]}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(mode=0o700)
+        run_dir = graph.make_run_dir(scratch)
         sock = str(run_dir / "nbd.sock")
         fleeces = [graph.DiskFleece(d, graph.FleeceNames.for_disk(d.id),
-                                    scratch / f"{graph.PREFIX}{graph.FleeceNames.for_disk(d.id).token}-{point_id}.qcow2")
+                                    run_dir / f"{graph.PREFIX}{graph.FleeceNames.for_disk(d.id).token}-{point_id}.qcow2")
                    for d in disks]
-        names = {n for f in fleeces for n in (f.names.target, f.names.cbw, f.names.snap, f.names.export)}
+        names = {n for f in fleeces for n in f.names.all()}
         switched = False
         committed = False
         writer = None
@@ -214,6 +238,8 @@ class _Run:
             for f in fleeces:
                 lv = levels[f.disk.id]
                 graph.export(self.mon, f, lv.old_bitmap if lv.kind == KIND_INCREMENTAL else None)
+                graph.export_plan_sources(self.mon, f)
+            self.event("exported", {"point": point_id})
 
             writer = self.repo.writer()
             pending: dict[str, Callable[[], DiskRecord]] = {}
@@ -222,8 +248,10 @@ class _Run:
             for f in fleeces:
                 pending[f.disk.id] = self._pull_disk(f, levels[f.disk.id], sock, writer, pool, new_bitmap)
 
+            self.event("pulled", {"point": point_id})
             for what in graph.unwind(self.mon, only=names):
                 log.debug("teardown: %s", what)
+            self.event("flushing", {"point": point_id})
             wstats = writer.flush()
             # Only now has every blob's callback run: the extent maps are complete.
             records = {disk_id: finish() for disk_id, finish in pending.items()}
@@ -234,8 +262,9 @@ class _Run:
                 # the newest layer this point builds on (per-disk parents are in the disk records)
                 parent=max((r.parent for r in records.values() if r.parent), default=None),
                 kind=kind, disks=records, consistency="crash", tool=TOOL,
-                extra={"host": socket.gethostname(), "pause_ms": stats["pause_ms"],
+                extra={"host": socket.gethostname(), "machine": self.machine.to_json(), "pause_ms": stats["pause_ms"],
                        "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers})
+            self.event("committing", {"point": point_id})
             self.repo.commit(manifest)
             committed = True
             log.info("committed point %s of VM %s", point_id, vm)
@@ -254,6 +283,21 @@ class _Run:
         disk = f.disk
         chunk = self.repo.config.chunk_size
         plan = self._plan(f, level, sock, chunk)
+        report: AuditReport | None = None
+        reason = level.reason
+        if plan.kind == KIND_INCREMENTAL and self.req.audit_sample > 0:
+            report = self._audit(f, level, plan, sock)
+            if report.mismatches:
+                off, length, what = report.mismatches[0]
+                reason = (f"verified full: the dirty bitmap missed writes ({len(report.mismatches)} of "
+                          f"{report.blobs + report.zero_ranges} sampled clean ranges changed since point "
+                          f"{level.since}, first at offset {off}: {what})")
+                log.error("disk %s: %s; reading the whole disk, uploading only what the repository lacks",
+                          disk.id, reason)
+                plan = self._plan(f, level, sock, chunk, full=True)
+        if plan.rescued_bytes:
+            log.info("disk %s: %d bytes changed by the guest since the freeze are read from the frozen view "
+                     "(the fleece target holds them)", disk.id, plan.rescued_bytes)
         self.event("disk", {"disk": disk.id, "kind": plan.kind, "read_bytes": plan.read_bytes,
                             "dirty_bytes": plan.dirty_bytes, "jobs": len(plan.jobs)})
         extents: list[Extent] = [(o, n, None) for o, n in plan.zero]
@@ -289,7 +333,9 @@ class _Run:
             extents.sort()
             stats = {"dirty_bytes": plan.dirty_bytes, "read_bytes": plan.read_bytes,
                      "zero_bytes": sum(n for _, n, b in extents if b is None), **totals,
-                     "seconds": seconds, "reason": level.reason}
+                     "seconds": seconds, "reason": reason}
+            if report is not None:
+                stats["audit"] = report.to_json()
             return DiskRecord(kind=plan.kind, virtual_size=disk.virtual_size, extents=extents,
                               granularity=granularity or disk.cluster_size or 65536, qcow2=disk.qcow2_options(),
                               bitmap=new_bitmap if level.track else None, stats=stats,
@@ -297,40 +343,71 @@ class _Run:
 
         return finish
 
-    def _plan(self, f: graph.DiskFleece, level: bitmaps.Level, sock: str, chunk: int) -> DiskPlan:
-        def handle(context: str) -> nbd.NBD:
+    def _audit(self, f: graph.DiskFleece, level: bitmaps.Level, plan: DiskPlan, sock: str) -> AuditReport:
+        """Re-read a sample of clean ranges and compare them with the parent point (see audit.py)."""
+        assert level.since is not None
+        chain = self.repo.disk_chain(self.repo.manifest(self.vm, level.since), f.disk.id)
+        blobs, zeros = choose_sample(chain, f.disk.id, plan.dirty, f.disk.virtual_size, self.req.audit_sample,
+                                     random.Random())
+        h = nbd.NBD()
+        h.set_export_name(f.names.export)
+        try:
+            h.connect_unix(sock)
+            report = audit(h, blobs, zeros)
+            h.shutdown()
+        except nbd.Error as exc:
+            raise ExportReadError(f"reading the audit sample of disk {f.disk.id} failed: {exc}"
+                                  f"{self._scratch_hint(f)}") from None
+        log.info("disk %s: bitmap audit read %d clean blobs and %d zero ranges (%d bytes, %.2f s): %s",
+                 f.disk.id, report.blobs, report.zero_ranges, report.bytes_read, report.seconds,
+                 f"{len(report.mismatches)} MISMATCHES" if report.mismatches else "all as recorded")
+        return report
+
+    def _plan(self, f: graph.DiskFleece, level: bitmaps.Level, sock: str, chunk: int,
+              full: bool = False) -> DiskPlan:
+        def handle(export: str, context: str) -> nbd.NBD:
             h = nbd.NBD()
             h.add_meta_context(context)
-            h.set_export_name(f.names.export)
+            h.set_export_name(export)
             h.connect_unix(sock)
             if not h.can_meta_context(context):
-                raise QemuError(f"the NBD export of disk {f.disk.id} does not offer {context}")
+                raise QemuError(f"the NBD export {export} of disk {f.disk.id} does not offer {context}")
             return h
 
+        handles: list[nbd.NBD] = []
         try:
             size = f.disk.virtual_size
-            h_alloc = handle("base:allocation")
-            if level.kind == KIND_INCREMENTAL:
+            src = PlanSources(allocation=handle(f.names.live_export, ALLOCATION),
+                              target=handle(f.names.target_export, ALLOCATION),
+                              between=lambda: self.event("planning", {"disk": f.disk.id}))
+            handles += [src.allocation, src.target]
+            if level.kind == KIND_INCREMENTAL and not full:
                 assert level.old_bitmap is not None
-                h_dirty = handle(f"qemu:dirty-bitmap:{level.old_bitmap}")
-                plan = plan_incremental(h_dirty, h_alloc, level.old_bitmap, size, chunk)
-                h_dirty.shutdown()
+                src.dirty = handle(f.names.export, f"qemu:dirty-bitmap:{level.old_bitmap}")
+                handles.append(src.dirty)
+                plan = plan_incremental(src, level.old_bitmap, size, chunk)
             else:
-                plan = plan_full(h_alloc, size, chunk)
-            h_alloc.shutdown()
+                plan = plan_full(src, size, chunk)
             return plan
         except nbd.Error as exc:
             raise ExportReadError(f"block status of disk {f.disk.id} failed: {exc}{self._scratch_hint(f)}") from None
+        finally:
+            for h in handles:
+                try:
+                    h.shutdown()
+                except nbd.Error:
+                    pass
 
     @staticmethod
     def _scratch_hint(f: graph.DiskFleece) -> str:
         try:
-            st = os.statvfs(f.scratch_file.parent)
+            scratch = f.scratch_file.parent.parent  # the file lives in this run's directory under --scratch
+            st = os.statvfs(scratch)
         except OSError:
             return ""
         free = st.f_bavail * st.f_frsize
         if free < 64 << 20:
-            return (f" — the scratch directory {f.scratch_file.parent} is full ({free >> 20} MiB free): the guest "
+            return (f" — the scratch directory {scratch} is full ({free >> 20} MiB free): the guest "
                     "kept running, the backup could not keep its point in time; use --scratch with more room")
         return ""
 

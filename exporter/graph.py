@@ -19,13 +19,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import shutil
+import stat
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import QemuError
-from .inventory import DiskInfo
+from .inventory import DiskInfo, qom_path
 from .qmp import CommandError, Monitor
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,21 @@ class FleeceNames:
 
     @property
     def export(self) -> str:
+        """The frozen view (snapshot-access) with the frozen bitmap."""
         return f"{PREFIX}{self.token}"
+
+    @property
+    def live_export(self) -> str:
+        """The live disk node, for ``base:allocation`` over its whole backing chain (plan only)."""
+        return f"{PREFIX}{self.token}-live"
+
+    @property
+    def target_export(self) -> str:
+        """The fleece target, whose data marks what the guest overwrote since the freeze (plan only)."""
+        return f"{PREFIX}{self.token}-tgt"
+
+    def all(self) -> set[str]:
+        return {self.target, self.cbw, self.snap, self.export, self.live_export, self.target_export}
 
 
 @dataclass
@@ -70,6 +88,33 @@ class DiskFleece:
     scratch_file: Path
     inserted: bool = False  # device switched to the cbw filter
     exported: bool = False
+
+
+RUN_DIR = re.compile(rf"^{PREFIX}run-(\d+)-")
+
+
+def make_run_dir(scratch: Path) -> Path:
+    """A private (0700) directory for this run's NBD socket and fleece target, under *scratch*.
+
+    ``mkdtemp`` makes a name nobody can predict or plant, whatever *scratch* is (``/var/tmp`` is world-
+    writable). The name carries our pid so that a later run can remove what a killed run left behind —
+    only directories we own whose pid is gone, never a live run's.
+    """
+    for entry in scratch.iterdir() if scratch.is_dir() else []:
+        m = RUN_DIR.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            st = entry.lstat()
+            os.kill(int(m.group(1)), 0)
+            continue  # its run is alive
+        except ProcessLookupError:
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                shutil.rmtree(entry, ignore_errors=True)
+                log.info("removed %s, left by a killed run", entry)
+        except OSError:
+            continue
+    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}run-{os.getpid()}-", dir=scratch))
 
 
 def create_scratch(path: Path, size: int) -> None:
@@ -90,14 +135,22 @@ def add_target(mon: Monitor, f: DiskFleece) -> None:
 
 
 def add_cbw(mon: Monitor, f: DiskFleece) -> None:
+    # discard=unmap: without it the filter swallows the guest's discards for as long as the fleece is in
+    # place (FIELD-NOTES §5e); with it cbw copies the old data first, then lets the discard through.
     mon.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": f.names.cbw, "file": f.disk.node,
                              "target": f.names.target, "on-cbw-error": "break-snapshot",
-                             "cbw-timeout": CBW_TIMEOUT})
+                             "cbw-timeout": CBW_TIMEOUT, "discard": "unmap"})
 
 
 def insert_cbw(mon: Monitor, f: DiskFleece) -> None:
-    """The point in time: from now on every guest write passes through the filter."""
-    mon.cmd("qom-set", {"path": f.disk.qdev, "property": "drive", "value": f.names.cbw})
+    """The point in time: from now on every guest write passes through the filter.
+
+    ``qom-set … drive`` on a realized device swaps the root of its BlockBackend (``blk_replace_bs``); it
+    works on every bus that has a ``drive`` property on the device owning the BlockBackend: virtio-blk's
+    ``virtio-backend``, scsi-hd, ide-hd, nvme, nvme-ns and usb-storage's internal scsi-hd (verified on 7.2).
+    The path is the absolute one from :func:`~exporter.inventory.qom_path`: a bare id is ambiguous for NVMe.
+    """
+    mon.cmd("qom-set", {"path": f.disk.qom_path, "property": "drive", "value": f.names.cbw})
     f.inserted = True
 
 
@@ -131,6 +184,17 @@ def export(mon: Monitor, f: DiskFleece, bitmap: str | None) -> None:
         args["bitmaps"] = [{"node": f.disk.node, "name": bitmap}]
     mon.cmd("block-export-add", args)
     f.exported = True
+
+
+def export_plan_sources(mon: Monitor, f: DiskFleece) -> None:
+    """Read-only exports of the live disk node and of the fleece target, for the plan (see plan.py).
+
+    Both are metadata sources only: nothing reads data from them. QEMU accepts a read-only export of a
+    node that a device writes through a filter, and of the target while the filter writes to it.
+    """
+    for export_id, node in ((f.names.live_export, f.disk.node), (f.names.target_export, f.names.target)):
+        mon.cmd("block-export-add", {"type": "nbd", "id": export_id, "node-name": node, "name": export_id,
+                                     "writable": False})
 
 
 # -- teardown and recovery ------------------------------------------------------------------------------
@@ -195,7 +259,7 @@ def unwind(mon: Monitor, only: set[str] | None = None, stop_server: bool = True)
         original = _file_child(mon, name)
         for dev in mon.cmd("query-block"):
             if (dev.get("inserted") or {}).get("node-name") == name and original:
-                mon.cmd("qom-set", {"path": dev["qdev"], "property": "drive", "value": original})
+                mon.cmd("qom-set", {"path": qom_path(dev["qdev"]), "property": "drive", "value": original})
                 removed.append(f"filter on {dev['qdev']}")
         _del_node(mon, name)
         removed.append(f"node {name}")

@@ -1,28 +1,60 @@
-"""The extent plan: which bytes of a frozen disk to read, from NBD block status alone.
+"""The extent plan: which bytes of a frozen disk to read, from NBD block status — without trusting it blindly.
 
-* Incremental: the frozen bitmap (``qemu:dirty-bitmap:<name>``, flag 1 = dirty) over the whole disk, then
-  ``base:allocation`` *only inside the dirty ranges* (asking it over a whole big, fragmented qcow2 costs
-  seconds — FIELD-NOTES §14). Dirty ranges that read as zero become ``ZERO`` entries and transfer nothing;
-  the rest is cut at the chunk grid, one job (= one blob) per maximal dirty run inside a grid cell.
-* Full: ``base:allocation`` alone; every grid cell holding data becomes one job covering the whole cell
-  (its holes read as zeros without touching NBD), so identical cells dedup across fulls and VMs.
+Three read-only NBD exports per disk feed the plan (DESIGN §6, FIELD-NOTES §5e, §14):
+
+* the **frozen view** (snapshot-access): its ``qemu:dirty-bitmap:<old>`` is the frozen bitmap (flag 1 =
+  dirty), disabled at the point in time and so immutable. Its ``base:allocation`` is *not* used: on QEMU
+  7.2 it reports ranges the guest zeroed or discarded after the freeze as zero although reads of the view
+  return the old bytes, and it calls every range of a qcow2 overlay that the overlay itself does not
+  allocate "hole but not zero", so a full of a thin overlay would read the whole virtual disk.
+* the **live disk node**: its ``base:allocation`` covers the whole backing chain (QEMU's NBD server asks
+  ``block_status_above``), so a range read from a backing file is data and a range nothing in the chain
+  allocates is zero. It describes the disk *now*, not at the freeze.
+* the **fleece target** (the copy-before-write scratch image): ranges it holds as data are exactly the
+  clusters the guest has overwritten, zeroed or discarded since the freeze, copied there first.
+
+The plan is ``data = (live status says non-zero) ∪ (target holds data)``, with the target queried only
+after every live-status query has returned. Why this cannot drop a byte that held data at the freeze T:
+the live status of a byte can differ from its status at T only if a write, write-zeroes or discard
+reached the disk node after T. Every such request passes through the copy-before-write filter (the
+device is attached to it), which copies the old cluster into the target and only then forwards the
+request. So a byte whose live status was read as zero while it held data at T had its cluster copied
+before that status query finished — before the target query started — and the target (which only grows
+during a run: nothing discards on it) reports it as data. The opposite error, live status calling data
+what was zero at T, only costs a read: all-zero blobs are recorded as zero. If the copy itself fails,
+``on-cbw-error: break-snapshot`` makes every read of the frozen view fail: the backup fails, nothing is
+recorded. (Writes that bypass the filter — another tool writing to the node itself — would break the
+frozen view as much as the plan; no fleece can guard against those.)
+
+* Incremental: the frozen bitmap over the whole disk, then the live status *only inside the dirty ranges*
+  (asking it over a whole big, fragmented qcow2 costs seconds — FIELD-NOTES §14), pipelined with AIO so
+  10,000 scattered extents cost a few round-trip times, not 10,000. Dirty ranges that read as zero become
+  ``ZERO`` entries and transfer nothing; the rest is cut at the chunk grid, one job (= one blob) per
+  maximal dirty run inside a grid cell.
+* Full: live status alone; every grid cell holding data becomes one job covering the whole cell (its holes
+  read as zeros without touching NBD), so identical cells dedup across fulls and VMs.
 
 Everything works on sorted interval lists: cost grows with the number of extents, never with disk size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import nbd
 
 from repository import extents as ex
 
+from .errors import ExportReadError
+
 MAX_STATUS = 0xFFFF0000  # block_status count must stay below 4 GiB (libnbd ERANGE)
 DIRTY = 1  # qemu:dirty-bitmap flag (libnbd 1.14 has no constant for it)
 ALLOC_GAP = 1 << 20  # dirty ranges this close share one base:allocation query
 READ_GAP = 64 << 10  # inside a full's cell, read across holes this small instead of splitting requests
+STATUS_IN_FLIGHT = 64  # pipelined block-status requests per connection
+
+ALLOCATION = "base:allocation"
 
 
 @dataclass
@@ -40,8 +72,23 @@ class DiskPlan:
     kind: str
     jobs: list[Job]
     zero: ex.RangeList = field(default_factory=list)  # ZERO entries (incremental only)
+    dirty: ex.RangeList = field(default_factory=list)  # the frozen bitmap's dirty ranges (incremental only)
     dirty_bytes: int = 0  # bytes the plan covers: dirty (incremental) or allocated (full)
     read_bytes: int = 0
+    # Bytes the live status called zero but the fleece target holds: overwritten after the freeze and
+    # read from the frozen view only because the plan checks the target (FIELD-NOTES §5e).
+    rescued_bytes: int = 0
+
+
+@dataclass
+class PlanSources:
+    """The NBD handles a plan reads from (see the module docstring for why three)."""
+
+    allocation: nbd.NBD  # live disk node, ``base:allocation`` (whole chain)
+    target: nbd.NBD  # fleece target, ``base:allocation``
+    dirty: nbd.NBD | None = None  # frozen view, ``qemu:dirty-bitmap:<old>`` (incrementals)
+    #: Called between the live-status queries and the target query (tests act in that window).
+    between: Callable[[], None] | None = None
 
 
 def block_status(h: nbd.NBD, context: str, start: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -61,7 +108,8 @@ def block_status(h: nbd.NBD, context: str, start: int, end: int) -> Iterator[tup
 
         h.block_status(min(MAX_STATUS, end - pos), pos, cb)
         if not got:
-            raise RuntimeError(f"server returned no {context} status at offset {pos}")
+            raise ExportReadError(f"the NBD server returned no {context} status at offset {pos}; "
+                                  "the export cannot be planned (is the fleece still in place?)")
         for off, length, flags in got:
             length = min(length, end - off)
             if length <= 0:
@@ -77,32 +125,112 @@ def block_status(h: nbd.NBD, context: str, start: int, end: int) -> Iterator[tup
         yield pending
 
 
-def _data_ranges(h: nbd.NBD, start: int, end: int) -> ex.RangeList:
+def status_of_ranges(h: nbd.NBD, context: str, ranges: Iterable[ex.Range],
+                     depth: int = STATUS_IN_FLIGHT) -> list[tuple[int, int, int]]:
+    """``(offset, length, flags)`` of *context* covering each of *ranges*, sorted; pipelined.
+
+    Each range is asked for with AIO requests, up to *depth* in flight; a reply that covers less than
+    asked for (servers may stop early) is followed by a request for the rest. Entries are clipped to the
+    ranges asked for, so the result never describes bytes outside them.
+    """
+    todo = [(o, o + n) for o, n in ranges if n > 0]
+    todo.reverse()  # pop() from the front of the sorted input
+    out: list[tuple[int, int, int]] = []
+    inflight = 0
+    done: list[tuple[int, int, list[tuple[int, int, int]], int]] = []
+
+    def submit(start: int, end: int) -> None:
+        nonlocal inflight
+        got: list[tuple[int, int, int]] = []
+
+        def extent(metacontext: str, offset: int, entries: list[int], err: object) -> int:
+            if metacontext == context:
+                o = offset
+                for i in range(0, len(entries), 2):
+                    got.append((o, entries[i], entries[i + 1]))
+                    o += entries[i]
+            return 0
+
+        def completed(err: object) -> int:
+            nonlocal inflight
+            inflight -= 1
+            done.append((start, end, got, getattr(err, "value", 0)))
+            return 1  # auto-retire
+
+        h.aio_block_status(min(MAX_STATUS, end - start), start, extent, completion=completed)
+        inflight += 1
+
+    while todo or inflight or done:
+        while todo and inflight < depth:
+            start, end = todo.pop()
+            submit(start, end)
+        while not done:
+            h.poll(-1)
+        for start, end, got, err in done:
+            if err:
+                raise ExportReadError(f"{context} status at offset {start} failed: errno {err}")
+            covered = start
+            for off, length, flags in got:
+                lo, hi = max(off, start), min(off + length, end)
+                if lo < hi:
+                    out.append((lo, hi - lo, flags))
+                    covered = max(covered, hi)
+            if not got or covered <= start:
+                raise ExportReadError(f"the NBD server returned no {context} status at offset {start}")
+            if covered < end:
+                todo.append((covered, end))
+        done.clear()
+    out.sort()
+    return out
+
+
+def _nonzero(entries: Iterable[tuple[int, int, int]]) -> ex.RangeList:
     """Ranges ``base:allocation`` does not report as reading zero (holes without the zero flag included)."""
-    return [(o, n) for o, n, f in block_status(h, "base:allocation", start, end) if not f & nbd.STATE_ZERO]
+    return ex.normalize((o, n) for o, n, f in entries if not f & nbd.STATE_ZERO)
 
 
-def plan_full(h_alloc: nbd.NBD, size: int, chunk: int) -> DiskPlan:
-    data = ex.normalize(_data_ranges(h_alloc, 0, size))
+def overwritten(h_target: nbd.NBD, size: int) -> ex.RangeList:
+    """What the fleece target holds as data: clusters changed on the disk since the freeze."""
+    return _nonzero(block_status(h_target, ALLOCATION, 0, size))
+
+
+def _check(src: PlanSources, status: ex.RangeList, size: int) -> tuple[ex.RangeList, ex.RangeList]:
+    """``(status ∪ target data, target data)`` — the target queried strictly after *status* was read."""
+    if src.between is not None:
+        src.between()
+    target = overwritten(src.target, size)
+    return ex.union(status, target), target
+
+
+def plan_full(src: PlanSources, size: int, chunk: int) -> DiskPlan:
+    status = _nonzero(block_status(src.allocation, ALLOCATION, 0, size))
+    data, target = _check(src, status, size)
+    data = ex.clip(data, size)
     jobs: list[Job] = []
     cells: dict[int, ex.RangeList] = {}
     for off, length in ex.split_at_grid(data, chunk):
         cells.setdefault(off // chunk * chunk, []).append((off, length))
     for cell, reads in cells.items():
         jobs.append(Job(cell, min(chunk, size - cell), ex.coalesce(reads, READ_GAP)))
-    plan = DiskPlan(size=size, kind="full", jobs=jobs, dirty_bytes=ex.total(data))
+    plan = DiskPlan(size=size, kind="full", jobs=jobs, dirty_bytes=ex.total(data),
+                    rescued_bytes=ex.total(ex.difference(target, status)))
     plan.read_bytes = sum(ex.total(j.reads) for j in jobs)
     return plan
 
 
-def plan_incremental(h_dirty: nbd.NBD, h_alloc: nbd.NBD, bitmap: str, size: int, chunk: int) -> DiskPlan:
-    dirty = ex.normalize((o, n) for o, n, f in block_status(h_dirty, f"qemu:dirty-bitmap:{bitmap}", 0, size)
-                         if f & DIRTY)
-    data: ex.RangeList = []
-    for off, length in ex.coalesce(dirty, ALLOC_GAP):
-        data.extend(_data_ranges(h_alloc, off, off + length))
-    data = ex.intersection(dirty, ex.normalize(data))
+def dirty_ranges(h_dirty: nbd.NBD, bitmap: str, size: int) -> ex.RangeList:
+    return ex.normalize((o, n) for o, n, f in block_status(h_dirty, f"qemu:dirty-bitmap:{bitmap}", 0, size)
+                        if f & DIRTY)
+
+
+def plan_incremental(src: PlanSources, bitmap: str, size: int, chunk: int) -> DiskPlan:
+    assert src.dirty is not None
+    dirty = dirty_ranges(src.dirty, bitmap, size)
+    status = ex.intersection(dirty, _nonzero(status_of_ranges(src.allocation, ALLOCATION,
+                                                              ex.coalesce(dirty, ALLOC_GAP))))
+    data, target = _check(src, status, size)
+    data = ex.intersection(dirty, data)
     zero = ex.difference(dirty, data)
     jobs = [Job(off, length, [(off, length)]) for off, length in ex.split_at_grid(data, chunk)]
-    return DiskPlan(size=size, kind="incremental", jobs=jobs, zero=zero, dirty_bytes=ex.total(dirty),
-                    read_bytes=ex.total(data))
+    return DiskPlan(size=size, kind="incremental", jobs=jobs, zero=zero, dirty=dirty, dirty_bytes=ex.total(dirty),
+                    read_bytes=ex.total(data), rescued_bytes=ex.total(ex.difference(data, status)))

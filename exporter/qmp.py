@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import threading
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -78,6 +80,38 @@ class Monitor:
         greeting = self._client.greeting
         if greeting is not None:
             self.version = dict(greeting.QMP.version["qemu"])
+        #: The QEMU process at the other end of the socket (``SO_PEERCRED``): what identifies "this VM"
+        #: for locking, whichever of its monitors or socket paths a run came through.
+        self.peer_pid: int | None = self._peer_pid()
+
+    def _peer_pid(self) -> int | None:
+        writer = getattr(self._client, "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid = struct.unpack("3i", creds)[0]
+        return pid or None
+
+    def process_key(self) -> str:
+        """A key naming the QEMU process for as long as it lives: pid + its start time (pids get reused).
+
+        Falls back to the socket's real path when the peer is unknown (not a unix socket, another pid
+        namespace that hides it).
+        """
+        import os
+
+        if self.peer_pid:
+            try:
+                with open(f"/proc/{self.peer_pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                return f"qemu-pid:{self.peer_pid}:{int(fields[19])}"  # field 22: starttime
+            except (OSError, IndexError, ValueError):
+                return f"qemu-pid:{self.peer_pid}"
+        return f"qmp:{os.path.realpath(self.path)}"
 
     # -- plumbing ---------------------------------------------------------------------------------------
 

@@ -113,13 +113,29 @@ def _rebuild_args(p: argparse.ArgumentParser) -> None:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
+    """Salvage: index every intact pack, name every damaged one and the points that lose blobs (exit 1)."""
     with open_repo(args) as repo:
-        packs, blobs = repo.rebuild_index()
+        report = repo.rebuild_index()
     if args.json:
-        emit_json({"packs": packs, "blobs": blobs})
-    else:
-        print(f"index rebuilt from {packs} packs ({blobs} blobs)")
-    return 0
+        emit_json(report.as_dict())
+        return 0 if report.ok else 1
+    print(f"index rebuilt from {report.packs} intact pack(s) ({report.blobs} blobs) into {report.index}")
+    for name, why in report.replaced.items():
+        print(f"replaced unreadable {name}: {why}")
+    for name, why in report.damaged.items():
+        kept = (f" (kept its {report.kept[name]} blob entries from the old index)" if name in report.kept
+                else " (not indexed)")
+        print(f"DAMAGED {why}{kept}")
+    for name in report.missing:
+        print(f"MISSING pack {name} (named by the old index)")
+    for point, problems in report.points.items():
+        print(f"DAMAGED point {point}")
+        for problem in problems:
+            print(f"        {problem}")
+    if not report.ok:
+        print(f"{len(report.damaged)} damaged and {len(report.missing)} missing pack(s); {len(report.points)} "
+              "point(s) cannot be fully restored; every other point can")
+    return 0 if report.ok else 1
 
 
 # -- backup ---------------------------------------------------------------------------------------------
@@ -138,6 +154,13 @@ def _backup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch", metavar="DIR",
                    help="directory for the fleece's copy-before-write images (default /var/tmp)")
     p.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
+    p.add_argument("--audit-sample", type=whole_number(0, 4096), default=16, metavar="N",
+                   help="per incremental disk, re-read N clean blobs (and N/4 zero ranges) and check them against "
+                        "the parent point; a mismatch (the bitmap missed writes) makes that disk a verified full "
+                        "(default 16, 0 = off)")
+    p.add_argument("--adopt", action="store_true",
+                   help="continue the history of --vm even though it was recorded from another machine "
+                        "(the same VM moved to a new host, or given a new UUID or new disk files)")
 
 
 def parse_rate_arg(text: str) -> int:
@@ -163,7 +186,8 @@ def _backup(args: argparse.Namespace) -> int:
             repo.backend.throttle = TokenBucket(args.bwlimit).consume
         try:
             result = run_backup(repo, BackupRequest(qmp=args.qmp, vm=args.vm, disks=args.disk, full=args.full,
-                                                    workers=args.workers, scratch=args.scratch,
+                                                    workers=args.workers, scratch=args.scratch, adopt=args.adopt,
+                                                    audit_sample=args.audit_sample,
                                                     on_event=on_event, progress=bar))
         finally:
             bar.close()
@@ -217,7 +241,10 @@ def _restore(args: argparse.Namespace) -> int:
         bar.close()
     doc = {"vm": args.vm, "point": result.point.id, "kind": result.point.kind, "mode": "flat" if args.flat else "chain",
            "seconds": result.seconds,
-           "disks": {d.disk: {"path": str(d.path), "layers": [str(p) for p in d.layers], **d.stats}
+           # per disk, "point" is the point holding its newest layer up to the requested one ("in_point": the
+           # requested point itself; otherwise a --disk backup left it out, or the disk left the VM)
+           "disks": {d.disk: {"path": str(d.path), "layers": [str(p) for p in d.layers], **d.stats,
+                              "point": d.point, "in_point": d.point == result.point.id}
                      for d in result.disks}}
     if args.json:
         emit_json(doc)
@@ -225,7 +252,8 @@ def _restore(args: argparse.Namespace) -> int:
         print(f"restored point {result.point.id} of VM {args.vm} in {result.seconds:.1f} s")
         for d in result.disks:
             extra = f" (chain of {len(d.layers)})" if not args.flat else ""
-            print(f"  {d.disk}: {d.path}{extra}, {human_bytes(d.stats.get('data_bytes', 0))} written")
+            older = "" if d.point == result.point.id else f", as of point {d.point} (not in this point)"
+            print(f"  {d.disk}: {d.path}{extra}, {human_bytes(d.stats.get('data_bytes', 0))} written{older}")
     return 0
 
 
@@ -234,7 +262,8 @@ def _restore(args: argparse.Namespace) -> int:
 def _verify_args(p: argparse.ArgumentParser) -> None:
     add_repo(p)
     p.add_argument("--vm", help="only this VM")
-    p.add_argument("--point", metavar="ID", help="only this point (and the chain it needs); needs --vm")
+    p.add_argument("--point", metavar="ID",
+                   help="only this point (and the layers of every disk the VM had then); needs --vm")
     p.add_argument("--read-data", action="store_true", help="read and check every referenced blob")
     p.add_argument("--workers", type=positive_int, default=4, metavar="N", help="parallel reads (default 4)")
 
@@ -253,8 +282,8 @@ def _verify(args: argparse.Namespace) -> int:
         bar.close()
     if args.json:
         emit_json({"ok": report.ok, "read_data": args.read_data, "points": [p.as_dict() for p in report.points],
-                   "repository_problems": report.repository_problems, "blobs_checked": report.blobs_checked,
-                   "bytes_read": report.bytes_read})
+                   "repository_problems": report.repository_problems, "damaged_packs": report.damaged_packs,
+                   "blobs_checked": report.blobs_checked, "bytes_read": report.bytes_read})
     else:
         for problem in report.repository_problems:
             print(f"DAMAGED {problem}")

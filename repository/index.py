@@ -85,9 +85,13 @@ def decode_index(index_id: str, data: bytes) -> list[tuple[str, list[PackEntry]]
 class Index:
     """In-memory map blob id → :class:`Location`, merged from every index object of the repository."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_tables: bool = False) -> None:
         self._blobs: dict[bytes, Location] = {}
         self.packs: set[str] = set()
+        #: With *keep_tables* (for ``verify`` and ``rebuild-index``): pack id → each distinct table the index
+        #: objects give for that pack → the index objects that give it. Two index objects listing one pack
+        #: (a rebuilt index next to an old one) must agree, and each must agree with the pack's own table.
+        self.tables: dict[str, dict[tuple[PackEntry, ...], list[str]]] | None = {} if keep_tables else None
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -95,7 +99,11 @@ class Index:
     def __contains__(self, blob: bytes) -> bool:
         return blob in self._blobs
 
-    def add_pack(self, pack_id: str, entries: Iterable[PackEntry]) -> None:
+    def add_pack(self, pack_id: str, entries: Iterable[PackEntry], source: str = "") -> None:
+        """Merge one pack's table (*source*: the index object it came from, kept with *keep_tables*)."""
+        if self.tables is not None:
+            entries = tuple(entries)
+            self.tables.setdefault(pack_id, {}).setdefault(entries, []).append(source)
         self.packs.add(pack_id)
         for e in entries:
             # First writer wins: a blob present in two packs (two concurrent runs) is equally good in both.

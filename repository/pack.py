@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .codec import ID_SIZE, Encoded
 from .errors import IntegrityError
 
 MAGIC = b"FLCPACK1"
+_PACK_ID = re.compile(r"[0-9a-f]{64}")
 _ENTRY = struct.Struct("<32sQIIB3x")
 _FOOTER = struct.Struct("<I32s8s")
 FOOTER_SIZE = _FOOTER.size
@@ -129,14 +132,36 @@ def parse_table(tail: bytes, pack_size: int, name: str) -> list[PackEntry]:
     return entries
 
 
-def verify_trailer(pack_id: str, tail: bytes, pack_size: int) -> list[PackEntry]:
-    """Parse a pack's trailer and check it against the pack's name; returns the blob table."""
-    count = parse_footer(tail[-FOOTER_SIZE:], pack_size, pack_id)
+def verify_trailer(pack_id: str, tail: bytes, pack_size: int, name: str | None = None) -> list[PackEntry]:
+    """Parse a pack's trailer and check it against the pack's name; returns the blob table.
+
+    *tail* is at least the last ``table_span(n)`` bytes of the pack; *name* is what messages call the pack
+    (default: its id). Checks, in order: the magic, that the table fits the pack, the table's checksum,
+    every entry within the payload area, and that the pack's id is the SHA-256 of its trailer.
+    """
+    name = name or pack_id
+    count = parse_footer(tail[-FOOTER_SIZE:], pack_size, name)
+    if len(tail) < table_span(count):
+        raise IntegrityError(f"pack {name}: short read of its blob table")
     trailer = tail[len(tail) - table_span(count):]
-    entries = parse_table(trailer, pack_size, pack_id)
+    entries = parse_table(trailer, pack_size, name)
     if pack_id_of(trailer) != pack_id:
-        raise IntegrityError(f"pack {pack_id}: its blob table does not match its name (damaged or renamed)")
+        raise IntegrityError(f"pack {name}: its blob table does not match its name (damaged or renamed)")
     return entries
+
+
+def pack_size(entries: Sequence[PackEntry]) -> int:
+    """The exact size of a pack holding *entries*: payloads back to back from offset 0, then the trailer.
+
+    A pack of any other size (listed by the backend) is truncated or has bytes appended — detectable from
+    a listing and an index alone, without reading the pack.
+    """
+    return max((e.offset + e.length for e in entries), default=0) + table_span(len(entries))
+
+
+def is_pack_id(text: str) -> bool:
+    """Whether *text* has the form of a pack id (64 lowercase hex digits)."""
+    return _PACK_ID.fullmatch(text) is not None
 
 
 def verify_pack_bytes(pack_id: str, data: bytes) -> list[PackEntry]:

@@ -7,17 +7,18 @@ only points whose manifest exists; packs or indexes of runs that never committed
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from .backends import Backend, open_backend
+from .backends import Backend, ObjectInfo, open_backend
 from .chain import Piece, resolve
 from .codec import CodecPool
 from .config import CONFIG_NAME, RepoConfig
 from .errors import IntegrityError, ObjectNotFound, RepositoryError
 from .index import Index, Location, decode_index, encode_index
 from .manifest import KIND_FULL, Manifest, manifest_name, vm_from_key, vm_key
-from .pack import PackEntry, pack_name, parse_footer, parse_table, table_span, FOOTER_SIZE
+from .pack import FOOTER_SIZE, PackEntry, is_pack_id, pack_name, parse_footer, table_span, verify_trailer
 from .writer import BlobWriter
 
 
@@ -29,6 +30,35 @@ class ReadRange:
     start: int
     end: int
     items: list[tuple[bytes, Location]]
+
+
+@dataclass
+class RebuildReport:
+    """What :meth:`Repository.rebuild_index` did and every piece of damage it found on the way."""
+
+    index: str = ""  #: name of the index object written
+    packs: int = 0  #: intact packs indexed from their own tables
+    blobs: int = 0  #: blobs in those packs
+    #: pack name → why its own table could not be read (these packs are not indexed from their tables)
+    damaged: dict[str, str] = field(default_factory=dict)
+    #: damaged pack name → how many of its blob entries were kept from the old index (its payloads may
+    #: still be intact: reads verify every blob, and ``verify --read-data`` tells)
+    kept: dict[str, int] = field(default_factory=dict)
+    #: packs the old index names that do not exist
+    missing: list[str] = field(default_factory=list)
+    #: old index objects that could not be read (superseded by the new one)
+    replaced: dict[str, str] = field(default_factory=dict)
+    #: ``vm/point`` → what the point lacks: blobs that only damaged or missing packs held
+    points: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.missing or self.points)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "index": self.index, "packs": self.packs, "blobs": self.blobs,
+                "damaged_packs": self.damaged, "kept_from_old_index": self.kept, "missing_packs": self.missing,
+                "replaced_index_objects": self.replaced, "damaged_points": self.points}
 
 
 @dataclass
@@ -93,47 +123,152 @@ class Repository:
         self._index = index
         return index
 
-    def load_index_report(self) -> tuple[Index, dict[str, IntegrityError]]:
-        """Every readable index object merged, plus the damaged ones (for ``verify``)."""
-        index = Index()
+    def load_index_report(self, keep_tables: bool = False) -> tuple[Index, dict[str, IntegrityError]]:
+        """Every readable index object merged, plus the damaged ones (for ``verify``).
+
+        With *keep_tables* the index also keeps each pack's table as the index objects give it
+        (:attr:`Index.tables`), so that it can be compared with the pack's own.
+        """
+        return self._read_indexes([info.name for info in self.backend.list("index/")], keep_tables)
+
+    def _read_indexes(self, names: Iterable[str], keep_tables: bool) -> tuple[Index, dict[str, IntegrityError]]:
+        index = Index(keep_tables)
         damaged: dict[str, IntegrityError] = {}
-        for info in self.backend.list("index/"):
-            index_id = info.name.split("/", 1)[1]
+        for name in names:
             try:
-                for pack_id, entries in decode_index(index_id, self.backend.get(info.name)):
-                    index.add_pack(pack_id, entries)
+                for pack_id, entries in decode_index(name.split("/", 1)[1], self.backend.get(name)):
+                    index.add_pack(pack_id, entries, name)
             except IntegrityError as exc:
-                damaged[info.name] = exc
+                damaged[name] = exc
         return index, damaged
 
-    def pack_table(self, pack_id: str) -> list[PackEntry]:
-        """Read a pack's own blob table with two small range reads."""
-        name = pack_name(pack_id)
-        size = self.backend.head(name).size
-        if size < FOOTER_SIZE:
-            raise IntegrityError(f"pack {name} is truncated ({size} bytes)")
-        count = parse_footer(self.backend.get(name, size - FOOTER_SIZE, FOOTER_SIZE), size, name)
-        tail = self.backend.get(name, size - table_span(count), table_span(count))
-        return parse_table(tail, size, name)
+    def pack_table(self, pack_id: str, size: int | None = None, count_hint: int | None = None) -> list[PackEntry]:
+        """Read a pack's own blob table and check it against the pack's name (its id is the trailer's hash).
 
-    def rebuild_index(self) -> tuple[int, int]:
-        """Regenerate the index from the packs' own tables; returns ``(packs, blobs)``.
-
-        The new index object is written before the old ones are deleted, so a crash in between leaves
-        a repository with redundant (harmless) index entries, never one without.
+        One range read when *count_hint* (the number of blobs the index says the pack holds) is right,
+        two otherwise; *size* saves a ``head`` when a listing already gave it. Every failure is an
+        :class:`IntegrityError` naming the pack (a missing pack too); only backend trouble passes through.
         """
-        old = [info.name for info in self.backend.list("index/")]
-        packs = []
-        for info in self.backend.list("data/"):
+        name = pack_name(pack_id)
+        if not is_pack_id(pack_id):
+            raise IntegrityError(f"pack {name} is not named like a pack (64 lowercase hex digits)")
+        try:
+            if size is None:
+                size = self.backend.head(name).size
+            if size < FOOTER_SIZE:
+                raise IntegrityError(f"pack {name} is truncated ({size} bytes)")
+            want = min(size, table_span(count_hint)) if count_hint else FOOTER_SIZE
+            tail = self.backend.get(name, size - want, want)
+            count = parse_footer(tail[-FOOTER_SIZE:], size, name)
+            if table_span(count) > len(tail):
+                tail = self.backend.get(name, size - table_span(count), table_span(count))
+        except ObjectNotFound:
+            raise IntegrityError(f"pack {name} is missing from {self.url}") from None
+        return verify_trailer(pack_id, tail, size, name)
+
+    def rebuild_index(self, workers: int | None = None) -> RebuildReport:
+        """Regenerate the index from the packs' own tables, salvaging everything that is intact.
+
+        Every pack whose table reads back and matches its name is indexed; a damaged pack is reported
+        by name, never a reason to stop (one bad pack must not make the intact points unrestorable).
+        If the old index still describes a damaged pack, those entries are kept (reads verify every blob,
+        so a wrong entry can cause a read error, never wrong data). The report also says which points
+        need blobs that only damaged or missing packs held.
+
+        Read ordering (see ``repository.check``): manifests are listed first, then the index objects,
+        then the packs; only the index objects listed here are deleted, and only after the new one is
+        written, so an index written meanwhile by a concurrent backup survives and a crash in between
+        leaves redundant (harmless) index entries, never none. Backend errors other than a missing
+        object abort the rebuild before anything is written or deleted.
+        """
+        report = RebuildReport()
+        points = [m for vm in self.vms() for m in self.scan(vm).points]
+        old_names = [info.name for info in self.backend.list("index/")]
+        old, unreadable = self._read_indexes(old_names, keep_tables=True)
+        report.replaced = {name: str(exc) for name, exc in unreadable.items()}
+        listed = list(self.backend.list("data/"))
+
+        def table(info: ObjectInfo) -> tuple[str, list[PackEntry] | None, str]:
             pack_id = info.name.rsplit("/", 1)[1]
-            packs.append((pack_id, self.pack_table(pack_id)))
-        index_id, data = encode_index(packs)
-        self.backend.put(f"index/{index_id}", data)
-        for name in old:
-            if name != f"index/{index_id}":
+            if info.name != pack_name(pack_id):
+                return pack_id, None, f"{info.name} is not a pack: packs are named data/<2 hex>/<64 hex>"
+            try:
+                return pack_id, self.pack_table(pack_id, info.size), ""
+            except IntegrityError as exc:
+                return pack_id, None, str(exc)
+
+        with ThreadPoolExecutor(max(1, workers or self.backend.parallelism)) as pool:
+            results = list(pool.map(table, listed))
+        intact: list[tuple[str, list[PackEntry]]] = []
+        carried: list[tuple[str, list[PackEntry]]] = []
+        old_tables = old.tables or {}
+        for info, (pack_id, entries, why) in zip(listed, results):
+            if entries is not None:
+                intact.append((pack_id, entries))
+                continue
+            report.damaged[info.name] = why
+            variants = old_tables.get(pack_id)
+            if variants and info.name == pack_name(pack_id):
+                kept = list(max(variants, key=lambda v: len(variants[v])))  # the one most index objects give
+                carried.append((pack_id, kept))
+                report.kept[info.name] = len(kept)
+        present = {info.name for info in listed}
+        report.missing = sorted(pack_name(p) for p in old_tables if pack_name(p) not in present)
+
+        intact.sort(key=lambda item: item[0])
+        index_id, data = encode_index(intact + carried)  # intact packs first: they win a blob's lookup
+        report.index = f"index/{index_id}"
+        self.backend.put(report.index, data)
+        for name in old_names:
+            if name != report.index:
                 self.backend.delete(name)
         self._index = None
-        return len(packs), sum(len(e) for _, e in packs)
+        report.packs, report.blobs = len(intact), sum(len(e) for _, e in intact)
+        report.points = self._lacking(points, {e.id for _, entries in intact for e in entries}, old, report)
+        return report
+
+    def _lacking(self, points: list[Manifest], held: set[bytes], old: Index,
+                 report: RebuildReport) -> dict[str, list[str]]:
+        """For :meth:`rebuild_index`: which points need blobs no intact pack holds, and where they were."""
+        lacking: dict[str, list[str]] = {}
+        for m in points:
+            causes: dict[str, int] = {}
+            for blob in dict.fromkeys(b for rec in m.disks.values() for _, _, b in rec.extents if b is not None):
+                if blob in held:
+                    continue
+                loc = old.lookup(blob)
+                name = pack_name(loc.pack) if loc is not None else ""
+                if loc is None and report.damaged:
+                    cause = f"that no intact pack holds (lost with damaged pack(s) {', '.join(sorted(report.damaged))})"
+                elif loc is None:
+                    cause = "that no pack holds (a pack is missing)"
+                elif name in report.kept:
+                    cause = (f"held only by damaged pack {name} (its old index entries were kept: readable only "
+                             "if its data is intact, run 'fleece verify --read-data')")
+                elif name in report.damaged:
+                    cause = f"held only by damaged pack {name}"
+                elif name in report.missing:
+                    cause = f"held only by pack {name}, which is missing"
+                else:
+                    cause = f"that the old index placed in pack {name}, whose own table does not list them"
+                causes[cause] = causes.get(cause, 0) + 1
+            if causes:
+                lacking[f"{m.vm}/{m.id}"] = [f"needs {n} blob(s) {cause}" for cause, n in causes.items()]
+        for m in points:  # restoring a point reads the layers of every disk of its view: see point_view
+            try:
+                view: dict[str, Manifest] = self.point_view(m)
+            except IntegrityError:
+                view = dict.fromkeys(m.disks, m)
+            for disk, layer in sorted(view.items()):
+                try:
+                    chain = self.disk_chain(layer, disk)
+                except IntegrityError:
+                    continue  # a broken chain is verify's to report; rebuild-index is about packs
+                for c in chain:
+                    if c.id != m.id and f"{c.vm}/{c.id}" in lacking:
+                        lacking.setdefault(f"{m.vm}/{m.id}", []).append(
+                            f"disk {disk}: depends on point {c.id}, which lacks blobs")
+        return lacking
 
     # -- writing ----------------------------------------------------------------------------------------
 
@@ -215,6 +350,53 @@ class Repository:
                 found[disk] = m
             wanted -= m.disks.keys()
         return found
+
+    def point_view(self, manifest: Manifest, disks: Iterable[str] | None = None, *,
+                   ids: Sequence[str] | None = None) -> dict[str, Manifest]:
+        """The VM as of *manifest*: each disk it had then, mapped to the point holding that disk's newest layer.
+
+        The rule: the disks of a point are every disk that appears in any point of its VM up to and including
+        it (by point id, i.e. creation time), each at the newest of those points that holds it — its layer
+        chain runs from there through the per-disk parents. So a ``--disk`` backup of some disks still
+        restores the whole VM, the other disks as of their last backup. A manifest cannot tell a disk left out
+        by ``--disk`` from a disk removed from the VM, so a removed disk stays in the view (at its last layer):
+        restoring one disk too many loses nothing, leaving one out silently could; callers say which disks
+        come from older points.
+
+        With *disks*, only those (a disk no point up to *manifest* holds is absent from the result), walking
+        back only as far as needed. *ids* are the VM's point ids if the caller has listed them already.
+
+        A damaged manifest on the way raises :class:`IntegrityError`: it may hold a newer layer of a disk, or
+        a disk no other point has, so the view is unknown (``--disk`` naming disks found in newer points
+        walks back less far and gets past it).
+        """
+        vm = manifest.vm
+        wanted = None if disks is None else set(disks)
+        view = {d: manifest for d in sorted(manifest.disks) if wanted is None or d in wanted}
+        older = [i for i in reversed(self.point_ids(vm) if ids is None else sorted(ids)) if i < manifest.id]
+
+        def read(point_id: str) -> Manifest | IntegrityError:
+            try:
+                return self.manifest(vm, point_id)
+            except IntegrityError as exc:
+                return exc
+
+        if wanted is None and any((vm, i) not in self._manifests for i in older):
+            with ThreadPoolExecutor(8) as pool:  # every older manifest is needed: fetch them in parallel
+                found: Iterable[Manifest | IntegrityError] = list(pool.map(read, older))
+        else:
+            found = map(read, older)  # lazily: usually the newest few points hold every wanted disk
+        for point_id, m in zip(older, found):
+            if wanted is not None and wanted <= view.keys():
+                break
+            if isinstance(m, IntegrityError):
+                raise IntegrityError(
+                    f"point {point_id} of VM {vm} is damaged ({m}): it may hold a newer layer of a disk, or a "
+                    f"disk no other point has, so the VM as of point {manifest.id} is unknown. Name the disks "
+                    f"to restore with --disk (point {manifest.id} holds {', '.join(sorted(manifest.disks))}), "
+                    "or restore an earlier point; 'fleece verify' shows the damage")
+            view.update((d, m) for d in sorted(m.disks.keys() - view.keys()) if wanted is None or d in wanted)
+        return view
 
     def find_point(self, vm: str, point: str | None) -> Manifest:
         """A point by id, or the newest for ``None``/``"latest"``, with errors that list what exists."""

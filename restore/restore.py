@@ -9,6 +9,13 @@ this job: QEMU resolves relative backing names against the path it opened.)
 Flat mode resolves the chain's extent maps (newest wins) and writes every byte once into one thin qcow2
 or sparse raw image.
 
+A point restores the whole VM as of that point (:meth:`Repository.point_view`): every disk that appears
+in any point of the VM up to and including it, each at the newest layer up to that point — a ``--disk``
+backup of some disks leaves the others' layers in older points, and they are restored from there (the
+log, and each disk's ``point`` in the result, say which point). A disk removed from the VM is restored
+too, at its last layer, since the manifests cannot tell it from a disk left out by ``--disk``.
+``disks`` narrows the restore to the disks named.
+
 Images are built under temporary names and renamed into place only when complete: a failed restore
 never leaves a half-written image under a final name.
 """
@@ -52,6 +59,7 @@ class DiskRestore:
     path: Path  # what to boot / convert: DIR/<disk>.qcow2 (or .raw)
     layers: list[Path] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    point: str = ""  # the point holding this disk's newest layer up to the requested point
 
 
 @dataclass
@@ -68,17 +76,22 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
         raise UsageError("--format raw needs --flat (a chain is made of qcow2 overlays)")
     started = time.monotonic()
     manifest = repo.find_point(req.vm, req.point)
-    disks = req.disks or sorted(manifest.disks)
-    missing = [d for d in disks if d not in manifest.disks]
+    view = repo.point_view(manifest, req.disks)
+    disks = list(dict.fromkeys(req.disks)) if req.disks else sorted(view)
+    missing = [d for d in disks if d not in view]
     if missing:
-        raise UsageError(f"point {manifest.id} has no disk {', '.join(missing)}; it has: "
-                         f"{', '.join(sorted(manifest.disks))}")
+        raise UsageError(f"VM {manifest.vm} had no disk {', '.join(missing)} as of point {manifest.id}; it had: "
+                         f"{', '.join(sorted(repo.point_view(manifest)))}")
+    for d in disks:
+        if view[d] is not manifest:
+            log.info("disk %s: not in point %s (a --disk backup of other disks, or the disk left the VM); "
+                     "restoring its newest layer up to it, from point %s", d, manifest.id, view[d].id)
     req.out.mkdir(parents=True, exist_ok=True)
     for d in disks:
         _check_free(req, d)
     run_dir = Path(tempfile.mkdtemp(prefix="fleece-restore-"))
     try:
-        results = [(_flat if req.flat else _chain)(repo, req, manifest, d, run_dir) for d in disks]
+        results = [(_flat if req.flat else _chain)(repo, req, view[d], d, run_dir) for d in disks]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     return RestoreResult(manifest, results, round(time.monotonic() - started, 3))
@@ -139,7 +152,7 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
         shutil.rmtree(partial, ignore_errors=True)
         raise
     log.info("disk %s: restored a chain of %d layer(s) into %s", disk, len(layers), req.out / disk)
-    return DiskRestore(disk, top, [req.out / disk / f"{p.id}.qcow2" for p in layers], total.__dict__)
+    return DiskRestore(disk, top, [req.out / disk / f"{p.id}.qcow2" for p in layers], total.__dict__, manifest.id)
 
 
 def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, run_dir: Path) -> DiskRestore:
@@ -165,7 +178,7 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return DiskRestore(disk, final, [final], stats.__dict__)
+    return DiskRestore(disk, final, [final], stats.__dict__, manifest.id)
 
 
 __all__ = ["RestoreError", "RestoreRequest", "RestoreResult", "run_restore"]

@@ -100,9 +100,10 @@ def make_vm(tmp_path_factory: pytest.TempPathFactory):
     made: list[TestVM] = []
 
     def make(disks: dict[str, int] | None = None, name: str = "testvm", start: bool = True,
-             formats: dict[str, str] | None = None) -> TestVM:
+             formats: dict[str, str] | None = None, node_opts: dict[str, str] | None = None,
+             buses: dict[str, str] | None = None) -> TestVM:
         vm = TestVM(tmp_path_factory.mktemp("vm"), disks or {"vda": 32 * MiB, "vdb": ODD_SIZE}, name=name,
-                    formats=formats)
+                    formats=formats, node_opts=node_opts, buses=buses)
         made.append(vm)
         if start:
             vm.start()

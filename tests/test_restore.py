@@ -18,10 +18,10 @@ import pytest
 from checks import fleece, identical, qemu_img
 from conftest import ODD_SIZE, MiB
 from exporter.backup import BackupRequest, run_backup
-from repository import IntegrityError, Manifest, RepoConfig, Repository
+from repository import IntegrityError, Manifest, RepoConfig, Repository, UsageError
 from repository.check import verify
 from restore import RestoreRequest, run_restore
-from test_backup import Recorder, seed
+from test_backup import Recorder, backup, seed
 from vm import TestVM, random_bytes, text_bytes
 
 
@@ -276,3 +276,133 @@ def test_cli_restore_and_verify(chain: Chain, tmp_path: Path) -> None:
     assert v.returncode == 0, v.stderr
     vdoc = json.loads(v.stdout)
     assert vdoc["ok"] and len(vdoc["points"]) == 5 and {p["status"] for p in vdoc["points"]} == {"ok"}
+
+
+def test_a_point_restores_every_disk_the_vm_had(make_vm, scratch: Path, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """After ``backup --disk vdc`` the latest point holds vdc only, yet restoring it (or any point) gives the
+    whole VM: each disk at its newest layer up to that point (vda/vdb as of the full, vdc as of the point),
+    through per-disk parents; ``--disk`` narrows it; verify checks the same layers; the CLI says where each
+    disk's layer comes from."""
+    caplog.set_level(logging.INFO)
+    vm = make_vm(disks={"vda": 16 * MiB, "vdb": ODD_SIZE, "vdc": 8 * MiB})
+    repo = Repository.open(str(tmp_path / "repo"), create=True, config=RepoConfig(pack_target=1 * MiB))
+    vm.write("vda", 0, text_bytes(MiB, 90))
+    vm.write("vda", 16 * MiB - 65536, random_bytes(65536, 91))
+    vm.write("vdb", 3 * MiB, random_bytes(2 * MiB, 92))
+    vm.write("vdb", ODD_SIZE - 512, b"\xee" * 512)
+    vm.write("vdc", MiB, random_bytes(MiB, 93))
+    full, rec0 = backup(vm, repo, scratch)
+    assert sorted(full.manifest.disks) == ["vda", "vdb", "vdc"]
+    # writes to every disk, but only vdc is backed up: vda's and vdb's stay out of every point
+    vm.write("vda", 4 * MiB, random_bytes(MiB, 94))
+    vm.write("vdb", 0, b"\x05" * 4096)
+    vm.write("vdc", 0, text_bytes(65536, 95))
+    p1, rec1 = backup(vm, repo, scratch, disks=["vdc"])
+    vm.write("vdc", 8 * MiB - 4096, b"\x06" * 4096)
+    vm.zero("vdc", MiB, 65536)
+    vm.write("vda", 8 * MiB, b"\x07" * 65536)
+    p2, rec2 = backup(vm, repo, scratch, disks=["vdc"])
+    vm.write("vdc", 2 * MiB, random_bytes(65536, 96))
+    p3, rec3 = backup(vm, repo, scratch, disks=["vdc"], full=True)  # vdc's chain no longer reaches the full
+    points = [full.manifest, p1.manifest, p2.manifest, p3.manifest]
+    assert [sorted(m.disks) for m in points[1:]] == [["vdc"]] * 3
+    assert [m.disks["vdc"].kind for m in points] == ["full", "incremental", "incremental", "full"]
+    truth = {  # per point: disk -> (point its newest layer is in, ground truth)
+        m.id: {"vda": (full.manifest.id, rec0.refs["vda"]), "vdb": (full.manifest.id, rec0.refs["vdb"]),
+               "vdc": (m.id, rec.refs["vdc"])}
+        for m, rec in zip(points, [rec0, rec1, rec2, rec3])}
+
+    fresh = Repository.open(repo.url)  # from the repository alone
+    assert {d: m.id for d, m in fresh.point_view(fresh.find_point("testvm", None)).items()} == \
+        {d: t[0] for d, t in truth[p3.manifest.id].items()}
+    assert {d: m.id for d, m in fresh.point_view(fresh.find_point("testvm", None), ["vda"]).items()} == \
+        {"vda": full.manifest.id}
+
+    def restored(result, out: Path, point_id: str, ext: str = "qcow2", fmt: str | None = None) -> None:
+        assert [d.disk for d in result.disks] == sorted(truth[point_id])
+        for d in result.disks:
+            layer_point, ref = truth[point_id][d.disk]
+            assert d.point == layer_point
+            identical(out / f"{d.disk}.{ext}", ref, fmt)
+
+    # latest, chain: vda/vdb from the full (one layer), vdc a chain of its own
+    out = tmp_path / "latest"
+    result = run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=out))
+    assert result.point.id == p3.manifest.id
+    restored(result, out, p3.manifest.id)
+    by_disk = {d.disk: d for d in result.disks}
+    assert by_disk["vda"].layers == [out / "vda" / f"{full.manifest.id}.qcow2"]
+    assert by_disk["vdc"].layers == [out / "vdc" / f"{p3.manifest.id}.qcow2"]
+    assert f"disk vda: not in point {p3.manifest.id}" in caplog.text and f"from point {full.manifest.id}" in caplog.text
+    # latest, flat (qcow2 and raw)
+    for fmt in ("qcow2", "raw"):
+        out = tmp_path / f"flat-{fmt}"
+        result = run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=out, flat=True, format=fmt))
+        restored(result, out, p3.manifest.id, fmt, fmt)
+    # intermediate points: vdc's chain through its own parents, the others still from the full
+    for m in points[1:3]:
+        out = tmp_path / f"at-{m.id}"
+        result = run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=out, point=m.id))
+        restored(result, out, m.id)
+        vdc = next(d for d in result.disks if d.disk == "vdc")
+        assert [p.name for p in vdc.layers] == [f"{x.id}.qcow2" for x in points[:points.index(m) + 1]]
+    out = tmp_path / "flat-p1"
+    restored(run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=out, point=p1.manifest.id,
+                                                                   flat=True)), out, p1.manifest.id)
+    # --disk narrows (a disk of an older point, named twice), and names what exists
+    out = tmp_path / "only-vda"
+    result = run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=out, disks=["vda", "vda"]))
+    assert [(d.disk, d.point) for d in result.disks] == [("vda", full.manifest.id)]
+    identical(out / "vda.qcow2", rec0.refs["vda"])
+    assert sorted(p.name for p in out.iterdir()) == ["vda", "vda.qcow2"]
+    with pytest.raises(UsageError, match="no disk vdz as of point .* it had: vda, vdb, vdc"):
+        run_restore(Repository.open(repo.url), RestoreRequest(vm="testvm", out=tmp_path / "x", disks=["vdz"]))
+
+    # verify --point checks the layers of every disk as of the point: a bad vda blob in the full damages p3
+    for m in points:
+        assert verify(Repository.open(repo.url), vm="testvm", point=m.id, read_data=True).ok
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "repo", damaged)
+    copy = Repository.open(str(damaged))
+    blob = next(b for _, _, b in full.manifest.disks["vda"].extents if b is not None)
+    loc = copy.load_index().lookup(blob)
+    pack = damaged / f"data/{loc.pack[:2]}/{loc.pack}"
+    raw = bytearray(pack.read_bytes())
+    raw[loc.offset + loc.length // 2] ^= 0x10
+    pack.write_bytes(bytes(raw))
+    (rep,) = verify(Repository.open(str(damaged)), vm="testvm", point=p3.manifest.id, read_data=True).points
+    assert not rep.ok and f"depends on damaged point {full.manifest.id}" in rep.problems
+    # a garbled manifest on the way makes the view unknown: restore says so; --disk of newer layers gets by
+    name = damaged / f"points/testvm/{p2.manifest.id}"
+    name.write_bytes(name.read_bytes().replace(b'"crash"', b'"crasH"'))
+    with pytest.raises(IntegrityError, match=f"point {p2.manifest.id} of VM testvm is damaged.*--disk"):
+        run_restore(Repository.open(str(damaged)), RestoreRequest(vm="testvm", out=tmp_path / "y"))
+    (rep,) = verify(Repository.open(str(damaged)), vm="testvm", point=p3.manifest.id).points
+    assert not rep.ok and any(f"point {p2.manifest.id} of VM testvm is damaged" in x for x in rep.problems)
+    result = run_restore(Repository.open(str(damaged)), RestoreRequest(vm="testvm", out=tmp_path / "y",
+                                                                       disks=["vdc"]))
+    identical(tmp_path / "y" / "vdc.qcow2", rec3.refs["vdc"])
+
+    # the CLI: latest restores all three disks, --json says which point each layer comes from
+    out = tmp_path / "cli"
+    p = fleece("restore", "--repo", repo.url, "--vm", "testvm", "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["point"] == p3.manifest.id and doc["mode"] == "chain"
+    assert {d: (v["point"], v["in_point"]) for d, v in doc["disks"].items()} == {
+        "vda": (full.manifest.id, False), "vdb": (full.manifest.id, False), "vdc": (p3.manifest.id, True)}
+    for disk, (layer_point, ref) in truth[p3.manifest.id].items():
+        assert doc["disks"][disk]["path"] == str(out / f"{disk}.qcow2")
+        assert doc["disks"][disk]["layers"] == [str(out / disk / f"{layer_point}.qcow2")]
+        assert (out / disk / f"{layer_point}.qcow2").is_file()
+        identical(out / f"{disk}.qcow2", ref)
+    p = fleece("restore", "--repo", repo.url, "--vm", "testvm", "--point", p1.manifest.id, "--out",
+               str(tmp_path / "cli-flat"), "--flat", "--format", "raw")
+    assert p.returncode == 0, p.stderr
+    assert f"as of point {full.manifest.id}" in p.stdout and "not in point" in p.stderr
+    for disk, (_, ref) in truth[p1.manifest.id].items():
+        identical(tmp_path / "cli-flat" / f"{disk}.raw", ref, "raw")
+    v = fleece("verify", "--repo", repo.url, "--vm", "testvm", "--point", "latest", "--json")
+    assert v.returncode == 0, v.stderr
+    assert [x["id"] for x in json.loads(v.stdout)["points"]] == [p3.manifest.id]

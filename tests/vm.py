@@ -1,9 +1,10 @@
 """A real, guest-less QEMU VM for the tests, plus ground truth.
 
-The VM runs ``qemu-system-x86_64 -M q35 -accel tcg -nodefaults`` with qcow2 disks on virtio-blk and two
-QMP monitors: one for fleece, one for the simulated guest. Guest writes are HMP ``qemu-io`` commands sent
-through the device's QOM path (the path a real guest write takes, through any filter fleece inserted),
-from the second monitor — never from the thread that reads NBD (FIELD-NOTES §3: that deadlocks).
+The VM runs ``qemu-system-x86_64 -M q35 -accel tcg -nodefaults`` with qcow2 disks (on virtio-blk unless a
+disk asks for another bus: see ``BUSES``) and two QMP monitors: one for fleece, one for the simulated
+guest. Guest writes are HMP ``qemu-io`` commands sent through the device's QOM path (the path a real
+guest write takes, through any filter fleece inserted), from the second monitor — never from the thread
+that reads NBD (FIELD-NOTES §3: that deadlocks).
 
 Every write is applied to a reference raw file too, so the reference always equals what the guest sees.
 """
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from exporter.errors import QmpConnectError
 from exporter.qmp import Monitor
 
 QEMU = "qemu-system-x86_64"
@@ -34,10 +36,30 @@ class Disk:
     reference: Path
     cluster_size: int = 65536
     fmt: str = "qcow2"
+    bus: str = "virtio-blk"  # one of BUSES
+    qom: str = ""  # QOM path of an anonymous device (drive-if-* buses), read from query-block at start
 
     @property
     def qdev(self) -> str:
-        return f"/machine/peripheral/{self.id}/virtio-backend"
+        """The QOM path ``qemu-io -d`` needs: the device that owns the BlockBackend (query-block's ``qdev``).
+
+        virtio-blk's BlockBackend hangs off its ``virtio-backend`` child and usb-storage's off the
+        internal scsi-hd on its own SCSI bus; scsi-hd, ide-hd, nvme and nvme-ns own theirs.
+        """
+        if self.qom:
+            return self.qom
+        if self.bus == "virtio-blk":
+            return f"/machine/peripheral/{self.id}/virtio-backend"
+        if self.bus == "usb":
+            return f"/machine/peripheral/{self.id}/{self.id}.0/legacy[0]"
+        return f"/machine/peripheral/{self.id}"
+
+
+# How a test disk is attached. ``drive-if-virtio``/``drive-if-ide`` are ``-drive if=…`` without any id:
+# QEMU names the drive (virtio0, virtio1, …; ide0-hd0, ide1-hd0, … on q35) and the test disk must carry
+# that name. ``drive-if-none`` is ``-drive if=none,id=<disk>`` on a virtio-blk-pci without a device id.
+# The ``drive-*`` buses keep QEMU's auto-generated node names (``#block123``, new on every start).
+BUSES = ("virtio-blk", "scsi", "ide", "nvme", "nvme-ns", "usb", "drive-if-virtio", "drive-if-ide", "drive-if-none")
 
 
 class TestVM:
@@ -46,7 +68,8 @@ class TestVM:
     __test__ = False  # not a pytest test class
 
     def __init__(self, workdir: Path, disks: dict[str, int], name: str = "testvm",
-                 formats: dict[str, str] | None = None) -> None:
+                 formats: dict[str, str] | None = None, node_opts: dict[str, str] | None = None,
+                 buses: dict[str, str] | None = None) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -56,6 +79,12 @@ class TestVM:
         self.disks = {d: Disk(d, size, self.dir / f"{d}.{formats.get(d, 'qcow2')}", self.dir / f"{d}.ref.raw",
                               fmt=formats.get(d, "qcow2"))
                       for d, size in disks.items()}
+        # extra options of a disk's format node, e.g. "detect-zeroes=unmap,discard=unmap" (Proxmox's default)
+        self.node_opts = node_opts or {}
+        for d, bus in (buses or {}).items():  # virtio-blk unless told otherwise
+            assert bus in BUSES, f"unknown bus {bus!r} (one of {', '.join(BUSES)})"
+            self.disks[d].bus = bus
+        self.uuid: str | None = None  # QEMU's -uuid, when a test sets one before start()
         self.proc: subprocess.Popen[bytes] | None = None
         self.guest: Monitor | None = None
         self._lock = threading.Lock()
@@ -77,10 +106,17 @@ class TestVM:
         args = [QEMU, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-name", self.name,
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                 "-qmp", f"unix:{self.guest_qmp_path},server=on,wait=off"]
+        if self.uuid:
+            args += ["-uuid", self.uuid]
+        args += self._controller_args()
         for d in self.disks.values():
+            if d.bus.startswith("drive-"):
+                args += self._drive_args(d)
+                continue
             args += ["-blockdev", f"driver=file,filename={d.image},node-name=file-{d.id}",
-                     "-blockdev", f"driver={d.fmt},file=file-{d.id},node-name=node-{d.id}",
-                     "-device", f"virtio-blk-pci,drive=node-{d.id},id={d.id}"]
+                     "-blockdev", f"driver={d.fmt},file=file-{d.id},node-name=node-{d.id}"
+                     + (f",{self.node_opts[d.id]}" if d.id in self.node_opts else ""),
+                     *self._device_args(d)]
         for p in (self.qmp_path, self.guest_qmp_path):
             Path(p).unlink(missing_ok=True)
         log = open(self.dir / "qemu.log", "ab")
@@ -91,7 +127,55 @@ class TestVM:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"QEMU did not start: {(self.dir / 'qemu.log').read_text()[-2000:]}")
             time.sleep(0.05)
-        self.guest = Monitor(self.guest_qmp_path)
+        while True:  # the socket file exists from bind(): on a busy machine QEMU may not listen() yet
+            try:
+                self.guest = Monitor(self.guest_qmp_path)
+                break
+            except QmpConnectError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._find_anonymous_devices()
+
+    def _controller_args(self) -> list[str]:
+        buses = {d.bus for d in self.disks.values()}
+        return ((["-device", "virtio-scsi-pci,id=scsi0"] if "scsi" in buses else [])
+                + (["-device", "qemu-xhci,id=xhci0"] if "usb" in buses else []))
+
+    def _device_args(self, d: Disk) -> list[str]:
+        node = f"node-{d.id}"
+        if d.bus == "scsi":  # bus= given: every usb-storage brings a SCSI bus of its own
+            return ["-device", f"scsi-hd,drive={node},id={d.id},bus=scsi0.0"]
+        if d.bus == "ide":  # q35's ahci has ide.0..ide.5, one unit each; -drive if=ide fills them from ide.0
+            port = 5 - [x.id for x in self.disks.values() if x.bus == "ide"].index(d.id)
+            return ["-device", f"ide-hd,drive={node},id={d.id},bus=ide.{port}"]
+        if d.bus == "nvme":  # the controller's own namespace
+            return ["-device", f"nvme,drive={node},serial={d.id[:20]},id={d.id}"]
+        if d.bus == "nvme-ns":  # a namespace device on a controller of its own
+            return ["-device", f"nvme,id={d.id}-ctrl,serial={d.id[:20]}",
+                    "-device", f"nvme-ns,drive={node},id={d.id},bus={d.id}-ctrl"]
+        if d.bus == "usb":
+            return ["-device", f"usb-storage,drive={node},id={d.id}"]
+        return ["-device", f"virtio-blk-pci,drive={node},id={d.id}"]
+
+    def _drive_args(self, d: Disk) -> list[str]:
+        opts = f"file={d.image},format={d.fmt}" + (f",{self.node_opts[d.id]}" if d.id in self.node_opts else "")
+        if d.bus == "drive-if-none":
+            return ["-drive", f"{opts},if=none,id={d.id}", "-device", f"virtio-blk-pci,drive={d.id}"]
+        return ["-drive", f"{opts},if={d.bus.removeprefix('drive-if-')}"]
+
+    def _find_anonymous_devices(self) -> None:
+        """Devices without an id have a QOM path only QEMU knows (``/machine/peripheral-anon/device[N]``)."""
+        drives = [d for d in self.disks.values() if d.bus.startswith("drive-")]
+        if not drives:
+            return
+        assert self.guest is not None
+        qdev = {b["device"]: b["qdev"] for b in self.guest.cmd("query-block") if b.get("device")}
+        for d in drives:
+            if d.id not in qdev:
+                raise RuntimeError(f"no drive {d.id} in this VM: QEMU named its drives {sorted(qdev)}; "
+                                   f"a {d.bus} disk must carry QEMU's name")
+            d.qom = qdev[d.id]
 
     def monitor(self) -> Monitor:
         """A connection on fleece's monitor (for inspecting QEMU state from a test)."""
@@ -165,10 +249,31 @@ class TestVM:
                 f.seek(offset)
                 f.write(b"\0" * length)
 
+    def zero_data(self, disk_id: str, offset: int, length: int) -> None:
+        """An ordinary write of zero bytes (on a ``detect-zeroes`` disk QEMU turns it into WRITE_ZEROES)."""
+        disk = self.disks[disk_id]
+        with self._lock:
+            self._qemu_io(disk, f"write -q -P 0 {offset} {length}")
+            with open(disk.reference, "r+b") as f:
+                f.seek(offset)
+                f.write(b"\0" * length)
+
+    def discard(self, disk_id: str, offset: int, length: int) -> None:
+        """The guest discards (TRIMs) a cluster-aligned range; on a qcow2 without backing file and with
+        ``discard=unmap`` it reads back as zeros (checked against the image by :meth:`read_disk_stopped`)."""
+        disk = self.disks[disk_id]
+        assert offset % disk.cluster_size == 0 and length % disk.cluster_size == 0
+        with self._lock:
+            self._qemu_io(disk, f"discard -q {offset} {length}")
+            with open(disk.reference, "r+b") as f:
+                f.seek(offset)
+                f.write(b"\0" * length)
+
     def resize(self, disk_id: str, size: int) -> None:
         disk = self.disks[disk_id]
         assert self.guest is not None
-        self.guest.cmd("block_resize", {"node-name": f"node-{disk_id}", "size": size})
+        where = {"device": disk_id} if disk.bus.startswith("drive-") else {"node-name": f"node-{disk_id}"}
+        self.guest.cmd("block_resize", {**where, "size": size})
         disk.size = size
         with open(disk.reference, "r+b") as f:
             f.truncate(size)

@@ -1,0 +1,92 @@
+"""Which machine a VM's history belongs to, so that two machines never share one silently (DESIGN §5).
+
+A VM's points are stored under a name (``-name`` or ``--vm``), and names collide: two hosts each run a
+``web1``, a template is cloned without a new name. Mixed into one history, every run of either would be
+a full with a false reason and ``restore --vm web1`` would return whichever ran last. So every point
+records the identity of the machine it came from, and a backup refuses to add a point to a history that
+belongs to another machine.
+
+Identity, strongest first:
+
+* QEMU's ``-uuid`` (``query-uuid``; libvirt always sets one): two machines are the same iff their UUIDs are.
+* Without a UUID on both sides: the same host **and** at least one disk backed by the same image file.
+  Two live VMs cannot share an image file (QEMU's image locking), so this tells two same-named VMs on one
+  host apart, while a restart, a ``-drive`` → ``-blockdev`` change or an added disk keeps the history.
+
+A machine that really is the same but changed all of that at once (restored onto a new host after a
+disaster, disks renamed) continues its history with ``--adopt``; its first backup is then a full anyway,
+as its bitmaps are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from repository.errors import FleeceError
+
+from .inventory import VmInfo
+from .qmp import Monitor
+
+NO_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+class IdentityError(FleeceError):
+    """The VM name's history in the repository belongs to another machine."""
+
+
+@dataclass
+class Machine:
+    uuid: str | None
+    host: str
+    images: dict[str, str] = field(default_factory=dict)  # disk id -> image file
+
+    @classmethod
+    def of(cls, mon: Monitor, info: VmInfo) -> Machine:
+        try:
+            uuid = str(mon.cmd("query-uuid").get("UUID") or "") or None
+        except FleeceError:
+            uuid = None
+        if uuid == NO_UUID:
+            uuid = None
+        return cls(uuid=uuid, host=socket.gethostname(),
+                   images={d.id: os.path.realpath(d.filename) if d.filename.startswith("/") else d.filename
+                           for d in info.disks if d.filename})
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Machine | None:
+        if not isinstance(obj, dict) or "host" not in obj:
+            return None
+        return cls(uuid=obj.get("uuid"), host=str(obj["host"]), images=dict(obj.get("images") or {}))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "host": self.host, "images": self.images}
+
+    def same_as(self, other: Machine) -> bool:
+        if self.uuid and other.uuid:
+            return self.uuid == other.uuid
+        return self.host == other.host and bool(set(self.images.values()) & set(other.images.values()))
+
+    def describe(self) -> str:
+        if self.uuid:
+            return f"uuid {self.uuid} on host {self.host}"
+        files = ", ".join(sorted(self.images.values())) or "no disk files"
+        return f"host {self.host}, disks {files}"
+
+
+def check_history(vm: str, here: Machine, recorded: Machine | None, last_point: str, adopt: bool) -> str | None:
+    """Refuse a point for *vm* from *here* when its history belongs to *recorded*; returns a log line."""
+    if recorded is None:
+        return None  # points written before identities were recorded: this machine takes the history on
+    if here.same_as(recorded):
+        return None
+    if adopt:
+        return (f"--adopt: this machine ({here.describe()}) continues the history of VM {vm!r}, "
+                f"last backed up from {recorded.describe()}")
+    raise IdentityError(
+        f"VM name {vm!r} in this repository belongs to another machine ({recorded.describe()}; last point "
+        f"{last_point}); this QEMU is {here.describe()}. Back this VM up under its own name with --vm NAME, "
+        "or, if it is the same machine moved to a new host or given new disks, pass --adopt to continue "
+        "that history")
