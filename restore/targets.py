@@ -78,8 +78,19 @@ def create_qcow2(path: Path, size: int, options: dict[str, Any], backing: str | 
 
 class NbdWriter:
     def __init__(self, socket_path: str) -> None:
-        self.h = nbd.NBD()
-        self.h.connect_unix(socket_path)
+        # qemu-nbd creates its socket file (bind) a moment before it listens: a connect in between is
+        # refused. Retry that one error briefly; a handle whose connect failed is dead, so make a new one.
+        deadline = time.monotonic() + 10
+        while True:
+            self.h = nbd.NBD()
+            try:
+                self.h.connect_unix(socket_path)
+                return
+            except nbd.Error as exc:
+                if exc.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
+                    raise
+                del self.h
+                time.sleep(0.02)
 
     def pwrite(self, data: memoryview | bytes, offset: int) -> None:
         self.h.pwrite(data, offset)
