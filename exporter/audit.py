@@ -70,8 +70,8 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
         for e in entries:
             age.setdefault(e, i)
     pieces = resolve(layers)
-    whole = [p for p in pieces if p.blob is not None and p.skip == 0 and (p.offset, p.length, p.blob) in age
-             and not ex.intersection([(p.offset, p.length)], dirty)]
+    whole = [p for p in _clean(pieces, dirty)
+             if p.blob is not None and p.skip == 0 and (p.offset, p.length, p.blob) in age]
     half = (count + 1) // 2
     newest = sorted(whole, key=lambda p: age[(p.offset, p.length, p.blob)])
     picked = {id(p): p for p in rng.sample(newest[: half * 4], min(half, len(newest)))}
@@ -82,6 +82,20 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
 
     data = ex.normalize((p.offset, p.length) for p in pieces if p.blob is not None)
     return blobs, _zero_probes(ex.difference(ex.complement(data, size), dirty), max(1, count // 4), rng)
+
+
+def _clean(pieces: list[Piece], dirty: ex.RangeList) -> list[Piece]:
+    """The pieces (sorted, disjoint) that no dirty range touches: one sweep, O(pieces + dirty)."""
+    out: list[Piece] = []
+    j = 0
+    for p in pieces:
+        end = p.offset + p.length
+        while j < len(dirty) and dirty[j][0] + dirty[j][1] <= p.offset:
+            j += 1
+        if j < len(dirty) and dirty[j][0] < end:
+            continue
+        out.append(p)
+    return out
 
 
 def _zero_probes(zeros: ex.RangeList, count: int, rng: random.Random) -> ex.RangeList:

@@ -95,22 +95,26 @@ class PlanSources:
     between: Callable[[], None] | None = None
 
 
+def _collect(context: str, got: list[tuple[int, int, int]]) -> Callable[[str, int, list[int], object], int]:
+    """A libnbd extent callback appending ``(offset, length, flags)`` of *context* to *got*."""
+
+    def extent(metacontext: str, offset: int, entries: list[int], err: object) -> int:
+        if metacontext == context:
+            for i in range(0, len(entries), 2):
+                got.append((offset, entries[i], entries[i + 1]))
+                offset += entries[i]
+        return 0
+
+    return extent
+
+
 def block_status(h: nbd.NBD, context: str, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """``(offset, length, flags)`` for *context* over ``[start, end)``, merged, in order."""
     pos = start
     pending: tuple[int, int, int] | None = None
     while pos < end:
         got: list[tuple[int, int, int]] = []
-
-        def cb(metacontext: str, offset: int, entries: list[int], err: object) -> int:
-            if metacontext == context:
-                o = offset
-                for i in range(0, len(entries), 2):
-                    got.append((o, entries[i], entries[i + 1]))
-                    o += entries[i]
-            return 0
-
-        h.block_status(min(MAX_STATUS, end - pos), pos, cb)
+        h.block_status(min(MAX_STATUS, end - pos), pos, _collect(context, got))
         if not got:
             raise ExportReadError(f"the NBD server returned no {context} status at offset {pos}; "
                                   "the export cannot be planned (is the fleece still in place?)")
@@ -147,21 +151,13 @@ def status_of_ranges(h: nbd.NBD, context: str, ranges: Iterable[ex.Range],
         nonlocal inflight
         got: list[tuple[int, int, int]] = []
 
-        def extent(metacontext: str, offset: int, entries: list[int], err: object) -> int:
-            if metacontext == context:
-                o = offset
-                for i in range(0, len(entries), 2):
-                    got.append((o, entries[i], entries[i + 1]))
-                    o += entries[i]
-            return 0
-
         def completed(err: object) -> int:
             nonlocal inflight
             inflight -= 1
             done.append((start, end, got, getattr(err, "value", 0)))
             return 1  # auto-retire
 
-        h.aio_block_status(min(MAX_STATUS, end - start), start, extent, completion=completed)
+        h.aio_block_status(min(MAX_STATUS, end - start), start, _collect(context, got), completion=completed)
         inflight += 1
 
     while todo or inflight or done:

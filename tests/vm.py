@@ -240,34 +240,28 @@ class TestVM:
                 f.seek(offset)
                 f.write(data)
 
-    def zero(self, disk_id: str, offset: int, length: int) -> None:
-        """The guest zeroes a range (``write -z``: efficient zeroing, often unallocating)."""
+    def _zeroing(self, disk_id: str, command: str, offset: int, length: int) -> None:
+        """A guest operation after which the range reads as zeros: *command* is qemu-io's, without the range."""
         disk = self.disks[disk_id]
         with self._lock:
-            self._qemu_io(disk, f"write -q -z {offset} {length}")
+            self._qemu_io(disk, f"{command} {offset} {length}")
             with open(disk.reference, "r+b") as f:
                 f.seek(offset)
                 f.write(b"\0" * length)
+
+    def zero(self, disk_id: str, offset: int, length: int) -> None:
+        """The guest zeroes a range (``write -z``: a WRITE_ZEROES request, often unallocating)."""
+        self._zeroing(disk_id, "write -q -z", offset, length)
 
     def zero_data(self, disk_id: str, offset: int, length: int) -> None:
         """An ordinary write of zero bytes (on a ``detect-zeroes`` disk QEMU turns it into WRITE_ZEROES)."""
-        disk = self.disks[disk_id]
-        with self._lock:
-            self._qemu_io(disk, f"write -q -P 0 {offset} {length}")
-            with open(disk.reference, "r+b") as f:
-                f.seek(offset)
-                f.write(b"\0" * length)
+        self._zeroing(disk_id, "write -q -P 0", offset, length)
 
     def discard(self, disk_id: str, offset: int, length: int) -> None:
         """The guest discards (TRIMs) a cluster-aligned range; on a qcow2 without backing file and with
-        ``discard=unmap`` it reads back as zeros (checked against the image by :meth:`read_disk_stopped`)."""
-        disk = self.disks[disk_id]
-        assert offset % disk.cluster_size == 0 and length % disk.cluster_size == 0
-        with self._lock:
-            self._qemu_io(disk, f"discard -q {offset} {length}")
-            with open(disk.reference, "r+b") as f:
-                f.seek(offset)
-                f.write(b"\0" * length)
+        ``discard=unmap`` it reads back as zeros (test_integrity checks the model against the image)."""
+        assert offset % self.disks[disk_id].cluster_size == 0 and length % self.disks[disk_id].cluster_size == 0
+        self._zeroing(disk_id, "discard -q", offset, length)
 
     def resize(self, disk_id: str, size: int) -> None:
         disk = self.disks[disk_id]
