@@ -10,7 +10,12 @@ says they hold:
 
 * whole blobs of the parent's resolved map (half from its newest layers, where a recent miss shows,
   half uniformly over the disk): read from the frozen view, their blob id must match;
-* ranges the parent holds as zero (unlisted or ``ZERO``): they must read as zero.
+* ranges the parent holds as zero (unlisted or ``ZERO``): they must read as zero;
+* always, the parent's last few clean data pieces, compared byte for byte with the blobs' contents from
+  the repository (pieces need not be whole blobs). This one is aimed: a disk shrunk and grown back to its
+  old size between two backups reads zero in the regrown tail while QEMU's bitmap — truncated, then
+  regrown clean — calls it unchanged. The only data above the shrink point is in the pieces above it,
+  and the last ones are those.
 
 Both are exact facts, not heuristics: a clean range is unchanged since the parent point by definition.
 A mismatch means the bitmap cannot be trusted: the caller makes that disk a *verified full* (read
@@ -25,6 +30,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import nbd
@@ -59,19 +65,29 @@ class AuditReport:
                 "mismatch_count": len(self.mismatches)}
 
 
+TAIL_PIECES = 4
+
+
+@dataclass
+class Sample:
+    blobs: list[Piece]  # whole clean blobs: compared by id
+    zeros: ex.RangeList  # clean ranges the parent holds as zero
+    tail: list[Piece]  # the last clean data pieces: compared with the blobs' bytes
+
+
 def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: int, count: int,
-                  rng: random.Random) -> tuple[list[Piece], ex.RangeList]:
-    """Whole clean blobs and clean zero ranges to check; *chain* is the parent's layers, newest first."""
+                  rng: random.Random) -> Sample:
+    """What to check; *chain* is the parent's layers, newest first."""
     if count <= 0:
-        return [], []
+        return Sample([], [], [])
     layers = [m.disks[disk].extents for m in chain]
     age = {}  # (offset, length, blob) of every entry -> index of the layer that wrote it (0 = newest)
     for i, entries in enumerate(layers):
         for e in entries:
             age.setdefault(e, i)
     pieces = resolve(layers)
-    whole = [p for p in _clean(pieces, dirty)
-             if p.blob is not None and p.skip == 0 and (p.offset, p.length, p.blob) in age]
+    clean = [p for p in _clean(pieces, dirty) if p.blob is not None]
+    whole = [p for p in clean if p.skip == 0 and (p.offset, p.length, p.blob) in age]
     half = (count + 1) // 2
     newest = sorted(whole, key=lambda p: age[(p.offset, p.length, p.blob)])
     picked = {id(p): p for p in rng.sample(newest[: half * 4], min(half, len(newest)))}
@@ -81,7 +97,8 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
     blobs = sorted(picked.values(), key=lambda p: p.offset)
 
     data = ex.normalize((p.offset, p.length) for p in pieces if p.blob is not None)
-    return blobs, _zero_probes(ex.difference(ex.complement(data, size), dirty), max(1, count // 4), rng)
+    zeros = _zero_probes(ex.difference(ex.complement(data, size), dirty), max(1, count // 4), rng)
+    return Sample(blobs, zeros, clean[-TAIL_PIECES:])
 
 
 def _clean(pieces: list[Piece], dirty: ex.RangeList) -> list[Piece]:
@@ -117,11 +134,24 @@ def _zero_probes(zeros: ex.RangeList, count: int, rng: random.Random) -> ex.Rang
     return sorted(set(probes))  # never merged: each read stays one small request
 
 
-def audit(h: nbd.NBD, blobs: list[Piece], zeros: ex.RangeList, budget: float = TIME_BUDGET) -> AuditReport:
-    """Read the sample from the frozen view behind *h* and compare (see the module docstring)."""
+def audit(h: nbd.NBD, sample: Sample, fetch: Callable[[list[bytes]], dict[bytes, bytes]],
+          budget: float = TIME_BUDGET) -> AuditReport:
+    """Read the sample from the frozen view behind *h* and compare (see the module docstring).
+
+    *fetch* returns the plaintext of blobs from the repository (for the tail pieces only).
+    """
     report = AuditReport()
     started = time.monotonic()
-    for p in blobs:
+    if sample.tail:
+        contents = fetch(sorted({p.blob for p in sample.tail if p.blob is not None}))
+        for p in sample.tail:
+            assert p.blob is not None
+            data = h.pread(p.length, p.offset)
+            report.blobs += 1
+            report.bytes_read += p.length
+            if data != contents[p.blob][p.skip:p.skip + p.length]:
+                report.mismatches.append((p.offset, p.length, f"data of blob {p.blob.hex()[:16]} differs"))
+    for p in sample.blobs:
         if time.monotonic() - started > budget:
             report.truncated = True
             break
@@ -130,7 +160,7 @@ def audit(h: nbd.NBD, blobs: list[Piece], zeros: ex.RangeList, budget: float = T
         report.bytes_read += p.length
         if blob_id(data) != p.blob:
             report.mismatches.append((p.offset, p.length, f"blob {p.blob.hex()[:16]} differs"))
-    for off, length in zeros:
+    for off, length in sample.zeros:
         if time.monotonic() - started > budget:
             report.truncated = True
             break

@@ -104,6 +104,7 @@ class _Run:
         self.mon = mon
         self.event = req.on_event or (lambda name, data: None)
         self.prefix = bitmaps.repo_prefix(repo.config.id)
+        self._adopted = False
 
     # -- the run ----------------------------------------------------------------------------------------
 
@@ -127,11 +128,13 @@ class _Run:
                 bitmaps.transaction(self.mon, [{"type": "block-dirty-bitmap-remove",
                                                 "data": {"node": d.node, "name": n}} for n in lv.remove_first])
         point_id = new_point_id()
-        new_bitmap = bitmaps.bitmap_name(self.repo.config.id, point_id)
-        manifest, stats = self._backup(vm, info, disks, levels, point_id, new_bitmap)
+        # One name per disk: a disk's bitmap can never be taken for another disk's (images swapped, ids
+        # reassigned) — it simply is not there, and that disk gets a full.
+        new_bitmaps = {d.id: bitmaps.bitmap_name(self.repo.config.id, point_id, d.id) for d in disks}
+        manifest, stats = self._backup(vm, info, disks, levels, point_id, new_bitmaps)
         self.event("committed", {"point": manifest.id})
         for d in disks:
-            self._drop_old_bitmaps(d, new_bitmap)
+            self._drop_old_bitmaps(d, new_bitmaps[d.id])
         stats["duration_s"] = round(time.monotonic() - started, 3)
         return BackupResult(manifest, stats)
 
@@ -142,8 +145,9 @@ class _Run:
         last = self.repo.manifest(vm, ids[-1])
         line = check_history(vm, self.machine, Machine.from_json(last.extra.get("machine")), last.id,
                              self.req.adopt)
-        if line:
+        if line and not self._adopted:
             log.warning("%s", line)
+            self._adopted = True
 
     def _recover(self, vm: str, info: VmInfo) -> VmInfo:
         """Unwind what an earlier, killed run left in QEMU (we hold the lock: no live run owns it)."""
@@ -173,9 +177,16 @@ class _Run:
                 raise UsageError(f"no disk {', '.join(unknown)} in this VM; its disks are: "
                                  f"{', '.join(by_id) or 'none'}")
             chosen = [by_id[d] for d in dict.fromkeys(self.req.disks)]
+            detached = [d.id for d in chosen if not d.qdev]
+            if detached:
+                raise UsageError(f"drive {', '.join(detached)} is not attached to any guest device: nothing in the "
+                                 "VM can write it, and there is no device to put the fleece in front of; leave it out")
         else:
             chosen = []
             for d in info.disks:
+                if not d.qdev:
+                    log.info("skipping drive %s (%s): no guest device uses it", d.id, d.filename)
+                    continue
                 if d.read_only:
                     log.info("skipping read-only device %s (%s)", d.id, d.filename)
                     continue
@@ -193,7 +204,7 @@ class _Run:
         return chosen
 
     def _backup(self, vm: str, info: VmInfo, disks: list[DiskInfo], levels: dict[str, bitmaps.Level],
-                point_id: str, new_bitmap: str) -> tuple[Manifest, dict[str, Any]]:
+                point_id: str, new_bitmaps: dict[str, str]) -> tuple[Manifest, dict[str, Any]]:
         scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
         if not scratch.is_dir():
             raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR")
@@ -219,7 +230,7 @@ class _Run:
             if was_running:
                 self.mon.cmd("stop")
             try:
-                actions = [a for f in fleeces for a in bitmaps.freeze_actions(f.disk.node, new_bitmap,
+                actions = [a for f in fleeces for a in bitmaps.freeze_actions(f.disk.node, new_bitmaps[f.disk.id],
                                                                               levels[f.disk.id], None)]
                 bitmaps.transaction(self.mon, actions)
                 switched = True
@@ -246,7 +257,8 @@ class _Run:
             # Enough buffers for every reader plus what the writer queues; reading outpaces compression.
             pool = BufferPool(self.req.workers + 4, self.repo.config.chunk_size)
             for f in fleeces:
-                pending[f.disk.id] = self._pull_disk(f, levels[f.disk.id], sock, writer, pool, new_bitmap)
+                pending[f.disk.id] = self._pull_disk(f, levels[f.disk.id], sock, writer, pool,
+                                                       new_bitmaps[f.disk.id])
 
             self.event("pulled", {"point": point_id})
             for what in graph.unwind(self.mon, only=names):
@@ -265,12 +277,13 @@ class _Run:
                 extra={"host": socket.gethostname(), "machine": self.machine.to_json(), "pause_ms": stats["pause_ms"],
                        "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers})
             self.event("committing", {"point": point_id})
+            self._check_identity(vm)  # again: another machine may have taken the name during this run
             self.repo.commit(manifest)
             committed = True
             log.info("committed point %s of VM %s", point_id, vm)
             return manifest, stats
         except BaseException as exc:
-            self._fail(exc, writer, names, fleeces, levels, new_bitmap, switched and not committed, scratch)
+            self._fail(exc, writer, names, fleeces, levels, new_bitmaps, switched and not committed, scratch)
             raise
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -347,13 +360,13 @@ class _Run:
         """Re-read a sample of clean ranges and compare them with the parent point (see audit.py)."""
         assert level.since is not None
         chain = self.repo.disk_chain(self.repo.manifest(self.vm, level.since), f.disk.id)
-        blobs, zeros = choose_sample(chain, f.disk.id, plan.dirty, f.disk.virtual_size, self.req.audit_sample,
-                                     random.Random())
+        sample = choose_sample(chain, f.disk.id, plan.dirty, f.disk.virtual_size, self.req.audit_sample,
+                               random.Random())
         h = nbd.NBD()
         h.set_export_name(f.names.export)
         try:
             h.connect_unix(sock)
-            report = audit(h, blobs, zeros)
+            report = audit(h, sample, lambda ids: dict(self.repo.iter_blobs(ids)))
             h.shutdown()
         except nbd.Error as exc:
             raise ExportReadError(f"reading the audit sample of disk {f.disk.id} failed: {exc}"
@@ -412,7 +425,8 @@ class _Run:
         return ""
 
     def _fail(self, exc: BaseException, writer: Any, names: set[str], fleeces: list[graph.DiskFleece],
-              levels: dict[str, bitmaps.Level], new_bitmap: str, fold_back: bool, scratch: Path) -> None:
+              levels: dict[str, bitmaps.Level], new_bitmaps: dict[str, str], fold_back: bool,
+              scratch: Path) -> None:
         """Undo a failed run: graph first, then give every write back to the old bitmaps."""
         log.error("backup failed (%s); rolling back", exc if str(exc) else type(exc).__name__)
         if writer is not None:
@@ -428,7 +442,7 @@ class _Run:
         if fold_back:
             try:
                 actions = [a for f in fleeces
-                           for a in bitmaps.rollback_actions(f.disk.node, new_bitmap, levels[f.disk.id])]
+                           for a in bitmaps.rollback_actions(f.disk.node, new_bitmaps[f.disk.id], levels[f.disk.id])]
                 bitmaps.transaction(self.mon, actions)
                 log.info("dirty bitmaps restored: the next incremental covers everything since the last point")
             except Exception as e:  # noqa: BLE001

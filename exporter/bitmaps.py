@@ -1,7 +1,11 @@
 """Dirty-bitmap bookkeeping: which level a disk can have, and the commit protocol (DESIGN §5).
 
-Each point of a chain owns one persistent bitmap per disk, named ``fleece-<repo id>-<point id>``; it
-tracks every write *since* that point, and the point's manifest records its name. A backup:
+Each point of a chain owns one persistent bitmap per disk, named ``fleece-<repo id>-<point id>.<disk>``
+(``<disk>``: 8 hex of the disk id's SHA-256); it tracks every write *since* that point, and the point's
+manifest records its name. The disk token matters: with one name for all disks of a point, a disk whose
+image was swapped with another's (two ``-drive`` options reordered) or whose id passed to another disk
+found the other disk's bitmap and built an incremental on the wrong chain. Names written before the
+token existed (no ``.<disk>``) are still recognised. A backup:
 
 * at the freeze, in one transaction with the guest paused: adds the new point's bitmap and (for an
   incremental) disables the parent's bitmap, which is then exported frozen;
@@ -15,6 +19,7 @@ A run killed before it could do either leaves a disabled old bitmap next to an e
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,15 +38,19 @@ def repo_prefix(repo_id: str) -> str:
     return f"{PREFIX}{repo_id[:12]}-"
 
 
-def bitmap_name(repo_id: str, point_id: str) -> str:
-    return f"{repo_prefix(repo_id)}{point_id}"
+def disk_token(disk_id: str) -> str:
+    return hashlib.sha256(disk_id.encode()).hexdigest()[:8]
+
+
+def bitmap_name(repo_id: str, point_id: str, disk_id: str) -> str:
+    return f"{repo_prefix(repo_id)}{point_id}.{disk_token(disk_id)}"
 
 
 def point_of(name: str) -> str | None:
-    """The point id a fleece bitmap name carries (``fleece-<12 hex>-<point id>``)."""
+    """The point id a fleece bitmap name carries (``fleece-<12 hex>-<point id>[.<disk token>]``)."""
     parts = name.split("-", 2)
     if len(parts) == 3 and parts[0] == "fleece" and len(parts[1]) == 12:
-        return parts[2]
+        return parts[2].rsplit(".", 1)[0] if parts[2].count(".") > 1 else parts[2]
     return None
 
 

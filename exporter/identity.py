@@ -9,9 +9,11 @@ belongs to another machine.
 Identity, strongest first:
 
 * QEMU's ``-uuid`` (``query-uuid``; libvirt always sets one): two machines are the same iff their UUIDs are.
-* Without a UUID on both sides: the same host **and** at least one disk backed by the same image file.
-  Two live VMs cannot share an image file (QEMU's image locking), so this tells two same-named VMs on one
-  host apart, while a restart, a ``-drive`` → ``-blockdev`` change or an added disk keeps the history.
+* Without a UUID on both sides: the same host **and** at least one *writable* disk backed by the same
+  image file (an absolute path; a relative ``-drive file=`` is resolved against QEMU's working directory).
+  Two live VMs cannot share a writable image (QEMU's image locking) — read-only media such as an
+  installer ISO they can, so those do not count — which tells two same-named VMs on one host apart,
+  while a restart, a ``-drive`` → ``-blockdev`` change or an added disk keeps the history.
 
 A machine that really is the same but changed all of that at once (restored onto a new host after a
 disaster, disks renamed) continues its history with ``--adopt``; its first backup is then a full anyway,
@@ -52,8 +54,8 @@ class Machine:
         if uuid == NO_UUID:
             uuid = None
         return cls(uuid=uuid, host=socket.gethostname(),
-                   images={d.id: os.path.realpath(d.filename) if d.filename.startswith("/") else d.filename
-                           for d in info.disks if d.filename})
+                   images={d.id: _absolute(d.filename, mon.peer_pid) for d in info.disks
+                           if d.filename and not d.read_only and d.qdev})
 
     @classmethod
     def from_json(cls, obj: Any) -> Machine | None:
@@ -74,6 +76,19 @@ class Machine:
             return f"uuid {self.uuid} on host {self.host}"
         files = ", ".join(sorted(self.images.values())) or "no disk files"
         return f"host {self.host}, disks {files}"
+
+
+def _absolute(filename: str, qemu_pid: int | None) -> str:
+    """The image file as an absolute path: QEMU reports a relative ``-drive file=`` as given, relative
+    to *its* working directory (two VMs in two directories may both say ``disk.qcow2``)."""
+    if filename.startswith("/") or ":" in filename.split("/", 1)[0]:  # absolute, or a protocol (nbd:, …)
+        return os.path.realpath(filename) if filename.startswith("/") else filename
+    if qemu_pid:
+        try:
+            return os.path.realpath(os.path.join(os.readlink(f"/proc/{qemu_pid}/cwd"), filename))
+        except OSError:
+            pass
+    return f"?/{filename}"  # unknown directory: matches nothing but the same unknown name
 
 
 def check_history(vm: str, here: Machine, recorded: Machine | None, last_point: str, adopt: bool) -> str | None:

@@ -111,7 +111,9 @@ class Monitor:
                 return f"qemu-pid:{self.peer_pid}:{int(fields[19])}"  # field 22: starttime
             except (OSError, IndexError, ValueError):
                 return f"qemu-pid:{self.peer_pid}"
-        return f"qmp:{os.path.realpath(self.path)}"
+        # (Not "qmp:<path>": the caller holds that lock already, and a second flock on it would refuse
+        # the caller itself. Without the peer, a second run through another monitor is not detected.)
+        return f"qemu-at:{os.path.realpath(self.path)}"
 
     # -- plumbing ---------------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ one history (every run a full with a false reason; ``restore`` returned whicheve
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from exporter.errors import BackupBusyError
 from exporter.identity import IdentityError
 from exporter.qmp import Monitor
 from repository import Repository
+from repository.errors import UsageError
 from test_backup import Recorder, backup, seed
 from vm import random_bytes
 
@@ -114,3 +117,94 @@ def test_uuid_decides_when_set(make_vm, repo, scratch, tmp_path) -> None:
     p = fleece("backup", "--qmp", b.qmp_path, "--repo", repo.url, "--scratch", str(scratch))
     assert p.returncode == 1
     assert "belongs to another machine" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_name_taken_by_another_machine_during_a_run_fails_that_run(make_vm, repo, scratch) -> None:
+    """Two machines' first backups under one name at once: the second to commit is refused, cleanly."""
+    first = make_vm(name="race")
+    second = make_vm(name="race")
+    seed(first)
+    seed(second)
+    before = fleece_bitmaps(first.guest)
+    taken: list[str] = []
+
+    def hook(name: str, data: dict) -> None:
+        if name == "committing" and not taken:
+            taken.append(run_backup(repo, BackupRequest(qmp=second.qmp_path, scratch=str(scratch))).manifest.id)
+
+    with pytest.raises(IdentityError, match="belongs to another machine"):
+        run_backup(repo, BackupRequest(qmp=first.qmp_path, scratch=str(scratch), on_event=hook))
+    assert repo.point_ids("race") == taken
+    assert fleece_bitmaps(first.guest) == before  # rolled back: no bitmap of the refused point stays
+    assert_clean(first.guest)
+
+
+def test_disk_images_swapped_between_disks_get_fulls_not_each_others_chain(make_vm, repo, scratch) -> None:
+    """Two equal disks whose images trade places (two -drive options reordered): each disk's bitmap names
+    its disk, so neither builds an incremental on the other's chain."""
+    vm = make_vm(disks={"vda": 8 * MiB, "vdb": 8 * MiB})
+    vm.write("vda", MiB, random_bytes(MiB, 1))
+    vm.write("vdb", 3 * MiB, random_bytes(MiB, 2))
+    backup(vm, repo, scratch)
+    vm.quit()
+    a, b = vm.disks["vda"], vm.disks["vdb"]
+    for x, y in ((a.image, b.image), (a.reference, b.reference)):  # the ground truth moves with the bytes
+        tmp = x.with_name("swap")
+        x.rename(tmp)
+        y.rename(x)
+        tmp.rename(y)
+    vm.start()
+    vm.write("vda", 5 * MiB, b"\x03" * 65536)
+    result, rec = backup(vm, repo, scratch, audit_sample=0)  # the bitmap names alone decide, not the audit
+    assert {d: r.kind for d, r in result.manifest.disks.items()} == {"vda": "full", "vdb": "full"}
+    assert_point_matches(repo, result.manifest, rec.refs)
+
+
+def test_a_drive_no_device_uses_is_skipped_and_refused_by_name(make_vm, repo, scratch, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    spare = tmp_path / "spare.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(spare), "8M"], check=True)
+    vm = make_vm(start=False)
+    vm.extra_args = ["-drive", f"file={spare},if=none,id=spare0"]
+    vm.start()
+    seed(vm)
+    result, rec = backup(vm, repo, scratch)
+    assert set(result.manifest.disks) == {"vda", "vdb"}
+    assert "skipping drive spare0" in caplog.text
+    assert_point_matches(repo, result.manifest, rec.refs)
+    with pytest.raises(UsageError, match="spare0 is not attached to any guest device"):
+        backup(vm, repo, scratch, disks=["spare0"])
+    assert_clean(vm.guest)
+
+
+def test_identity_ignores_shared_read_only_media_and_resolves_relative_paths(tmp_path) -> None:
+    """Unit level (the QMP side is faked): what an identity is made of."""
+    from exporter.identity import Machine
+    from exporter.inventory import DiskInfo, VmInfo
+
+    class FakeMon:
+        peer_pid = os.getpid()
+
+        def cmd(self, name: str) -> dict:
+            return {"UUID": "00000000-0000-0000-0000-000000000000"}
+
+    def disk(i: str, filename: str, ro: bool = False) -> DiskInfo:
+        return DiskInfo(id=i, qdev=f"/machine/peripheral/{i}", node=f"n-{i}", driver="qcow2", virtual_size=1,
+                        filename=filename, read_only=ro)
+
+    iso = "/srv/iso/debian.iso"
+    a = Machine.of(FakeMon(), VmInfo("web", "running", [disk("vda", "/vm/a.qcow2"), disk("cd0", iso, ro=True)]))
+    b = Machine.of(FakeMon(), VmInfo("web", "running", [disk("vda", "/vm/b.qcow2"), disk("cd0", iso, ro=True)]))
+    assert a.uuid is None and iso not in a.images.values()
+    assert not a.same_as(b)
+    rel = Machine.of(FakeMon(), VmInfo("web", "running", [disk("vda", "disk.qcow2")]))
+    assert rel.images["vda"] == os.path.realpath(os.path.join(os.getcwd(), "disk.qcow2"))
+
+
+def test_backup_works_when_the_qemu_process_is_not_visible(make_vm, repo, scratch, monkeypatch) -> None:
+    """In another pid namespace SO_PEERCRED gives no pid: the fallback lock must not refuse fleece itself."""
+    monkeypatch.setattr(Monitor, "_peer_pid", lambda self: None)
+    vm = make_vm()
+    seed(vm)
+    result, rec = backup(vm, repo, scratch)
+    assert_point_matches(repo, result.manifest, rec.refs)

@@ -85,6 +85,7 @@ class TestVM:
             assert bus in BUSES, f"unknown bus {bus!r} (one of {', '.join(BUSES)})"
             self.disks[d].bus = bus
         self.uuid: str | None = None  # QEMU's -uuid, when a test sets one before start()
+        self.extra_args: list[str] = []  # more QEMU options (set before start())
         self.proc: subprocess.Popen[bytes] | None = None
         self.guest: Monitor | None = None
         self._lock = threading.Lock()
@@ -108,6 +109,7 @@ class TestVM:
                 "-qmp", f"unix:{self.guest_qmp_path},server=on,wait=off"]
         if self.uuid:
             args += ["-uuid", self.uuid]
+        args += self.extra_args
         args += self._controller_args()
         for d in self.disks.values():
             if d.bus.startswith("drive-"):
