@@ -28,7 +28,9 @@ from __future__ import annotations
 import bisect
 import logging
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +90,7 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
     pieces = resolve(layers)
     clean = [p for p in _clean(pieces, dirty) if p.blob is not None]
     whole = [p for p in clean if p.skip == 0 and (p.offset, p.length, p.blob) in age]
+    whole_set = set(whole)
     half = (count + 1) // 2
     newest = sorted(whole, key=lambda p: age[(p.offset, p.length, p.blob)])
     picked = {id(p): p for p in rng.sample(newest[: half * 4], min(half, len(newest)))}
@@ -98,7 +101,10 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
 
     data = ex.normalize((p.offset, p.length) for p in pieces if p.blob is not None)
     zeros = _zero_probes(ex.difference(ex.complement(data, size), dirty), max(1, count // 4), rng)
-    return Sample(blobs, zeros, clean[-TAIL_PIECES:])
+    tail = clean[-TAIL_PIECES:]
+    chosen = {(p.offset, p.blob) for p in blobs}
+    blobs += [p for p in tail if p in whole_set and (p.offset, p.blob) not in chosen]
+    return Sample(sorted(blobs, key=lambda p: p.offset), zeros, [p for p in tail if p not in whole_set])
 
 
 def _clean(pieces: list[Piece], dirty: ex.RangeList) -> list[Piece]:
@@ -134,40 +140,55 @@ def _zero_probes(zeros: ex.RangeList, count: int, rng: random.Random) -> ex.Rang
     return sorted(set(probes))  # never merged: each read stays one small request
 
 
-def audit(h: nbd.NBD, sample: Sample, fetch: Callable[[list[bytes]], dict[bytes, bytes]],
-          budget: float = TIME_BUDGET) -> AuditReport:
-    """Read the sample from the frozen view behind *h* and compare (see the module docstring).
+READERS = 2  # connections reading the sample: hashing 64 MiB is CPU-bound, and the pull has not started
 
-    *fetch* returns the plaintext of blobs from the repository (for the tail pieces only).
+
+def audit(connect: Callable[[], nbd.NBD], sample: Sample, fetch: Callable[[list[bytes]], dict[bytes, bytes]],
+          budget: float = TIME_BUDGET) -> AuditReport:
+    """Read the sample from the frozen view and compare (see the module docstring).
+
+    *connect* opens a connection to the frozen view (one per reader); *fetch* returns the plaintext of
+    blobs from the repository (for tail pieces that are parts of blobs only).
     """
     report = AuditReport()
     started = time.monotonic()
-    if sample.tail:
-        contents = fetch(sorted({p.blob for p in sample.tail if p.blob is not None}))
-        for p in sample.tail:
-            assert p.blob is not None
-            data = h.pread(p.length, p.offset)
-            report.blobs += 1
-            report.bytes_read += p.length
-            if data != contents[p.blob][p.skip:p.skip + p.length]:
-                report.mismatches.append((p.offset, p.length, f"data of blob {p.blob.hex()[:16]} differs"))
-    for p in sample.blobs:
-        if time.monotonic() - started > budget:
-            report.truncated = True
-            break
-        data = h.pread(p.length, p.offset)
-        report.blobs += 1
-        report.bytes_read += p.length
-        if blob_id(data) != p.blob:
-            report.mismatches.append((p.offset, p.length, f"blob {p.blob.hex()[:16]} differs"))
-    for off, length in sample.zeros:
-        if time.monotonic() - started > budget:
-            report.truncated = True
-            break
-        data = h.pread(length, off)
-        report.zero_ranges += 1
-        report.bytes_read += length
-        if data.count(0) != length:
-            report.mismatches.append((off, length, "zero in the parent point, data now"))
+    contents = fetch(sorted({p.blob for p in sample.tail if p.blob is not None}))
+    checks: list[tuple[str, int, int, Piece | None]] = (
+        [("part", p.offset, p.length, p) for p in sample.tail]
+        + [("blob", p.offset, p.length, p) for p in sample.blobs]
+        + [("zero", off, length, None) for off, length in sample.zeros])
+    lock = threading.Lock()
+
+    def read(share: list[tuple[str, int, int, Piece | None]]) -> None:
+        h = connect()
+        try:
+            for kind, off, length, p in share:
+                if time.monotonic() - started > budget:
+                    report.truncated = True
+                    return
+                data = h.pread(length, off)
+                if kind == "zero":
+                    bad = data.count(0) != length
+                    what = "zero in the parent point, data now"
+                else:
+                    assert p is not None and p.blob is not None
+                    bad = (blob_id(data) != p.blob if kind == "blob"
+                           else data != contents[p.blob][p.skip:p.skip + p.length])
+                    what = f"{'data of ' if kind == 'part' else ''}blob {p.blob.hex()[:16]} differs"
+                with lock:
+                    report.bytes_read += length
+                    if kind == "zero":
+                        report.zero_ranges += 1
+                    else:
+                        report.blobs += 1
+                    if bad:
+                        report.mismatches.append((off, length, what))
+        finally:
+            h.shutdown()
+
+    with ThreadPoolExecutor(READERS, thread_name_prefix="fleece-audit") as pool:
+        for f in [pool.submit(read, checks[i::READERS]) for i in range(READERS)]:
+            f.result()
+    report.mismatches.sort()
     report.seconds = time.monotonic() - started
     return report

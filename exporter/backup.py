@@ -362,12 +362,15 @@ class _Run:
         chain = self.repo.disk_chain(self.repo.manifest(self.vm, level.since), f.disk.id)
         sample = choose_sample(chain, f.disk.id, plan.dirty, f.disk.virtual_size, self.req.audit_sample,
                                random.Random())
-        h = nbd.NBD()
-        h.set_export_name(f.names.export)
-        try:
+
+        def connect() -> nbd.NBD:
+            h = nbd.NBD()
+            h.set_export_name(f.names.export)
             h.connect_unix(sock)
-            report = audit(h, sample, lambda ids: dict(self.repo.iter_blobs(ids)))
-            h.shutdown()
+            return h
+
+        try:
+            report = audit(connect, sample, lambda ids: dict(self.repo.iter_blobs(ids)))
         except nbd.Error as exc:
             raise ExportReadError(f"reading the audit sample of disk {f.disk.id} failed: {exc}"
                                   f"{self._scratch_hint(f)}") from None
