@@ -208,3 +208,23 @@ def test_backup_works_when_the_qemu_process_is_not_visible(make_vm, repo, scratc
     seed(vm)
     result, rec = backup(vm, repo, scratch)
     assert_point_matches(repo, result.manifest, rec.refs)
+
+
+def test_bitmaps_named_by_an_older_fleece_keep_the_chain_incremental(make_vm, repo, scratch, monkeypatch) -> None:
+    """Points written before bitmaps carried a disk token (one name per point) still get incrementals."""
+    from exporter import bitmaps
+
+    new_name = bitmaps.bitmap_name
+    monkeypatch.setattr(bitmaps, "bitmap_name", lambda repo_id, point_id, disk_id: f"{bitmaps.repo_prefix(repo_id)}{point_id}")
+    vm = make_vm()
+    seed(vm)
+    old, _ = backup(vm, repo, scratch)
+    assert old.manifest.disks["vda"].bitmap == old.manifest.disks["vdb"].bitmap  # the old naming
+    monkeypatch.setattr(bitmaps, "bitmap_name", new_name)
+    vm.write("vda", 3 * MiB, random_bytes(65536, 5))
+    inc, rec = backup(vm, repo, scratch)
+    assert {d.kind for d in inc.manifest.disks.values()} == {"incremental"}
+    assert inc.manifest.disks["vda"].bitmap != inc.manifest.disks["vdb"].bitmap
+    assert inc.manifest.disks["vda"].stats["dirty_bytes"] == 65536
+    assert_point_matches(repo, inc.manifest, rec.refs)
+    assert fleece_bitmaps(vm.guest) == {d: [(inc.manifest.disks[d].bitmap, True)] for d in ("vda", "vdb")}
