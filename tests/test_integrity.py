@@ -217,7 +217,19 @@ def test_full_of_an_overlay_reads_only_what_the_chain_allocates(make_vm, tmp_pat
     # 4 MiB + 1 MiB from the backing file, 1 MiB from the overlay, minus the 1 MiB the overlay zeroes
     assert stats["read_bytes"] == 5 * MiB, stats
     assert_point_matches(repo, full.manifest, hook.refs)
+    # Incrementals of the overlay: dirty overlay data zeroed between freeze and plan, then inside the plan.
     vm.write("vda", 60 * MiB, b"\x61" * 65536)
+    vm.write("vda", 20 * MiB, random_bytes(2 * MiB, 96))
+    for window in ("frozen", "planning"):
+        hook = Attacker(vm, window)
+        ATTACKS[:] = [("vda", 20 * MiB, 2 * MiB, "write-zeroes")]
+        try:
+            inc = _backup(vm, repo, scratch, hook)
+        finally:
+            ATTACKS[:] = ATTACKS_BAK
+        assert inc.manifest.kind == "incremental"
+        assert_point_matches(repo, inc.manifest, hook.refs)
+        vm.write("vda", 20 * MiB, random_bytes(2 * MiB, 97))
     after = Attacker(vm, "none")
     inc = _backup(vm, repo, scratch, after)
     assert inc.manifest.kind == "incremental"
