@@ -12,10 +12,11 @@ says they hold:
   half uniformly over the disk): read from the frozen view, their blob id must match;
 * ranges the parent holds as zero (unlisted or ``ZERO``): they must read as zero;
 * always, the parent's last few clean data pieces, compared byte for byte with the blobs' contents from
-  the repository (pieces need not be whole blobs). This one is aimed: a disk shrunk and grown back to its
-  old size between two backups reads zero in the regrown tail while QEMU's bitmap — truncated, then
-  regrown clean — calls it unchanged. The only data above the shrink point is in the pieces above it,
-  and the last ones are those.
+  the repository (pieces need not be whole blobs; the dirty parts of a piece are left out, its clean
+  parts are checked). This one is aimed: a disk shrunk and grown back to its old size between two
+  backups reads zero in the regrown tail while QEMU's bitmap — truncated, then regrown clean — calls it
+  unchanged. The only data above the shrink point is in the pieces above it, and the last ones are
+  those. It runs first and is never cut short by the time budget.
 
 Both are exact facts, not heuristics: a clean range is unchanged since the parent point by definition.
 A mismatch means the bitmap cannot be trusted: the caller makes that disk a *verified full* (read
@@ -74,14 +75,15 @@ TAIL_PIECES = 4
 class Sample:
     blobs: list[Piece]  # whole clean blobs: compared by id
     zeros: ex.RangeList  # clean ranges the parent holds as zero
-    tail: list[Piece]  # the last clean data pieces: compared with the blobs' bytes
+    tail: list[Piece]  # clean parts of the last data pieces: compared with the blobs' bytes
+    tail_blobs: list[Piece] = field(default_factory=list)  # last data pieces that are whole clean blobs
 
 
 def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: int, count: int,
                   rng: random.Random) -> Sample:
     """What to check; *chain* is the parent's layers, newest first."""
     if count <= 0:
-        return Sample([], [], [])
+        return Sample([], [], [], [])
     layers = [m.disks[disk].extents for m in chain]
     age = {}  # (offset, length, blob) of every entry -> index of the layer that wrote it (0 = newest)
     for i, entries in enumerate(layers):
@@ -101,10 +103,16 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
 
     data = ex.normalize((p.offset, p.length) for p in pieces if p.blob is not None)
     zeros = _zero_probes(ex.difference(ex.complement(data, size), dirty), max(1, count // 4), rng)
-    tail = clean[-TAIL_PIECES:]
-    chosen = {(p.offset, p.blob) for p in blobs}
-    blobs += [p for p in tail if p in whole_set and (p.offset, p.blob) not in chosen]
-    return Sample(sorted(blobs, key=lambda p: p.offset), zeros, [p for p in tail if p not in whole_set])
+    # The tail: the clean parts of the last data pieces, dirty or not (a regrown disk's stale blob may
+    # also hold a guest write). Whole clean blobs are checked by id; parts need the blob's bytes.
+    tail_ids: list[Piece] = []
+    parts: list[Piece] = []
+    for p in [p for p in pieces if p.blob is not None][-TAIL_PIECES:]:
+        for off, length in ex.difference([(p.offset, p.length)], dirty):
+            part = Piece(off, length, p.blob, p.skip + off - p.offset)
+            (tail_ids if part in whole_set else parts).append(part)
+    chosen = set(tail_ids)
+    return Sample(sorted((p for p in blobs if p not in chosen), key=lambda p: p.offset), zeros, parts, tail_ids)
 
 
 def _clean(pieces: list[Piece], dirty: ex.RangeList) -> list[Piece]:
@@ -153,8 +161,10 @@ def audit(connect: Callable[[], nbd.NBD], sample: Sample, fetch: Callable[[list[
     report = AuditReport()
     started = time.monotonic()
     contents = fetch(sorted({p.blob for p in sample.tail if p.blob is not None}))
+    # The tail first and never cut short by the budget: it is the aimed check, at most 4 pieces.
     checks: list[tuple[str, int, int, Piece | None]] = (
         [("part", p.offset, p.length, p) for p in sample.tail]
+        + [("tail", p.offset, p.length, p) for p in sample.tail_blobs]
         + [("blob", p.offset, p.length, p) for p in sample.blobs]
         + [("zero", off, length, None) for off, length in sample.zeros])
     lock = threading.Lock()
@@ -163,7 +173,7 @@ def audit(connect: Callable[[], nbd.NBD], sample: Sample, fetch: Callable[[list[
         h = connect()
         try:
             for kind, off, length, p in share:
-                if time.monotonic() - started > budget:
+                if kind not in ("part", "tail") and time.monotonic() - started > budget:
                     report.truncated = True
                     return
                 data = h.pread(length, off)
@@ -172,8 +182,8 @@ def audit(connect: Callable[[], nbd.NBD], sample: Sample, fetch: Callable[[list[
                     what = "zero in the parent point, data now"
                 else:
                     assert p is not None and p.blob is not None
-                    bad = (blob_id(data) != p.blob if kind == "blob"
-                           else data != contents[p.blob][p.skip:p.skip + p.length])
+                    bad = (data != contents[p.blob][p.skip:p.skip + p.length] if kind == "part"
+                           else blob_id(data) != p.blob)
                     what = f"{'data of ' if kind == 'part' else ''}blob {p.blob.hex()[:16]} differs"
                 with lock:
                     report.bytes_read += length

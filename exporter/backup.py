@@ -377,6 +377,10 @@ class _Run:
         log.info("disk %s: bitmap audit read %d clean blobs and %d zero ranges (%d bytes, %.2f s): %s",
                  f.disk.id, report.blobs, report.zero_ranges, report.bytes_read, report.seconds,
                  f"{len(report.mismatches)} MISMATCHES" if report.mismatches else "all as recorded")
+        if report.truncated and not report.mismatches:
+            log.warning("disk %s: the bitmap audit ran out of time (%.0f s) before its whole sample was read: "
+                        "this incremental is only partly verified (the storage behind the VM is slow)",
+                        f.disk.id, report.seconds)
         return report
 
     def _plan(self, f: graph.DiskFleece, level: bitmaps.Level, sock: str, chunk: int,

@@ -84,6 +84,11 @@ def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> L
     if bitmap is None:
         return Level(KIND_FULL, None, f"bitmap {name} is gone (QEMU was restarted without a clean shutdown, "
                                       "or the bitmap was removed)", [])
+    if name.startswith(PREFIX) and not name.endswith(f".{disk_token(disk.id)}"):
+        # One name served every disk of a point before bitmaps carried a disk token: this bitmap cannot
+        # prove it belongs to this disk (images swapped since, an id given to another disk). Once.
+        return Level(KIND_FULL, name, f"bitmap {name} predates per-disk bitmap names and cannot prove it "
+                                      f"tracks disk {disk.id}; one full (dedup keeps the upload small)", [])
     if bitmap.inconsistent:
         return Level(KIND_FULL, None, f"bitmap {name} is inconsistent (QEMU crashed while it was in use); "
                                       "it is removed", [bitmap.name])

@@ -9,11 +9,13 @@ belongs to another machine.
 Identity, strongest first:
 
 * QEMU's ``-uuid`` (``query-uuid``; libvirt always sets one): two machines are the same iff their UUIDs are.
-* Without a UUID on both sides: the same host **and** at least one *writable* disk backed by the same
-  image file (an absolute path; a relative ``-drive file=`` is resolved against QEMU's working directory).
-  Two live VMs cannot share a writable image (QEMU's image locking) — read-only media such as an
-  installer ISO they can, so those do not count — which tells two same-named VMs on one host apart,
-  while a restart, a ``-drive`` → ``-blockdev`` change or an added disk keeps the history.
+* Without a UUID on both sides: the same host, and every writable disk both know (by disk id) is the
+  same disk — its backing chains share an image file (absolute paths; a relative ``-drive file=`` is
+  resolved against QEMU's working directory). Read-only media (an installer ISO two VMs both have)
+  never count, and a shared ``share-rw`` disk cannot make two machines one: their other disks differ.
+  A restart, a ``-drive`` → ``-blockdev`` change, an added or removed disk and an external snapshot
+  (the old image becomes the backing file) keep the history; disks whose images traded places do not
+  (``--adopt``, once). With no disk id in common, one shared image file is enough.
 
 A machine that really is the same but changed all of that at once (restored onto a new host after a
 disaster, disks renamed) continues its history with ``--adopt``; its first backup is then a full anyway,
@@ -43,7 +45,7 @@ class IdentityError(FleeceError):
 class Machine:
     uuid: str | None
     host: str
-    images: dict[str, str] = field(default_factory=dict)  # disk id -> image file
+    images: dict[str, list[str]] = field(default_factory=dict)  # disk id -> image files of its chain, top first
 
     @classmethod
     def of(cls, mon: Monitor, info: VmInfo) -> Machine:
@@ -54,14 +56,16 @@ class Machine:
         if uuid == NO_UUID:
             uuid = None
         return cls(uuid=uuid, host=socket.gethostname(),
-                   images={d.id: _absolute(d.filename, mon.peer_pid) for d in info.disks
-                           if d.filename and not d.read_only and d.qdev})
+                   images={d.id: [_absolute(name, mon.peer_pid) for name in (d.chain or [d.filename])]
+                           for d in info.disks if d.filename and not d.read_only and d.qdev})
 
     @classmethod
     def from_json(cls, obj: Any) -> Machine | None:
         if not isinstance(obj, dict) or "host" not in obj:
             return None
-        return cls(uuid=obj.get("uuid"), host=str(obj["host"]), images=dict(obj.get("images") or {}))
+        images = {d: [files] if isinstance(files, str) else list(files)
+                  for d, files in (obj.get("images") or {}).items()}
+        return cls(uuid=obj.get("uuid"), host=str(obj["host"]), images=images)
 
     def to_json(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "host": self.host, "images": self.images}
@@ -69,12 +73,17 @@ class Machine:
     def same_as(self, other: Machine) -> bool:
         if self.uuid and other.uuid:
             return self.uuid == other.uuid
-        return self.host == other.host and bool(set(self.images.values()) & set(other.images.values()))
+        if self.host != other.host:
+            return False
+        common = self.images.keys() & other.images.keys()
+        if common:  # every disk both know must be the same disk: its chains share a file
+            return all(set(self.images[d]) & set(other.images[d]) for d in common)
+        return bool({f for fs in self.images.values() for f in fs} & {f for fs in other.images.values() for f in fs})
 
     def describe(self) -> str:
         if self.uuid:
             return f"uuid {self.uuid} on host {self.host}"
-        files = ", ".join(sorted(self.images.values())) or "no disk files"
+        files = ", ".join(f"{d}={fs[0]}" for d, fs in sorted(self.images.items()) if fs) or "no disk files"
         return f"host {self.host}, disks {files}"
 
 

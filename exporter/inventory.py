@@ -70,6 +70,8 @@ class DiskInfo:
     cluster_size: int | None = None
     compat: str | None = None
     bitmaps: list[Bitmap] = field(default_factory=list)
+    #: the image files of the disk's backing chain, top first (``query-block``'s nested ``backing-image``)
+    chain: list[str] = field(default_factory=list)
 
     @property
     def qom_path(self) -> str:
@@ -163,6 +165,15 @@ def _unique_ids(devs: list[tuple[str, str, str]]) -> list[str]:
     return out
 
 
+def _chain(image: dict[str, Any]) -> list[str]:
+    files: list[str] = []
+    while image:
+        if image.get("filename"):
+            files.append(image["filename"])
+        image = image.get("backing-image") or {}
+    return files
+
+
 def inspect(mon: Monitor) -> VmInfo:
     """Read the VM's name, status and every disk with a medium (CD-ROM trays etc. are skipped)."""
     name = mon.cmd("query-name").get("name") or ""
@@ -184,6 +195,7 @@ def inspect(mon: Monitor) -> VmInfo:
             driver=ins.get("drv", ""),
             virtual_size=int(image.get("virtual-size", 0)),
             filename=ins.get("file", ""),
+            chain=_chain(image),
             read_only=bool(ins.get("ro", False)),
             cluster_size=image.get("cluster-size"),
             compat=(spec.get("data") or {}).get("compat") if spec.get("type") == "qcow2" else None,

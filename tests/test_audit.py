@@ -114,3 +114,18 @@ def test_a_disk_shrunk_and_grown_back_is_caught(make_vm, tmp_path: Path, scratch
     vda = result.manifest.disks["vda"]
     assert vda.kind == "full" and "verified full" in vda.stats["reason"], vda.stats
     assert_point_matches(repo, result.manifest, rec.refs)
+
+
+def test_shrunk_and_grown_back_with_a_write_in_the_same_blob_is_caught(make_vm, tmp_path: Path, scratch: Path) -> None:
+    """The regrown range's only blob also holds a new guest write: its clean parts are still checked."""
+    vm = make_vm(disks={"vda": 8 * MiB})
+    vm.write("vda", 0, text_bytes(4 * MiB, 4))
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    _backup(vm, repo, scratch)
+    vm.resize("vda", 2 * MiB)
+    vm.resize("vda", 8 * MiB)
+    vm.write("vda", 3 * MiB, b"\x07" * 65536)  # dirty, inside the one 4 MiB blob the regrow broke
+    result, rec = _backup(vm, repo, scratch)
+    vda = result.manifest.disks["vda"]
+    assert vda.kind == "full" and "verified full" in vda.stats["reason"], vda.stats
+    assert_point_matches(repo, result.manifest, rec.refs)

@@ -177,7 +177,7 @@ def test_a_drive_no_device_uses_is_skipped_and_refused_by_name(make_vm, repo, sc
     assert_clean(vm.guest)
 
 
-def test_identity_ignores_shared_read_only_media_and_resolves_relative_paths(tmp_path) -> None:
+def test_what_makes_two_machines_one(tmp_path) -> None:
     """Unit level (the QMP side is faked): what an identity is made of."""
     from exporter.identity import Machine
     from exporter.inventory import DiskInfo, VmInfo
@@ -195,10 +195,21 @@ def test_identity_ignores_shared_read_only_media_and_resolves_relative_paths(tmp
     iso = "/srv/iso/debian.iso"
     a = Machine.of(FakeMon(), VmInfo("web", "running", [disk("vda", "/vm/a.qcow2"), disk("cd0", iso, ro=True)]))
     b = Machine.of(FakeMon(), VmInfo("web", "running", [disk("vda", "/vm/b.qcow2"), disk("cd0", iso, ro=True)]))
-    assert a.uuid is None and iso not in a.images.values()
+    assert a.uuid is None and "cd0" not in a.images
     assert not a.same_as(b)
     rel = Machine.of(FakeMon(), VmInfo("web", "running", [disk("vda", "disk.qcow2")]))
-    assert rel.images["vda"] == os.path.realpath(os.path.join(os.getcwd(), "disk.qcow2"))
+    assert rel.images["vda"] == [os.path.realpath(os.path.join(os.getcwd(), "disk.qcow2"))]
+
+    # A writable disk two machines share (share-rw=on) does not make them one: their own disks differ.
+    shared_a = Machine.of(FakeMon(), VmInfo("n", "running", [disk("vda", "/vm/a.qcow2"), disk("vdb", "/vm/shared.raw")]))
+    shared_b = Machine.of(FakeMon(), VmInfo("n", "running", [disk("vda", "/vm/b.qcow2"), disk("vdb", "/vm/shared.raw")]))
+    assert not shared_a.same_as(shared_b)
+    # An external snapshot (the old image becomes the backing file) is the same machine.
+    snap = DiskInfo(id="vda", qdev="/machine/peripheral/vda", node="n", driver="qcow2", virtual_size=1,
+                    filename="/vm/a.ov.qcow2", read_only=False, chain=["/vm/a.ov.qcow2", "/vm/a.qcow2"])
+    assert Machine.of(FakeMon(), VmInfo("web", "running", [snap])).same_as(a)
+    # Identities recorded with one file per disk (before chains were recorded) still compare.
+    assert Machine.from_json({"uuid": None, "host": a.host, "images": {"vda": "/vm/a.qcow2"}}).same_as(a)
 
 
 def test_backup_works_when_the_qemu_process_is_not_visible(make_vm, repo, scratch, monkeypatch) -> None:
@@ -210,21 +221,38 @@ def test_backup_works_when_the_qemu_process_is_not_visible(make_vm, repo, scratc
     assert_point_matches(repo, result.manifest, rec.refs)
 
 
-def test_bitmaps_named_by_an_older_fleece_keep_the_chain_incremental(make_vm, repo, scratch, monkeypatch) -> None:
-    """Points written before bitmaps carried a disk token (one name per point) still get incrementals."""
+def test_bitmaps_named_by_an_older_fleece_give_one_full_then_incrementals(make_vm, repo, scratch,
+                                                                        monkeypatch) -> None:
+    """A bitmap named before bitmaps carried a disk token (one name for every disk of a point) cannot
+    prove which disk it tracks — after swapped images it would be the other disk's — so the first backup
+    after the upgrade is a full (deduplicated), and the chain goes on incrementally from there."""
     from exporter import bitmaps
 
     new_name = bitmaps.bitmap_name
     monkeypatch.setattr(bitmaps, "bitmap_name", lambda repo_id, point_id, disk_id: f"{bitmaps.repo_prefix(repo_id)}{point_id}")
-    vm = make_vm()
-    seed(vm)
+    vm = make_vm(disks={"vda": 8 * MiB, "vdb": 8 * MiB})
+    vm.write("vda", MiB, random_bytes(MiB, 1))
+    vm.write("vdb", 3 * MiB, random_bytes(MiB, 2))
     old, _ = backup(vm, repo, scratch)
     assert old.manifest.disks["vda"].bitmap == old.manifest.disks["vdb"].bitmap  # the old naming
     monkeypatch.setattr(bitmaps, "bitmap_name", new_name)
-    vm.write("vda", 3 * MiB, random_bytes(65536, 5))
+    vm.quit()
+    a, b = vm.disks["vda"], vm.disks["vdb"]  # and the images trade places (two -drive options reordered)
+    for x, y in ((a.image, b.image), (a.reference, b.reference)):
+        tmp = x.with_name("swap")
+        x.rename(tmp)
+        y.rename(x)
+        tmp.rename(y)
+    vm.start()
+    vm.write("vda", 5 * MiB, random_bytes(65536, 5))
+    first, rec = backup(vm, repo, scratch, audit_sample=0, adopt=True)  # adopt: the identity changed too
+    assert {d: r.kind for d, r in first.manifest.disks.items()} == {"vda": "full", "vdb": "full"}
+    assert "predates per-disk bitmap names" in first.manifest.disks["vda"].stats["reason"]
+    assert first.stats["writer"]["new_blobs"] <= 1  # only the changed cell is new
+    assert_point_matches(repo, first.manifest, rec.refs)
+    vm.write("vdb", 0, b"\x09" * 4096)
     inc, rec = backup(vm, repo, scratch)
     assert {d.kind for d in inc.manifest.disks.values()} == {"incremental"}
     assert inc.manifest.disks["vda"].bitmap != inc.manifest.disks["vdb"].bitmap
-    assert inc.manifest.disks["vda"].stats["dirty_bytes"] == 65536
     assert_point_matches(repo, inc.manifest, rec.refs)
     assert fleece_bitmaps(vm.guest) == {d: [(inc.manifest.disks[d].bitmap, True)] for d in ("vda", "vdb")}
