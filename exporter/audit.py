@@ -95,11 +95,9 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
     whole_set = set(whole)
     half = (count + 1) // 2
     newest = sorted(whole, key=lambda p: age[(p.offset, p.length, p.blob)])
-    picked = {id(p): p for p in rng.sample(newest[: half * 4], min(half, len(newest)))}
-    rest = [p for p in whole if id(p) not in picked]
-    for p in rng.sample(rest, min(count - len(picked), len(rest))):
-        picked[id(p)] = p
-    blobs = sorted(picked.values(), key=lambda p: p.offset)
+    picked = set(rng.sample(newest[: half * 4], min(half, len(newest))))
+    rest = [p for p in whole if p not in picked]
+    picked.update(rng.sample(rest, min(count - len(picked), len(rest))))
 
     data = ex.normalize((p.offset, p.length) for p in pieces if p.blob is not None)
     zeros = _zero_probes(ex.difference(ex.complement(data, size), dirty), max(1, count // 4), rng)
@@ -111,8 +109,7 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
         for off, length in ex.difference([(p.offset, p.length)], dirty):
             part = Piece(off, length, p.blob, p.skip + off - p.offset)
             (tail_ids if part in whole_set else parts).append(part)
-    chosen = set(tail_ids)
-    return Sample(sorted((p for p in blobs if p not in chosen), key=lambda p: p.offset), zeros, parts, tail_ids)
+    return Sample(sorted(picked - set(tail_ids), key=lambda p: p.offset), zeros, parts, tail_ids)
 
 
 def _clean(pieces: list[Piece], dirty: ex.RangeList) -> list[Piece]:

@@ -283,12 +283,10 @@ class _Run:
             log.info("committed point %s of VM %s", point_id, vm)
             return manifest, stats
         except BaseException as exc:
-            self._fail(exc, writer, names, fleeces, levels, new_bitmaps, switched and not committed, scratch)
+            self._fail(exc, writer, names, fleeces, levels, new_bitmaps, switched and not committed)
             raise
         finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            for f in fleeces:
-                f.scratch_file.unlink(missing_ok=True)
+            shutil.rmtree(run_dir, ignore_errors=True)  # the fleece targets live in it
 
     def _pull_disk(self, f: graph.DiskFleece, level: bitmaps.Level, sock: str, writer: Any, pool: BufferPool,
                    new_bitmap: str) -> Callable[[], DiskRecord]:
@@ -432,8 +430,7 @@ class _Run:
         return ""
 
     def _fail(self, exc: BaseException, writer: Any, names: set[str], fleeces: list[graph.DiskFleece],
-              levels: dict[str, bitmaps.Level], new_bitmaps: dict[str, str], fold_back: bool,
-              scratch: Path) -> None:
+              levels: dict[str, bitmaps.Level], new_bitmaps: dict[str, str], fold_back: bool) -> None:
         """Undo a failed run: graph first, then give every write back to the old bitmaps."""
         log.error("backup failed (%s); rolling back", exc if str(exc) else type(exc).__name__)
         if writer is not None:

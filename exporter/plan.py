@@ -29,8 +29,8 @@ frozen view as much as the plan; no fleece can guard against those.)
 * Incremental: the frozen bitmap over the whole disk, then the live status *only inside the dirty ranges*
   (asking it over a whole big, fragmented qcow2 costs seconds — FIELD-NOTES §14), pipelined with AIO, and
   only for groups of dirty ranges big enough to be worth a query (``STATUS_MIN``): 10,000 scattered small
-  extents are simply read. Dirty ranges that read as zero become ``ZERO`` entries and transfer nothing; the rest is cut at the chunk grid, one job (= one blob) per
-  maximal dirty run inside a grid cell.
+  extents are simply read. Dirty ranges that read as zero become ``ZERO`` entries and transfer nothing;
+  the rest is cut at the chunk grid, one job (= one blob) per maximal dirty run inside a grid cell.
 * Full: live status alone; every grid cell holding data becomes one job covering the whole cell (its holes
   read as zeros without touching NBD), so identical cells dedup across fulls and VMs.
 

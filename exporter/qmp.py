@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 import threading
@@ -102,8 +103,6 @@ class Monitor:
         Falls back to the socket's real path when the peer is unknown (not a unix socket, another pid
         namespace that hides it).
         """
-        import os
-
         if self.peer_pid:
             try:
                 with open(f"/proc/{self.peer_pid}/stat", "rb") as f:

@@ -53,8 +53,8 @@ ATTACKS = [
 ]
 
 
-def attack(vm: TestVM, only: str | None = None) -> None:
-    for disk, off, length, op in ATTACKS:
+def attack(vm: TestVM, only: str | None = None, attacks: list[tuple[str, int, int, str]] = ATTACKS) -> None:
+    for disk, off, length, op in attacks:
         if only and disk != only:
             continue
         if op == "write-zeroes":
@@ -76,16 +76,19 @@ def refill(vm: TestVM, seed: int) -> None:
 class Attacker:
     """The run's event hook: copies the ground truth at the freeze, attacks in one window."""
 
-    def __init__(self, vm: TestVM, window: str) -> None:
+    def __init__(self, vm: TestVM, window: str, attacks: list[tuple[str, int, int, str]] = ATTACKS) -> None:
         self.vm = vm
         self.window = window
+        self.attacks = attacks
         self.refs: dict[str, Path] = {}
         self.done = False
+        self.done_before_pulled = False
+        self.thread: threading.Thread | None = None
+        self._attacked: set[str] = set()
         self._n = 0
-        self.lock = threading.Lock()
 
-    def _go(self, only: str | None = None) -> None:
-        attack(self.vm, only)
+    def _go(self) -> None:
+        attack(self.vm, attacks=self.attacks)
         self.done = True
 
     def event(self, name: str, data: dict) -> None:
@@ -97,9 +100,9 @@ class Attacker:
         if name == self.window and not self.done:
             if name in ("planning", "disk"):
                 # Per disk: attack each disk in its own planning/read window.
-                attack(self.vm, data["disk"])
-                if data["disk"] == "vdb":
-                    self.done = True
+                attack(self.vm, data["disk"], self.attacks)
+                self._attacked.add(data["disk"])
+                self.done = self._attacked >= {disk for disk, *_ in self.attacks}
             else:
                 self._go()
 
@@ -108,7 +111,7 @@ class Attacker:
         # the guest acts while the reader waits, so the attack lands strictly inside the pull. FIELD-NOTES
         # §3 warns that an HMP write can stall on unconsumed NBD replies; it did not here (cbw +
         # snapshot-access, 1 MiB reads), and the wait is bounded so a stall would show as a failure below.
-        if self.window == "pull" and not self.done and not hasattr(self, "thread"):
+        if self.window == "pull" and not self.done and self.thread is None:
             self.thread = threading.Thread(target=self._go)
             self.thread.start()
             self.thread.join(30)
@@ -127,7 +130,7 @@ def _backup(vm: TestVM, repo: Repository, scratch: Path, hook: Attacker | None, 
     progress = hook.progress if hook else None
     result = run_backup(repo, BackupRequest(qmp=vm.qmp_path, scratch=str(scratch), on_event=events,
                                             progress=progress, workers=1, **kw))
-    if hook and getattr(hook, "thread", None):
+    if hook and hook.thread is not None:
         hook.thread.join(60)
     return result
 
@@ -206,13 +209,9 @@ def test_full_of_an_overlay_reads_only_what_the_chain_allocates(make_vm, tmp_pat
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     repo = Repository.open(str(tmp_path / "repo"), create=True)
-    hook = Attacker(vm, "frozen")  # and the guest zeroes backing-file data right after the freeze
-    ATTACKS_BAK = list(ATTACKS)
-    ATTACKS[:] = [("vda", 40 * MiB, MiB, "write-zeroes"), ("vda", 6 * MiB, MiB, "discard")]
-    try:
-        full = _backup(vm, repo, scratch, hook)
-    finally:
-        ATTACKS[:] = ATTACKS_BAK
+    # and the guest zeroes backing-file data right after the freeze
+    hook = Attacker(vm, "frozen", [("vda", 40 * MiB, MiB, "write-zeroes"), ("vda", 6 * MiB, MiB, "discard")])
+    full = _backup(vm, repo, scratch, hook)
     stats = full.manifest.disks["vda"].stats
     # 4 MiB + 1 MiB from the backing file, 1 MiB from the overlay, minus the 1 MiB the overlay zeroes
     assert stats["read_bytes"] == 5 * MiB, stats
@@ -221,12 +220,8 @@ def test_full_of_an_overlay_reads_only_what_the_chain_allocates(make_vm, tmp_pat
     vm.write("vda", 60 * MiB, b"\x61" * 65536)
     vm.write("vda", 20 * MiB, random_bytes(2 * MiB, 96))
     for window in ("frozen", "planning"):
-        hook = Attacker(vm, window)
-        ATTACKS[:] = [("vda", 20 * MiB, 2 * MiB, "write-zeroes")]
-        try:
-            inc = _backup(vm, repo, scratch, hook)
-        finally:
-            ATTACKS[:] = ATTACKS_BAK
+        hook = Attacker(vm, window, [("vda", 20 * MiB, 2 * MiB, "write-zeroes")])
+        inc = _backup(vm, repo, scratch, hook)
         assert inc.manifest.kind == "incremental"
         assert_point_matches(repo, inc.manifest, hook.refs)
         vm.write("vda", 20 * MiB, random_bytes(2 * MiB, 97))
