@@ -38,10 +38,10 @@ from typing import Any
 
 import nbd
 
-from repository import extents as ex
-from repository.chain import Piece, resolve
-from repository.codec import blob_id
-from repository.manifest import Manifest
+from fleece.repository import extents as ex
+from fleece.repository.chain import Piece, resolve
+from fleece.repository.codec import blob_id
+from fleece.repository.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,10 @@ from typing import Any
 
 import nbd
 
-from repository import Repository
-from repository.errors import UsageError
-from repository.manifest import KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, new_point_id
+from fleece import __version__
+from fleece.repository import Repository
+from fleece.repository.errors import UsageError
+from fleece.repository.manifest import KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, new_point_id
 
 from . import bitmaps, graph
 from .errors import ExportReadError, QemuError
@@ -45,7 +46,7 @@ from .qmp import Monitor
 
 log = logging.getLogger(__name__)
 
-TOOL = "fleece 0.1.0"
+TOOL = f"fleece {__version__}"
 
 #: ``event(name, data)``, in run order: "frozen" (the point in time is fixed, nothing exported yet),
 #: "exported" (every NBD export is up, nothing planned), per disk "planning" (its live status is read,

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from repository.manifest import KIND_FULL, KIND_INCREMENTAL, Manifest
+from fleece.repository.manifest import KIND_FULL, KIND_INCREMENTAL, Manifest
 
 from .inventory import Bitmap, DiskInfo
 from .qmp import Monitor

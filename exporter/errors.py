@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from repository.errors import FleeceError
+from fleece.repository.errors import FleeceError
 
 
 class QemuError(FleeceError):

@@ -29,7 +29,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from repository.errors import FleeceError
+from fleece.repository.errors import FleeceError
 
 from .inventory import VmInfo
 from .qmp import Monitor

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import nbd
 
-from repository import extents as ex
+from fleece.repository import extents as ex
 
 from .errors import ExportReadError
 

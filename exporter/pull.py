@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import nbd
 
-from repository.writer import BlobWriter
+from fleece.repository.writer import BlobWriter
 
 from .errors import ExportReadError
 from .plan import Job

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from repository.errors import FleeceError, UsageError
+from fleece.repository.errors import FleeceError, UsageError
 
 from . import __version__
 from .commands import COMMANDS

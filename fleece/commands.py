@@ -7,10 +7,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from repository import Repository
-from repository.config import MAX_LEVEL, MIN_LEVEL, RepoConfig
-from repository.errors import UsageError
-from repository.ratelimit import TokenBucket, parse_rate
+from fleece.repository import Repository
+from fleece.repository.config import MAX_LEVEL, MIN_LEVEL, RepoConfig
+from fleece.repository.errors import UsageError
+from fleece.repository.ratelimit import TokenBucket, parse_rate
 
 from .output import Progress, emit_json, human_bytes
 
@@ -171,7 +171,7 @@ def parse_rate_arg(text: str) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    from exporter.backup import BackupRequest, run_backup
+    from fleece.exporter.backup import BackupRequest, run_backup
 
     bar = Progress("backup")
     total = [0]
@@ -229,7 +229,7 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
 def _restore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from restore import RestoreRequest, run_restore
+    from fleece.restore import RestoreRequest, run_restore
 
     bar = Progress("restore")
     try:
@@ -269,7 +269,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from repository.check import verify
+    from fleece.repository.check import verify
 
     if args.point and not args.vm:
         raise UsageError("--point needs --vm")

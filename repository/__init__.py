@@ -16,5 +16,3 @@ __all__ = [
     "Manifest", "ObjectNotFound", "PermanentBackendError", "Piece", "PointScan", "RepoConfig", "Repository",
     "RepositoryError", "TransientBackendError", "UsageError", "WriterStats", "new_point_id",
 ]
-
-__version__ = "0.1.0"

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import nbd
 
-from repository import Piece, Repository
-from repository.errors import IntegrityError
-from repository.repo import ReadRange
+from fleece.repository import Piece, Repository
+from fleece.repository.errors import IntegrityError
+from fleece.repository.repo import ReadRange
 
 from .targets import Target, write_blob_piece
 

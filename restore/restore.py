@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from repository import Manifest, Piece, Repository
-from repository.errors import UsageError
+from fleece.repository import Manifest, Piece, Repository
+from fleece.repository.errors import UsageError
 
 from .fill import FillStats, fill
 from .targets import QemuNbdTarget, RawTarget, RestoreError, create_qcow2

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import nbd
 
-from repository.errors import FleeceError
+from fleece.repository.errors import FleeceError
 
 log = logging.getLogger(__name__)
 

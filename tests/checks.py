@@ -6,8 +6,8 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-from exporter.qmp import Monitor
-from repository import Manifest, Repository
+from fleece.exporter.qmp import Monitor
+from fleece.repository import Manifest, Repository
 
 FLEECE = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "fleece")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from repository.backends import Backend, LocalBackend
+from fleece.repository.backends import Backend, LocalBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/vm.py and friends
@@ -42,7 +42,7 @@ def rgw(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def s3_bucket(rgw: dict) -> str:
-    from repository.backends.s3 import S3Backend
+    from fleece.repository.backends.s3 import S3Backend
 
     S3Backend("fleece-tests", create_bucket=True).close()
     return "fleece-tests"
@@ -58,7 +58,7 @@ def _local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 
 def _s3_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    from repository.backends.s3 import S3Backend
+    from fleece.repository.backends.s3 import S3Backend
 
     bucket = request.getfixturevalue("s3_bucket")
     b = S3Backend(bucket, secrets.token_hex(6))

@@ -12,8 +12,8 @@ import pytest
 
 from checks import assert_clean, assert_point_matches
 from conftest import MiB
-from exporter.backup import BackupRequest, run_backup
-from repository import Repository
+from fleece.exporter.backup import BackupRequest, run_backup
+from fleece.repository import Repository
 from test_backup import Recorder
 from vm import TestVM, random_bytes, text_bytes
 

@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from repository.backends import Backend
-from repository.errors import ObjectNotFound
+from fleece.repository.backends import Backend
+from fleece.repository.errors import ObjectNotFound
 
 
 def test_put_get_head_roundtrip(backend: Backend) -> None:

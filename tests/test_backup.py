@@ -16,10 +16,10 @@ import pytest
 
 from checks import assert_clean, assert_point_matches, fleece_bitmaps, identical
 from conftest import MiB, ODD_SIZE
-from exporter.backup import BackupRequest, BackupResult, run_backup
-from repository import RepoConfig, Repository
-from repository.errors import PermanentBackendError, RepositoryError
-from restore import RestoreRequest, run_restore
+from fleece.exporter.backup import BackupRequest, BackupResult, run_backup
+from fleece.repository import RepoConfig, Repository
+from fleece.repository.errors import PermanentBackendError, RepositoryError
+from fleece.restore import RestoreRequest, run_restore
 from vm import TestVM, random_bytes, text_bytes
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from checks import FLEECE, assert_clean, assert_point_matches, fleece, fleece_bitmaps
 from conftest import ODD_SIZE, MiB
-from exporter.backup import BackupRequest, run_backup
-from repository import RepoConfig, Repository
+from fleece.exporter.backup import BackupRequest, run_backup
+from fleece.repository import RepoConfig, Repository
 from test_backup import Recorder, seed
 from vm import random_bytes
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from checks import assert_clean
 from conftest import MiB
-from exporter import graph
-from exporter.inventory import _unique_ids, disk_id, inspect, qom_path
+from fleece.exporter import graph
+from fleece.exporter.inventory import _unique_ids, disk_id, inspect, qom_path
 from test_backup import backup, check, repo  # noqa: F401 - repo is a fixture
 from vm import TestVM, random_bytes, text_bytes
 

@@ -7,8 +7,8 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repository.chain import resolve
-from repository.manifest import DiskRecord, Manifest, decode_extents, encode_extents
+from fleece.repository.chain import resolve
+from fleece.repository.manifest import DiskRecord, Manifest, decode_extents, encode_extents
 
 SIZE = 256
 

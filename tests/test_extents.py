@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repository import extents as ex
+from fleece.repository import extents as ex
 
 SPACE = 300
 raw_ranges = st.lists(st.tuples(st.integers(0, SPACE), st.integers(0, 40)), max_size=12)

@@ -16,12 +16,12 @@ import pytest
 
 from checks import assert_clean, assert_point_matches, fleece, fleece_bitmaps
 from conftest import MiB
-from exporter.backup import BackupRequest, run_backup
-from exporter.errors import BackupBusyError
-from exporter.identity import IdentityError
-from exporter.qmp import Monitor
-from repository import Repository
-from repository.errors import UsageError
+from fleece.exporter.backup import BackupRequest, run_backup
+from fleece.exporter.errors import BackupBusyError
+from fleece.exporter.identity import IdentityError
+from fleece.exporter.qmp import Monitor
+from fleece.repository import Repository
+from fleece.repository.errors import UsageError
 from test_backup import Recorder, backup, seed
 from vm import random_bytes
 
@@ -179,8 +179,8 @@ def test_a_drive_no_device_uses_is_skipped_and_refused_by_name(make_vm, repo, sc
 
 def test_what_makes_two_machines_one(tmp_path) -> None:
     """Unit level (the QMP side is faked): what an identity is made of."""
-    from exporter.identity import Machine
-    from exporter.inventory import DiskInfo, VmInfo
+    from fleece.exporter.identity import Machine
+    from fleece.exporter.inventory import DiskInfo, VmInfo
 
     class FakeMon:
         peer_pid = os.getpid()
@@ -226,7 +226,7 @@ def test_bitmaps_named_by_an_older_fleece_give_one_full_then_incrementals(make_v
     """A bitmap named before bitmaps carried a disk token (one name for every disk of a point) cannot
     prove which disk it tracks — after swapped images it would be the other disk's — so the first backup
     after the upgrade is a full (deduplicated), and the chain goes on incrementally from there."""
-    from exporter import bitmaps
+    from fleece.exporter import bitmaps
 
     new_name = bitmaps.bitmap_name
     monkeypatch.setattr(bitmaps, "bitmap_name", lambda repo_id, point_id, disk_id: f"{bitmaps.repo_prefix(repo_id)}{point_id}")

@@ -29,8 +29,8 @@ import pytest
 
 from checks import assert_clean, assert_point_matches
 from conftest import MiB
-from exporter.backup import BackupRequest, run_backup
-from repository import RepoConfig, Repository
+from fleece.exporter.backup import BackupRequest, run_backup
+from fleece.repository import RepoConfig, Repository
 from vm import TestVM, random_bytes, text_bytes
 
 WINDOWS = ["frozen", "exported", "planning", "disk", "pull", "pulled", "flushing", "committing"]

@@ -16,8 +16,8 @@ from pathlib import Path
 import nbd
 import pytest
 
-from exporter.errors import ExportReadError
-from exporter.plan import ALLOCATION, PlanSources, block_status, plan_full, status_of_ranges
+from fleece.exporter.errors import ExportReadError
+from fleece.exporter.plan import ALLOCATION, PlanSources, block_status, plan_full, status_of_ranges
 
 MiB = 1 << 20
 SIZE = 64 * MiB

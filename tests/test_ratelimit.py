@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from repository.errors import UsageError
-from repository.ratelimit import TokenBucket, parse_rate
+from fleece.repository.errors import UsageError
+from fleece.repository.ratelimit import TokenBucket, parse_rate
 
 
 @pytest.mark.parametrize("text,value", [("20M", 20 << 20), ("512K", 512 << 10), ("1.5G", 3 << 29), ("1000", 1000),

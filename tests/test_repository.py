@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from repository import (DiskRecord, IntegrityError, Manifest, RepoConfig, Repository, RepositoryError,
+from fleece.repository import (DiskRecord, IntegrityError, Manifest, RepoConfig, Repository, RepositoryError,
                         new_point_id)
-from repository.pack import PackBuilder, verify_pack_bytes
-from repository.codec import Codec, ENCODING_RAW, ENCODING_ZSTD
+from fleece.repository.pack import PackBuilder, verify_pack_bytes
+from fleece.repository.codec import Codec, ENCODING_RAW, ENCODING_ZSTD
 
 CHUNK = 4 << 20
 

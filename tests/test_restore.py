@@ -17,10 +17,10 @@ import pytest
 
 from checks import fleece, identical, qemu_img
 from conftest import ODD_SIZE, MiB
-from exporter.backup import BackupRequest, run_backup
-from repository import IntegrityError, Manifest, RepoConfig, Repository, UsageError
-from repository.check import verify
-from restore import RestoreRequest, run_restore
+from fleece.exporter.backup import BackupRequest, run_backup
+from fleece.repository import IntegrityError, Manifest, RepoConfig, Repository, UsageError
+from fleece.repository.check import verify
+from fleece.restore import RestoreRequest, run_restore
 from test_backup import Recorder, backup, seed
 from vm import TestVM, random_bytes, text_bytes
 

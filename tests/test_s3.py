@@ -11,11 +11,11 @@ import pytest
 import s3_server
 from checks import assert_clean, assert_point_matches, fleece, fleece_bitmaps, identical
 from conftest import MiB, s3_url
-from exporter.backup import BackupRequest, run_backup
+from fleece.exporter.backup import BackupRequest, run_backup
 from faulty_proxy import FaultyProxy
-from repository import RepoConfig, Repository
-from repository.errors import BackendError
-from restore import RestoreRequest, run_restore
+from fleece.repository import RepoConfig, Repository
+from fleece.repository.errors import BackendError
+from fleece.restore import RestoreRequest, run_restore
 from test_backup import Recorder, seed
 from vm import random_bytes, text_bytes
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from checks import fleece, identical
-from repository import DiskRecord, IntegrityError, Manifest, RepoConfig, Repository, new_point_id
-from repository.backends.base import Backend, ObjectInfo
-from repository.check import verify
-from repository.index import decode_index, encode_index
-from repository.pack import FOOTER_SIZE, PackEntry, pack_name
-from restore import RestoreRequest, run_restore
+from fleece.repository import DiskRecord, IntegrityError, Manifest, RepoConfig, Repository, new_point_id
+from fleece.repository.backends.base import Backend, ObjectInfo
+from fleece.repository.check import verify
+from fleece.repository.index import decode_index, encode_index
+from fleece.repository.pack import FOOTER_SIZE, PackEntry, pack_name
+from fleece.restore import RestoreRequest, run_restore
 
 CHUNK = 4 << 20
 ALPHA_SIZE = 4 * CHUNK

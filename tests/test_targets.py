@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from restore import targets
-from restore.targets import QemuNbdTarget, create_qcow2
+from fleece.restore import targets
+from fleece.restore.targets import QemuNbdTarget, create_qcow2
 
 
 def test_qemu_nbd_that_ignores_sigterm_is_killed_and_image_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.errors import QmpConnectError
-from exporter.qmp import Monitor
+from fleece.exporter.errors import QmpConnectError
+from fleece.exporter.qmp import Monitor
 
 QEMU = "qemu-system-x86_64"
 

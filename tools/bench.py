@@ -48,7 +48,7 @@ import zstandard  # noqa: E402
 from benchlib.corpus import CACHE  # noqa: E402
 from benchlib.disk import apply_raw, build_disk, change  # noqa: E402
 from benchlib.vm import BenchVM  # noqa: E402
-from repository import RepoConfig, Repository  # noqa: E402
+from fleece.repository import RepoConfig, Repository  # noqa: E402
 
 FLEECE = str(ROOT / ".venv" / "bin" / "fleece")
 MiB = 1 << 20

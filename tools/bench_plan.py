@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import nbd  # noqa: E402
 
-from exporter import bitmaps, graph  # noqa: E402
-from exporter.inventory import inspect  # noqa: E402
-from exporter.plan import ALLOCATION, PlanSources, plan_full, plan_incremental  # noqa: E402
-from exporter.qmp import Monitor  # noqa: E402
+from fleece.exporter import bitmaps, graph  # noqa: E402
+from fleece.exporter.inventory import inspect  # noqa: E402
+from fleece.exporter.plan import ALLOCATION, PlanSources, plan_full, plan_incremental  # noqa: E402
+from fleece.exporter.qmp import Monitor  # noqa: E402
 from tools.benchlib.vm import BenchVM  # noqa: E402
 
 CHUNK = 4 << 20
@@ -89,8 +89,8 @@ def measure(work: Path, image: Path, reps: int) -> dict[str, list[float]]:
             plan = plan_incremental(src, BITMAP, disk.virtual_size, CHUNK)
             times["incremental"].append(time.perf_counter() - t0)
             if args_profile:
-                from exporter import plan as P
-                from repository import extents as ex
+                from fleece.exporter import plan as P
+                from fleece.repository import extents as ex
                 t = time.perf_counter(); d = P.dirty_ranges(src.dirty, BITMAP, disk.virtual_size); t1 = time.perf_counter()
                 P.status_of_ranges(src.allocation, ALLOCATION, ex.coalesce(d, P.ALLOC_GAP)); t2 = time.perf_counter()
                 P.overwritten(src.target, disk.virtual_size); t3 = time.perf_counter()

@@ -54,7 +54,7 @@ def run_zstd(path: str, level: int, threads: int) -> dict:
 
 
 def run_writer(path: str, repo_dir: str) -> dict:
-    from repository import Repository
+    from fleece.repository import Repository
 
     size = os.path.getsize(path)
     repo = Repository.open(repo_dir, create=True)
@@ -88,8 +88,8 @@ def main() -> None:
         return
 
     from benchlib.corpus import CACHE, corpus
-    from repository import RepoConfig
-    from repository.ratelimit import parse_rate
+    from fleece.repository import RepoConfig
+    from fleece.repository.ratelimit import parse_rate
 
     size = parse_rate(a.size)
     data = str(corpus(size))

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.qmp import Monitor  # noqa: E402
+from fleece.exporter.qmp import Monitor  # noqa: E402
 
 FLEECE = str(ROOT / ".venv" / "bin" / "fleece")
 MiB = 1 << 20

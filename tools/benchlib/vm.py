@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from exporter.qmp import Monitor
+from fleece.exporter.qmp import Monitor
 
 from .disk import Op
 
