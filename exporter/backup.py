@@ -35,7 +35,7 @@ from fleece.repository.errors import UsageError
 from fleece.repository.manifest import KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, new_point_id
 
 from . import bitmaps, graph
-from .errors import ExportReadError, QemuError
+from fleece.repository.errors import ExportReadError, QemuError
 from .audit import DEFAULT_SAMPLE, AuditReport, audit, choose_sample
 from .identity import Machine, check_history
 from .inventory import DiskInfo, VmInfo, inspect

@@ -98,7 +98,7 @@ def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> L
         return Level(KIND_FULL, None, f"bitmap {name} is not {'persistent' if not bitmap.persistent else 'recording'}; "
                                       "it is removed", [bitmap.name])
     if bitmap.busy:
-        from .errors import BitmapError
+        from fleece.repository.errors import BitmapError
 
         raise BitmapError(f"bitmap {name} on disk {disk.id} is in use by another block job; wait for it to finish")
     if record.virtual_size != disk.virtual_size:

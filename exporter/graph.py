@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import QemuError
+from fleece.repository.errors import QemuError
 from .inventory import DiskInfo, qom_path
-from .qmp import CommandError, Monitor
+from .qmp import CommandError, Monitor, refused_because
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def start_nbd_server(mon: Monitor, socket_path: str) -> None:
     try:
         mon.cmd("nbd-server-start", {"addr": addr})
     except CommandError as exc:
-        if "already running" not in exc.desc:
+        if not refused_because(exc, "nbd-server-running"):
             raise
         others = [e["id"] for e in mon.cmd("query-block-exports") if not e["id"].startswith(PREFIX)]
         if others:
@@ -218,7 +218,7 @@ def _del_export(mon: Monitor, export_id: str) -> None:
         mon.cmd_and_wait("block-export-del", {"id": export_id, "mode": "hard"}, event="BLOCK_EXPORT_DELETED",
                          match={"id": export_id}, timeout=30)
     except CommandError as exc:
-        if "not found" not in exc.desc:
+        if not refused_because(exc, "export-missing"):
             raise
 
 
@@ -226,7 +226,7 @@ def _del_node(mon: Monitor, node: str) -> None:
     try:
         mon.cmd("blockdev-del", {"node-name": node})
     except CommandError as exc:
-        if "Failed to find node" not in exc.desc and "Cannot find" not in exc.desc:
+        if not refused_because(exc, "node-missing"):
             raise
 
 

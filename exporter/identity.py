@@ -29,16 +29,12 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleece.repository.errors import FleeceError
+from fleece.repository.errors import FleeceError, IdentityError
 
 from .inventory import VmInfo
 from .qmp import Monitor
 
 NO_UUID = "00000000-0000-0000-0000-000000000000"
-
-
-class IdentityError(FleeceError):
-    """The VM name's history in the repository belongs to another machine."""
 
 
 @dataclass

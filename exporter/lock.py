@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import BackupBusyError
+from fleece.repository.errors import BackupBusyError
 
 
 def lock_dir() -> Path:

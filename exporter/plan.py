@@ -46,7 +46,7 @@ import nbd
 
 from fleece.repository import extents as ex
 
-from .errors import ExportReadError
+from fleece.repository.errors import ExportReadError
 
 MAX_STATUS = 0xFFFF0000  # block_status count must stay below 4 GiB (libnbd ERANGE)
 DIRTY = 1  # qemu:dirty-bitmap flag (libnbd 1.14 has no constant for it)

@@ -22,7 +22,7 @@ import nbd
 
 from fleece.repository.writer import BlobWriter
 
-from .errors import ExportReadError
+from fleece.repository.errors import ExportReadError
 from .plan import Job
 
 log = logging.getLogger(__name__)

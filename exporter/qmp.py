@@ -28,20 +28,23 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from .errors import QemuError, QmpConnectError
+from fleece.repository.errors import CommandError, QemuError, QmpConnectError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: The only reasons fleece decides on by QEMU's text: 7.2 reports them all as ``GenericError``, so the
+#: class alone cannot tell them apart. Every match on ``desc`` lives here, next to the facade.
+_REASONS: dict[str, tuple[str, ...]] = {
+    "nbd-server-running": ("already running",),
+    "export-missing": ("not found",),
+    "node-missing": ("Failed to find node", "Cannot find"),
+}
 
-class CommandError(QemuError):
-    """QEMU answered a command with an error; ``error_class`` is QMP's class (e.g. ``GenericError``)."""
 
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        super().__init__(f"QEMU refused {command}: {desc}")
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
+def refused_because(exc: CommandError, reason: str) -> bool:
+    """Whether QEMU refused a command for *reason* (a key of ``_REASONS``)."""
+    return any(phrase in exc.desc for phrase in _REASONS[reason])
 
 
 class Monitor:

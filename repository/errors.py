@@ -1,44 +1,188 @@
-"""The one exception tree of fleece.
+"""The one exception tree of fleece: every error fleece raises on purpose is defined here.
 
-Every error the core raises derives from :class:`FleeceError`, and every message is meant to be shown
-to a user as-is: it names the object or device involved and says what to do next. The CLI maps the tree
-to exit codes (usage errors → 2, everything else → 1) and never needs to know the individual reasons,
-in the same spirit as ``qemu.qmp``'s ``QMPError`` family.
+::
 
-The base lives in ``repository`` because both ``exporter`` and ``restore`` depend on this package and on
+    FleeceError                      kind "error"        exit 1   (message, object)
+     ├── UsageError                  kind "usage"        exit 2   a flag, name or path that cannot work as given
+     ├── Interrupted                 kind "interrupted"  exit 1   Ctrl-C / SIGTERM; everything was rolled back
+     ├── RepositoryError             kind "repository"   exit 1   missing, unknown format, unreadable
+     │    ├── IntegrityError         kind "integrity"    exit 1   stored bytes break the format's promises
+     │    └── BackendError           kind "backend"      exit 1   (code, status): the storage said no
+     │         ├── ObjectNotFound    kind "not-found"
+     │         ├── TransientBackendError  kind "transient"   retrying may help (timeouts, 5xx, throttling)
+     │         └── PermanentBackendError  kind "permanent"   it will not (denied, no bucket, disk full)
+     ├── QemuError                   kind "qemu"         exit 1   QEMU cannot be reached or refused
+     │    ├── QmpConnectError        kind "qmp-connect"           socket missing, busy, silent, not QMP
+     │    ├── CommandError           kind "qmp-command"           (command, error_class, desc)
+     │    └── BitmapError            kind "bitmap"                a dirty bitmap fleece cannot repair
+     ├── BackupBusyError             kind "busy"         exit 1   another fleece backs this VM up now
+     ├── ExportReadError             kind "export-read"  exit 1   reading the frozen view failed
+     ├── IdentityError               kind "identity"     exit 1   the VM name belongs to another machine
+     └── RestoreError                kind "restore"      exit 1   a target image cannot be made or written
+
+Every message is one line meant for a user as-is: it names the object or device involved and says what
+to do next. Decisions are made on the class and its fields (``code``, ``status``, ``object``), never on
+the message text: messages carry object names and endpoints that can contain anything. The CLI needs
+only :meth:`FleeceError.to_json` and :attr:`FleeceError.exit`; it never inspects reasons (the model is
+``qemu.qmp``'s ``error.py``).
+
+The tree lives in ``repository`` because both ``exporter`` and ``restore`` depend on this package and on
 nothing else of each other.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FleeceError(Exception):
-    """Base of every error fleece raises on purpose."""
+    """Base of every error fleece raises on purpose.
+
+    :param message: one line for the user, with the remedy.
+    :param object: the repository object, device, disk or path the error is about (if any).
+    """
+
+    kind = "error"
+    exit = 1
+
+    def __init__(self, message: str, *, object: str | None = None) -> None:  # noqa: A002 - the field's name
+        super().__init__(message)
+        self.message = message
+        self.object = object
+
+    def fields(self) -> dict[str, Any]:
+        """The structured fields a script may act on (never secrets)."""
+        return {"object": self.object} if self.object is not None else {}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``{"error": …}`` document ``--json`` prints for this failure."""
+        return {"error": {"kind": self.kind, "message": self.message, "exit": self.exit, **self.fields()}}
 
 
 class UsageError(FleeceError):
-    """The user asked for something that cannot work as given (bad flag value, unknown disk, ...)."""
+    """The user asked for something that cannot work as given (bad flag value, unknown disk, bad path)."""
+
+    kind = "usage"
+    exit = 2
+
+
+class Interrupted(FleeceError):
+    """The run was interrupted by a signal after it unwound (VM running, bitmaps folded back)."""
+
+    kind = "interrupted"
 
 
 class RepositoryError(FleeceError):
     """The repository is missing, of an unknown format, or cannot be read or written."""
 
+    kind = "repository"
+
 
 class IntegrityError(RepositoryError):
     """Stored data does not match what the repository format promises (truncated, garbled, wrong hash)."""
 
+    kind = "integrity"
+
 
 class BackendError(RepositoryError):
-    """A storage backend operation failed. Subclasses say whether retrying can help."""
+    """A storage backend operation failed. Subclasses say whether retrying can help.
+
+    :param code: the backend's own error code (S3 ``Code`` such as ``AccessDenied``, or ``errno`` name).
+    :param status: the HTTP status of the failed request (S3 only).
+    """
+
+    kind = "backend"
+
+    def __init__(self, message: str, *, object: str | None = None, code: str | None = None,  # noqa: A002
+                 status: int | None = None) -> None:
+        super().__init__(message, object=object)
+        self.code = code
+        self.status = status
+
+    def fields(self) -> dict[str, Any]:
+        out = super().fields()
+        if self.code is not None:
+            out["code"] = self.code
+        if self.status is not None:
+            out["status"] = self.status
+        return out
 
 
 class ObjectNotFound(BackendError):
     """The named object does not exist in the backend."""
 
+    kind = "not-found"
+
 
 class TransientBackendError(BackendError):
     """A failure that may go away when retried (timeouts, 5xx, throttling, connection resets)."""
 
+    kind = "transient"
+
 
 class PermanentBackendError(BackendError):
     """A failure retrying will not fix (access denied, no such bucket, disk full, read-only)."""
+
+    kind = "permanent"
+
+
+class QemuError(FleeceError):
+    """QEMU refused a command or cannot be reached over QMP."""
+
+    kind = "qemu"
+
+
+class QmpConnectError(QemuError):
+    """The QMP socket is missing, refuses connections, is busy or silent, or does not speak QMP."""
+
+    kind = "qmp-connect"
+
+
+class CommandError(QemuError):
+    """QEMU answered a command with an error.
+
+    :param command: the QMP command (``blockdev-add`` …).
+    :param error_class: QMP's class (``GenericError``, ``DeviceNotFound`` …).
+    :param desc: QEMU's own text; only ``exporter.qmp.refused_because`` may look into it.
+    """
+
+    kind = "qmp-command"
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QEMU refused {command}: {desc}", object=command)
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "code": self.error_class}
+
+
+class BitmapError(QemuError):
+    """A dirty bitmap is missing, busy or inconsistent in a way fleece cannot repair by itself."""
+
+    kind = "bitmap"
+
+
+class BackupBusyError(FleeceError):
+    """Another fleece backup is already running against this VM."""
+
+    kind = "busy"
+
+
+class ExportReadError(FleeceError):
+    """Reading the frozen point-in-time view of a disk failed (the guest is unaffected)."""
+
+    kind = "export-read"
+
+
+class IdentityError(FleeceError):
+    """The VM name's history in the repository belongs to another machine."""
+
+    kind = "identity"
+
+
+class RestoreError(FleeceError):
+    """The target image could not be created or written."""
+
+    kind = "restore"

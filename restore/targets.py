@@ -25,17 +25,13 @@ from typing import Any, Protocol
 
 import nbd
 
-from fleece.repository.errors import FleeceError
+from fleece.repository.errors import RestoreError
 
 log = logging.getLogger(__name__)
 
 ZERO_GRAIN = 64 << 10  # zero detection granularity inside data (the qcow2 cluster size of most images)
 TERM_WAIT = 20  # seconds qemu-nbd gets to exit after the first SIGTERM
 TERM_RETRY = 0.5  # seconds between SIGTERMs
-
-
-class RestoreError(FleeceError):
-    """The target image could not be created or written."""
 
 
 class Target(Protocol):

@@ -17,7 +17,7 @@ import pytest
 from checks import assert_clean, assert_point_matches, fleece, fleece_bitmaps
 from conftest import MiB
 from fleece.exporter.backup import BackupRequest, run_backup
-from fleece.exporter.errors import BackupBusyError
+from fleece.repository.errors import BackupBusyError
 from fleece.exporter.identity import IdentityError
 from fleece.exporter.qmp import Monitor
 from fleece.repository import Repository

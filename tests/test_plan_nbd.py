@@ -16,7 +16,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from fleece.exporter.errors import ExportReadError
+from fleece.repository.errors import ExportReadError
 from fleece.exporter.plan import ALLOCATION, PlanSources, block_status, plan_full, status_of_ranges
 
 MiB = 1 << 20

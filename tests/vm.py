@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleece.exporter.errors import QmpConnectError
+from fleece.repository.errors import QmpConnectError
 from fleece.exporter.qmp import Monitor
 
 QEMU = "qemu-system-x86_64"
