@@ -31,7 +31,6 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +41,7 @@ from fleece.repository import extents as ex
 from fleece.repository.chain import Piece, resolve
 from fleece.repository.codec import blob_id
 from fleece.repository.manifest import Manifest
+from fleece.repository.workers import run_all
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +193,8 @@ def audit(connect: Callable[[], nbd.NBD], sample: Sample, fetch: Callable[[list[
         finally:
             h.shutdown()
 
-    with ThreadPoolExecutor(READERS, thread_name_prefix="fleece-audit") as pool:
-        for f in [pool.submit(read, checks[i::READERS]) for i in range(READERS)]:
-            f.result()
+    # one connection per reader, each checking every READERS-th range
+    run_all([checks[i::READERS] for i in range(READERS)], lambda: read, workers=READERS, name="fleece-audit")
     report.mismatches.sort()
     report.seconds = time.monotonic() - started
     return report

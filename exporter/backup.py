@@ -32,7 +32,8 @@ import nbd
 from fleece import __version__
 from fleece.repository import Repository
 from fleece.repository.errors import UsageError
-from fleece.repository.manifest import KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, new_point_id
+from fleece.repository.manifest import (KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, check_vm_name,
+                                       new_point_id)
 
 from . import bitmaps, graph
 from fleece.repository.errors import ExportReadError, QemuError
@@ -47,10 +48,13 @@ from .qmp import Monitor
 log = logging.getLogger(__name__)
 
 TOOL = f"fleece {__version__}"
+#: More parallel NBD connections than this only queue inside QEMU's one I/O thread per disk.
+MAX_WORKERS = 64
 
 #: ``event(name, data)``, in run order: "frozen" (the point in time is fixed, nothing exported yet),
-#: "exported" (every NBD export is up, nothing planned), per disk "planning" (its live status is read,
-#: the fleece target not yet) and "disk" (planned, about to be read: planned sizes), "pulled" (every disk
+#: "exported" (every NBD export is up, nothing planned; "disks": the ids to read), per disk "planning" (its
+#: live status is read, the fleece target not yet) and "disk" (planned, about to be read: planned sizes;
+#: "job_bytes" = what its blobs and zero ranges cover, the unit of ``on_committed``), "pulled" (every disk
 #: read, fleece still in place), "flushing" (fleece gone, the last packs and the index about to be
 #: uploaded), "committing" (all durable, manifest about to be written), "committed" (manifest written,
 #: old bitmaps not yet dropped). Used for progress output and by tests to act at exact moments of a run.
@@ -62,13 +66,15 @@ class BackupRequest:
     qmp: str
     vm: str | None = None
     disks: list[str] | None = None
-    full: bool = False
+    full: bool | list[str] = False  # True: every disk full (``--full``); a list: those disk ids (``--full ID``)
     workers: int = 4
     scratch: str | None = None
     audit_sample: int = DEFAULT_SAMPLE  # clean blobs re-read per incremental disk to check the bitmap (0 = off)
     adopt: bool = False  # continue the history of a VM name recorded from another machine (identity.py)
     on_event: EventHook | None = None
-    progress: Callable[[int], None] | None = None
+    progress: Callable[[int], None] | None = None  # bytes read from the frozen view (job lengths)
+    # (raw, stored) bytes as they become durable: packs uploaded, duplicates found, zero ranges recorded
+    on_committed: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -85,8 +91,16 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     instead of "cleaning up" the first run's live fleece, and two different VMs that share a name never
     block each other. Only the holder of that lock unwinds ``fleece-`` leftovers in that QEMU.
     """
-    if req.workers < 1:
-        raise UsageError("--workers must be at least 1")
+    if not 1 <= req.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}")
+    if req.vm is not None:
+        check_vm_name(req.vm)  # before any work: a name the repository cannot store fails now, not at commit
+    scratch = Path(req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
+    if not scratch.is_dir():
+        raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR", object=str(scratch))
+    if not os.access(scratch, os.W_OK | os.X_OK):
+        raise UsageError(f"scratch directory {scratch} is not writable (read-only filesystem or permissions); "
+                         "pass --scratch DIR on a writable local filesystem", object=str(scratch))
     # The socket's lock first: a second run through the same socket is told at once, instead of waiting
     # for a greeting QEMU gives one client at a time.
     with VmLock(f"qmp:{os.path.realpath(req.qmp)}", f"the VM behind {req.qmp}"):
@@ -115,13 +129,14 @@ class _Run:
         vm = self.req.vm or info.name
         if not vm:
             raise UsageError("the VM has no name (-name); pass --vm NAME to say which name its points carry")
-        self.vm = vm
+        self.vm = check_vm_name(vm)
         self.machine = Machine.of(self.mon, info)
         self._check_identity(vm)
         info = self._recover(vm, info)
         disks = self._select(info)
+        forced = self._forced_full(info, disks)
         bases = self.repo.latest_layers(vm, [d.id for d in disks])
-        levels = {d.id: bitmaps.choose_level(d, bases[d.id], self.req.full) for d in disks}
+        levels = {d.id: bitmaps.choose_level(d, bases[d.id], d.id in forced) for d in disks}
         for d in disks:
             lv = levels[d.id]
             log.info("disk %s: %s backup (%s)", d.id, lv.kind, lv.reason)
@@ -194,22 +209,43 @@ class _Run:
                 chosen.append(d)
         if not chosen:
             raise UsageError("the VM has no writable disks to back up")
-        for d in chosen:
-            if d.driver != "qcow2" and not self.req.full:
-                raise UsageError(f"disk {d.id} is a {d.driver} image: incremental backups need qcow2 persistent "
-                                 "dirty bitmaps; back it up with --full (every run a full), or leave it out "
-                                 "by naming the other disks with --disk")
+        for d in chosen:  # a raw or read-only disk is a full every time (bitmaps.choose_level says so)
             if d.node.startswith(graph.PREFIX):
                 raise QemuError(f"disk {d.id} is still attached to fleece node {d.node}; "
                                 "this should have been cleaned up — report a bug")
         return chosen
+
+    def _forced_full(self, info: VmInfo, chosen: list[DiskInfo]) -> set[str]:
+        """The disks ``--full`` makes full: every one (``full=True``), none, or the ids it names.
+
+        Checked before anything is frozen, like ``--disk``: a misspelt id must not silently turn into an
+        incremental of the disk the user wanted a fresh full of.
+        """
+        if self.req.full is True:
+            return {d.id for d in chosen}
+        names = list(dict.fromkeys(self.req.full or []))
+        unknown = [n for n in names if n not in {d.id for d in info.disks}]
+        if unknown:
+            raise UsageError(f"no disk {', '.join(unknown)} in this VM (--full); its disks are: "
+                             f"{', '.join(d.id for d in info.disks) or 'none'}")
+        left_out = [n for n in names if n not in {d.id for d in chosen}]
+        if left_out:
+            why = ("name it with --disk too" if self.req.disks else
+                   "read-only disks and drives without a guest device are backed up only when named with --disk")
+            raise UsageError(f"--full {', '.join(left_out)}: this backup leaves that disk out; {why}")
+        return set(names)
 
     def _backup(self, vm: str, info: VmInfo, disks: list[DiskInfo], levels: dict[str, bitmaps.Level],
                 point_id: str, new_bitmaps: dict[str, str]) -> tuple[Manifest, dict[str, Any]]:
         scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
         if not scratch.is_dir():
             raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR")
-        run_dir = graph.make_run_dir(scratch)
+        try:
+            run_dir = graph.make_run_dir(scratch)
+        except OSError as exc:  # read-only, full, not ours: nothing has been done to the VM yet
+            raise UsageError(f"cannot create a run directory in {scratch}: {exc.strerror}; pass --scratch DIR on "
+                             "a writable local filesystem with room for the guest's writes during the backup",
+                             object=str(scratch)) from None
         sock = str(run_dir / "nbd.sock")
         fleeces = [graph.DiskFleece(d, graph.FleeceNames.for_disk(d.id),
                                     run_dir / f"{graph.PREFIX}{graph.FleeceNames.for_disk(d.id).token}-{point_id}.qcow2")
@@ -251,9 +287,9 @@ class _Run:
                 lv = levels[f.disk.id]
                 graph.export(self.mon, f, lv.old_bitmap if lv.kind == KIND_INCREMENTAL else None)
                 graph.export_plan_sources(self.mon, f)
-            self.event("exported", {"point": point_id})
+            self.event("exported", {"point": point_id, "disks": [f.disk.id for f in fleeces]})
 
-            writer = self.repo.writer()
+            writer = self.repo.writer(on_committed=self.req.on_committed)
             pending: dict[str, Callable[[], DiskRecord]] = {}
             # Enough buffers for every reader plus what the writer queues; reading outpaces compression.
             pool = BufferPool(self.req.workers + 4, self.repo.config.chunk_size)
@@ -311,7 +347,8 @@ class _Run:
             log.info("disk %s: %d bytes changed by the guest since the freeze are read from the frozen view "
                      "(the fleece target holds them)", disk.id, plan.rescued_bytes)
         self.event("disk", {"disk": disk.id, "kind": plan.kind, "read_bytes": plan.read_bytes,
-                            "dirty_bytes": plan.dirty_bytes, "jobs": len(plan.jobs)})
+                            "dirty_bytes": plan.dirty_bytes, "jobs": len(plan.jobs),
+                            "job_bytes": sum(j.length for j in plan.jobs)})
         extents: list[Extent] = [(o, n, None) for o, n in plan.zero]
         lock = threading.Lock()
         totals = {"stored_bytes": 0, "blobs": 0, "zero_read_bytes": 0}
@@ -328,6 +365,8 @@ class _Run:
                     extents.append((job.offset, job.length, ident))
                     totals["stored_bytes"] += stored
                     totals["blobs"] += 1
+            if ident is None and self.req.on_committed is not None:
+                self.req.on_committed(job.length, 0)  # reads as zero: recorded, nothing to upload
 
         puller = Puller(sock, f.names.export, writer, pool, workers=self.req.workers, disk=disk.id,
                         progress=self.req.progress)

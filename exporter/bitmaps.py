@@ -31,6 +31,8 @@ from .qmp import Monitor
 
 log = logging.getLogger(__name__)
 
+#: Every name fleece gives a QEMU object (bitmaps here; nodes, exports, scratch files in graph.py) starts
+#: with this, so a later run recognises what a killed one left behind — defined once, here.
 PREFIX = "fleece-"
 
 
@@ -49,7 +51,7 @@ def bitmap_name(repo_id: str, point_id: str, disk_id: str) -> str:
 def point_of(name: str) -> str | None:
     """The point id a fleece bitmap name carries (``fleece-<12 hex>-<point id>[.<disk token>]``)."""
     parts = name.split("-", 2)
-    if len(parts) == 3 and parts[0] == "fleece" and len(parts[1]) == 12:
+    if len(parts) == 3 and f"{parts[0]}-" == PREFIX and len(parts[1]) == 12:
         return parts[2].rsplit(".", 1)[0] if parts[2].count(".") > 1 else parts[2]
     return None
 
@@ -69,14 +71,24 @@ class Level:
 def choose_level(disk: DiskInfo, parent: Manifest | None, force_full: bool) -> Level:
     """``auto`` level: incremental only when the chain's bitmap is present and trustworthy.
 
+    *force_full* is ``--full`` for this disk (the caller resolves ``--full`` alone vs ``--full ID``).
+
     *parent* is the newest point that holds this disk — not necessarily the VM's newest point, which
     may be a backup of other disks only (``--disk``) that left this disk's bitmap alone.
     """
     record = parent.disks.get(disk.id) if parent else None
     name = record.bitmap if record else None
     bitmap = disk.bitmap(name) if name else None
+    # No bitmap at all where QEMU cannot store a persistent one: a raw image has no room for it, and a
+    # read-only node accepts ``block-dirty-bitmap-add persistent`` but loses the bitmap at shutdown
+    # ("Lost persistent bitmaps … No write access"). Such a disk is a full every time; the others of the
+    # same point stay incremental.
     if disk.driver != "qcow2":
-        return Level(KIND_FULL, None, f"{disk.driver} images cannot hold persistent dirty bitmaps", [], track=False)
+        return Level(KIND_FULL, None, f"a {disk.driver} image cannot hold a persistent dirty bitmap: every backup "
+                                      "of it is a full", [], track=False)
+    if disk.read_only:
+        return Level(KIND_FULL, None, "read-only: QEMU cannot store a persistent dirty bitmap in it, so it gets "
+                                      "none and every backup of it is a full", [], track=False)
     if parent is None:
         return Level(KIND_FULL, None, f"no earlier point of this VM holds disk {disk.id}", [])
     if record is None:

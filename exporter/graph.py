@@ -16,7 +16,6 @@ recognised and unwound by the next one (:func:`unwind`), before it does anything
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -29,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from fleece.repository.errors import QemuError
+from .bitmaps import PREFIX, disk_token
 from .inventory import DiskInfo, qom_path
 from .qmp import CommandError, Monitor, refused_because
 
 log = logging.getLogger(__name__)
 
-PREFIX = "fleece-"
 CBW_TIMEOUT = 30  # seconds a guest write may wait for its copy-before-write before the snapshot breaks
 
 
@@ -46,7 +45,7 @@ class FleeceNames:
 
     @classmethod
     def for_disk(cls, disk_id: str) -> FleeceNames:
-        return cls(hashlib.sha256(disk_id.encode()).hexdigest()[:8])
+        return cls(disk_token(disk_id))  # the token the disk's bitmap names carry too
 
     @property
     def target(self) -> str:
@@ -94,31 +93,94 @@ RUN_DIR = re.compile(rf"^{PREFIX}run-(\d+)-")
 
 
 def make_run_dir(scratch: Path) -> Path:
-    """A private (0700) directory for this run's NBD socket and fleece target, under *scratch*.
+    """A private (0700) directory for this run's NBD socket and fleece targets, under *scratch*.
 
-    ``mkdtemp`` makes a name nobody can predict or plant, whatever *scratch* is (``/var/tmp`` is world-
-    writable). The name carries our pid so that a later run can remove what a killed run left behind —
-    only directories we own whose pid is gone, never a live run's.
+    ``mkdtemp`` makes it 0700 from the moment it exists, under a name nobody can predict or plant (it
+    tries another name if one exists, file or symlink), whatever *scratch* is (``/var/tmp`` is world-
+    writable). The name carries our pid so that a later run can remove what a killed run left behind
+    (:func:`remove_leftovers`).
     """
-    for entry in scratch.iterdir() if scratch.is_dir() else []:
-        m = RUN_DIR.match(entry.name)
-        if not m or int(m.group(1)) == os.getpid():
-            continue
-        try:
-            st = entry.lstat()
-            os.kill(int(m.group(1)), 0)
-            continue  # its run is alive
-        except ProcessLookupError:
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
-                shutil.rmtree(entry, ignore_errors=True)
-                log.info("removed %s, left by a killed run", entry)
-        except OSError:
-            continue
+    remove_leftovers(scratch)
     return Path(tempfile.mkdtemp(prefix=f"{PREFIX}run-{os.getpid()}-", dir=scratch))
 
 
+def remove_leftovers(scratch: Path) -> None:
+    """Remove the run directories of killed runs: real directories we own, whose pid is gone.
+
+    A shared scratch directory holds whatever other users put there, named as they like, so nothing here
+    trusts a name or follows a symlink: each entry is opened through a descriptor of *scratch* with
+    ``O_NOFOLLOW | O_DIRECTORY`` and judged by ``fstat`` of what was opened. A symlink, a file, a
+    directory of another user, a pid that lives (or is not a pid at all) is left alone, and nothing that
+    goes wrong here stops the backup: this is housekeeping.
+    """
+    try:
+        top = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # mkdtemp says what is wrong with --scratch
+    try:
+        for name in os.listdir(top):
+            m = RUN_DIR.match(name)
+            if not m or _may_be_alive(int(m.group(1))):
+                continue
+            try:
+                if _remove_own_dir(top, name):
+                    log.info("removed %s, left by a killed run", scratch / name)
+            except OSError as exc:
+                log.warning("cannot remove %s, left by a killed run: %s", scratch / name, exc.strerror or exc)
+    except OSError as exc:
+        log.debug("cannot list %s for leftovers of killed runs: %s", scratch, exc)
+    finally:
+        os.close(top)
+
+
+def _may_be_alive(pid: int) -> bool:
+    """Whether *pid* may be a running process; in doubt yes (its directory then stays)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: alive, another user's; a number too big for a pid: not ours
+        return True
+    return True
+
+
+def _remove_own_dir(parent: int, name: str) -> bool:
+    """Remove directory *name* of the directory open as *parent* if it is one, and ours; else ``False``."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    except OSError:
+        return False  # a symlink (ELOOP), not a directory (ENOTDIR), gone or unreadable: not ours to touch
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            return False
+        for child in os.listdir(fd):  # a run directory is flat: the socket and the fleece targets
+            if stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+                shutil.rmtree(child, dir_fd=fd)  # descriptor-based, never follows a symlink
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not os.path.samestat(st, os.stat(name, dir_fd=parent, follow_symlinks=False)):
+        return False  # swapped under us (only possible in a scratch directory without the sticky bit)
+    os.rmdir(name, dir_fd=parent)
+    return True
+
+
 def create_scratch(path: Path, size: int) -> None:
-    """The CBW target: a thin qcow2 holding only the old data of blocks the guest overwrites."""
+    """The CBW target: a thin qcow2 holding only the old data of blocks the guest overwrites.
+
+    It holds guest data, so it is 0600 from the moment it exists: created here with ``O_EXCL |
+    O_NOFOLLOW`` (a name that exists fails instead of being followed), then formatted by ``qemu-img
+    create``, which keeps an existing file's mode — a file it made itself would be 0644 minus the umask.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise QemuError(f"cannot create the fleece scratch image {path}: {exc.strerror or exc} "
+                        "(check --scratch: it must be a writable local directory)", object=str(path)) from None
     try:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True,
                        capture_output=True, text=True)

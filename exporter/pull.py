@@ -7,22 +7,23 @@ libnbd, hashlib and zstandard all release the GIL, so readers, hashing and compr
 
 Reads land directly in pooled chunk buffers; a buffer returns to the pool when the writer has packed or
 deduplicated its blob. The pool is the memory bound of the whole pull, whatever the disk size.
+Jobs reach the readers through one bounded ``workers.Workers`` queue: the first failure (or Ctrl-C)
+closes it and wakes every reader, including one waiting for a buffer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 
 import nbd
 
+from fleece.repository.errors import ExportReadError
+from fleece.repository.workers import Closable, WorkQueue, Workers
 from fleece.repository.writer import BlobWriter
 
-from fleece.repository.errors import ExportReadError
 from .plan import Job
 
 log = logging.getLogger(__name__)
@@ -42,29 +43,30 @@ class _Slot:
 
 
 class BufferPool:
-    """Fixed set of chunk-sized buffers; :meth:`get` blocks while all are in use."""
+    """Fixed set of chunk-sized buffers; :meth:`get` blocks while all are in use.
+
+    One pool serves every disk of a backup, and buffers come back from the writer's threads after the
+    pull that took them may have ended, so the pool itself is never closed: a waiting :meth:`get` is
+    cancelled by the closing of the pull's own run instead (:meth:`watch`).
+    """
 
     def __init__(self, count: int, size: int) -> None:
         self.size = size
-        self._free: queue.Queue[_Slot] = queue.Queue()
+        self._free: WorkQueue[_Slot] = WorkQueue(count)
         for _ in range(count):
             buf = bytearray(size)
             self._free.put(_Slot(buf, memoryview(buf), nbd.Buffer.from_buffer(buf)))
 
-    def get(self, stop: threading.Event) -> _Slot:
-        while True:
-            try:
-                return self._free.get(timeout=0.2)
-            except queue.Empty:
-                if stop.is_set():
-                    raise _Stopped from None
+    def watch(self, run: Closable) -> None:
+        """Make the closing of *run* wake the :meth:`get` calls that wait on its behalf."""
+        run.on_close(self._free.wake)
+
+    def get(self, run: Closable) -> _Slot:
+        """A free buffer; raises ``workers.Closed`` as soon as *run* (watched) is closed."""
+        return self._free.get(cancel=run)
 
     def put(self, slot: _Slot) -> None:
         self._free.put(slot)
-
-
-class _Stopped(Exception):
-    pass
 
 
 class _InFlight:
@@ -89,10 +91,6 @@ class Puller:
         self.workers = workers
         self.disk = disk
         self.progress = progress
-        self._stop = threading.Event()
-        self._errors: list[BaseException] = []
-        self._jobs: Iterator[Job] = iter(())
-        self._jobs_lock = threading.Lock()
 
     def connect(self) -> nbd.NBD:
         h = nbd.NBD()
@@ -103,70 +101,54 @@ class Puller:
 
     def run(self, jobs: Iterable[Job], record: Record) -> None:
         """Read every job; returns when all blobs are handed to the writer. Raises the first failure."""
-        self._jobs = iter(jobs)
-        threads = [threading.Thread(target=self._worker, args=(record,), name=f"fleece-nbd-{i}", daemon=True)
-                   for i in range(self.workers)]
-        for t in threads:
-            t.start()
+        count = min(self.workers, max(1, len(jobs))) if isinstance(jobs, Sized) else self.workers
+        readers: Workers[Job] = Workers(lambda: _Reader(self, record, readers), workers=count,
+                                        depth=count * JOBS_IN_FLIGHT, name="fleece-nbd")
+        self.pool.watch(readers)  # a reader waiting for a buffer wakes when the run fails or is cancelled
+        with readers:
+            for job in jobs:
+                readers.submit(job)
+
+
+class _Reader:
+    """One worker of a pull: its own NBD connection, up to ``JOBS_IN_FLIGHT`` jobs' reads in flight."""
+
+    def __init__(self, puller: Puller, record: Record, run: Closable) -> None:
+        self.puller = puller
+        self.record = record
+        self.run = run
         try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)
-        except BaseException:
-            self._stop.set()  # Ctrl-C: let workers notice, then unwind
-            for t in threads:
-                t.join(10)
-            raise
-        if self._errors:
-            raise self._errors[0]
-
-    def _next_job(self) -> Job | None:
-        with self._jobs_lock:
-            return next(self._jobs, None)
-
-    def _fail(self, exc: BaseException) -> None:
-        self._errors.append(exc)
-        self._stop.set()
-
-    def _worker(self, record: Record) -> None:
-        try:
-            h = self.connect()
+            self.h = puller.connect()
         except nbd.Error as exc:
-            self._fail(ExportReadError(f"cannot connect to the NBD export of disk {self.disk}: {exc}"))
-            return
-        inflight: list[_InFlight] = []
-        try:
-            exhausted = False
-            while not self._stop.is_set():
-                while not exhausted and len(inflight) < JOBS_IN_FLIGHT:
-                    job = self._next_job()
-                    if job is None:
-                        exhausted = True
-                        break
-                    inflight.append(self._submit(h, job))
-                if not inflight:
-                    break
-                while not any(f.pending == 0 for f in inflight):
-                    h.poll(-1)
-                finished = [f for f in inflight if f.pending == 0]
-                inflight = [f for f in inflight if f.pending != 0]
-                for f in finished:
-                    self._finish(f, record)
-        except _Stopped:
-            pass
-        except nbd.Error as exc:
-            self._fail(ExportReadError(f"reading the frozen view of disk {self.disk} failed: {exc}"))
-        except BaseException as exc:  # noqa: BLE001 - the writer's errors end the run the same way
-            self._fail(exc)
-        finally:
-            # In-flight requests die with the handle; their buffers must not go back before that.
-            del h
-            for f in inflight:
-                self.pool.put(f.slot)
+            raise ExportReadError(f"cannot connect to the NBD export of disk {puller.disk}: {exc}") from None
+        self.inflight: list[_InFlight] = []
 
-    def _submit(self, h: nbd.NBD, job: Job) -> _InFlight:
-        slot = self.pool.get(self._stop)
+    def __call__(self, job: Job) -> None:
+        try:
+            self._submit(job)
+            while len(self.inflight) >= JOBS_IN_FLIGHT:
+                self._complete()
+        except nbd.Error as exc:
+            raise ExportReadError(f"reading the frozen view of disk {self.puller.disk} failed: {exc}") from None
+
+    def finish(self) -> None:
+        try:
+            while self.inflight:
+                self._complete()
+        except nbd.Error as exc:
+            raise ExportReadError(f"reading the frozen view of disk {self.puller.disk} failed: {exc}") from None
+
+    def close(self) -> None:
+        # In-flight requests die with the handle; their buffers must not go back before that.
+        del self.h
+        for f in self.inflight:
+            self.puller.pool.put(f.slot)
+        self.inflight = []
+
+    def _submit(self, job: Job) -> None:
+        slot = self.puller.pool.get(self.run)
         f = _InFlight(job, slot)
+        self.inflight.append(f)  # from here on close() gives the buffer back
         view = slot.view
         # Zero the parts of the cell that will not be read (holes of a full's cell).
         pos = job.offset
@@ -182,10 +164,9 @@ class Puller:
                 n = min(REQUEST, end - off)
                 rel = off - job.offset
                 f.pending += 1
-                h.aio_pread(nbd.Buffer.from_buffer(view[rel:rel + n]), off,
-                            completion=lambda err, f=f: self._completed(f, err))
+                self.h.aio_pread(nbd.Buffer.from_buffer(view[rel:rel + n]), off,
+                                 completion=lambda err, f=f: self._completed(f, err))
                 off += n
-        return f
 
     @staticmethod
     def _completed(f: _InFlight, err: object) -> int:
@@ -195,24 +176,38 @@ class Puller:
         f.pending -= 1
         return 1  # auto-retire the command
 
-    def _finish(self, f: _InFlight, record: Record) -> None:
-        job, slot = f.job, f.slot
+    def _complete(self) -> None:
+        """Wait until at least one job's reads are all done, then hand every such job over."""
+        while not any(f.pending == 0 for f in self.inflight):
+            self.h.poll(-1)
+        for f in [f for f in self.inflight if f.pending == 0]:
+            self.inflight.remove(f)
+            self._hand_over(f)
+
+    def _hand_over(self, f: _InFlight) -> None:
+        job, slot, pool = f.job, f.slot, self.puller.pool
+        disk = self.puller.disk
         if f.error:
-            self.pool.put(slot)
+            pool.put(slot)
             raise ExportReadError(
-                f"reading disk {self.disk} at offset {job.offset} failed: {os.strerror(f.error)}. "
+                f"reading disk {disk} at offset {job.offset} failed: {os.strerror(f.error)}. "
                 "The guest is unaffected; if it was writing heavily, the fleece scratch area may be full "
                 "or too slow (use --scratch on a faster filesystem with room for the data overwritten "
                 "during the backup)")
-        if self.progress is not None:
-            self.progress(job.length)
+        if self.puller.progress is not None:
+            self.puller.progress(job.length)
         if slot.nbdbuf.is_zero(0, job.length):
-            self.pool.put(slot)
-            record(job, None, 0)
+            pool.put(slot)
+            self.record(job, None, 0)
             return
+        record = self.record
 
         def done(ident: bytes, stored: int, job: Job = job, slot: _Slot = slot) -> None:
-            self.pool.put(slot)
+            pool.put(slot)
             record(job, ident, stored)
 
-        self.writer.add(slot.view[:job.length], done)
+        try:
+            self.puller.writer.add(slot.view[:job.length], done)
+        except BaseException:
+            pool.put(slot)  # add() took nothing: done will never run
+            raise

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 from collections.abc import Coroutine, Mapping
@@ -47,20 +48,38 @@ def refused_because(exc: CommandError, reason: str) -> bool:
     return any(phrase in exc.desc for phrase in _REASONS[reason])
 
 
+def _check_socket_path(path: str) -> None:
+    """Say what *path* is when it cannot be a QMP socket (a file or directory is not a "stale socket")."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise QmpConnectError(f"cannot connect to QMP at {path}: no such socket: check the path and that the "
+                              "VM is running with -qmp unix:PATH,server=on", object=path) from None
+    except OSError as exc:
+        raise QmpConnectError(f"cannot use {path} as a QMP socket: {exc.strerror}", object=path) from None
+    if stat.S_ISSOCK(st.st_mode):
+        return
+    what = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode) else \
+        "not a socket"
+    raise QmpConnectError(f"--qmp {path} is {what}, not a unix socket: pass the VM's QMP socket "
+                          "(the PATH of -qmp unix:PATH,server=on)", object=path)
+
+
 class Monitor:
     """Blocking QMP connection. One command at a time; safe to call from any single thread."""
 
     def __init__(self, path: str, *, timeout: float = 30.0, connect_timeout: float = 10.0) -> None:
         self.path = path
         self.timeout = timeout
+        _check_socket_path(path)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fleece-qmp", daemon=True)
         self._thread.start()
         self._client = QMPClient("fleece")
         self.version: dict[str, int] = {}
         try:
-            self._run(self._client.connect(path), connect_timeout)
-        except FutureTimeout:
+            self._run(self._connect(connect_timeout), connect_timeout + 10)
+        except (FutureTimeout, asyncio.TimeoutError):
             self._stop_loop()
             raise QmpConnectError(
                 f"no QMP greeting from {path} within {connect_timeout:.0f} s: it is not a QEMU QMP socket, or "
@@ -118,6 +137,19 @@ class Monitor:
         return f"qemu-at:{os.path.realpath(self.path)}"
 
     # -- plumbing ---------------------------------------------------------------------------------------
+
+    async def _connect(self, timeout: float) -> None:
+        """Connect, giving up after *timeout* — inside the loop, so the library unwinds its own session.
+
+        Cancelling the connect from another thread and stopping the loop (as a bare future timeout does)
+        leaves qemu.qmp's half-open session without a loop to run its teardown in: it then logs "a bug in
+        the QMP library" with two tracebacks.
+        """
+        try:
+            await asyncio.wait_for(self._client.connect(self.path), timeout)
+        except asyncio.TimeoutError:
+            await self._client.disconnect()
+            raise
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)

@@ -15,20 +15,26 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fleece.repository.errors import FleeceError, UsageError
+from fleece.repository.errors import FleeceError, Interrupted, UsageError
 
 from . import __version__
 from .commands import COMMANDS
-from .output import setup_logging
+from .output import emit_json, setup_logging
 
 log = logging.getLogger("fleece")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 on usage errors: keep that, shorten the text
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"fleece: error: {message}\n")
-        sys.exit(2)
+        raise _ArgumentError(message, self)
+
+
+class _ArgumentError(Exception):
+    """argparse's complaint, carried to :func:`main` so it is reported like every other usage error."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
+        super().__init__(message)
+        self.parser = parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,22 +76,71 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure ends here as one line on stderr (and one JSON document with --json).
+
+    No traceback reaches the user: fleece's own errors carry their message and exit code
+    (repository/errors.py), an OSError becomes its one-line strerror with the path, and anything else is
+    reported as an internal error (its traceback only with -v, for a bug report).
+    """
     limit_malloc_arenas()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_json = "--json" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except _ArgumentError as exc:
+        if not wants_json:
+            exc.parser.print_usage(sys.stderr)
+        return _fail(UsageError(str(exc)), wants_json)
     setup_logging(-1 if args.quiet else args.verbose)
     signal.signal(signal.SIGTERM, _terminate)
     run: Callable[[argparse.Namespace], Any] = COMMANDS[args.command][2]
     try:
         return int(run(args) or 0)
-    except UsageError as exc:
-        sys.stderr.write(f"fleece: error: {exc}\n")
-        return 2
     except FleeceError as exc:
-        sys.stderr.write(f"fleece: error: {exc}\n")
-        return 1
+        return _fail(exc, args.json)
     except KeyboardInterrupt:
-        sys.stderr.write("fleece: interrupted; everything was rolled back\n")
+        return _fail(Interrupted("interrupted; everything was rolled back (the VM keeps running)"), args.json)
+    except BrokenPipeError:  # `fleece list | head`: the reader is gone, nothing more to say
+        _silence_stdout()
         return 1
+    except OSError as exc:
+        return _fail(_os_error(exc), args.json)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        log.debug("internal error", exc_info=True)
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        hint = "" if args.verbose else " (run again with -v for details)"
+        return _fail(_Internal(f"internal error: {what}{hint}; please report it"), args.json)
+
+
+class _Internal(FleeceError):
+    kind = "internal"
+
+
+def _os_error(exc: OSError) -> FleeceError:
+    """An operating-system failure fleece did not classify itself, as one line naming the path."""
+    where = f": {exc.filename}" if exc.filename else ""
+    err = FleeceError(f"{exc.strerror or exc}{where}", object=str(exc.filename) if exc.filename else None)
+    err.kind = "os"
+    return err
+
+
+def _fail(exc: FleeceError, as_json: bool) -> int:
+    message = " ".join(str(exc).split())  # one line, whatever QEMU or a server put into the text
+    sys.stderr.write(f"fleece: error: {message}\n")
+    if as_json:
+        doc = exc.to_json()
+        doc["error"]["message"] = message
+        try:
+            emit_json(doc)
+        except BrokenPipeError:
+            _silence_stdout()
+    return exc.exit
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; point it at /dev/null so that flush cannot raise.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from fleece.repository import Repository
 from fleece.repository.config import MAX_LEVEL, MIN_LEVEL, RepoConfig
-from fleece.repository.errors import UsageError
-from fleece.repository.ratelimit import TokenBucket, parse_rate
+from fleece.repository.errors import FleeceError, UsageError
+from fleece.exporter.backup import MAX_WORKERS
+from fleece.repository.manifest import check_vm_name
+from fleece.repository.ratelimit import parse_rate
 
-from .output import Progress, emit_json, human_bytes
+from .output import BackupProgress, Progress, emit_json, human_bytes
 
 DEFAULT_LEVEL = RepoConfig().compression["level"]
+
+log = logging.getLogger("fleece")
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -22,7 +27,7 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 def add_repo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", required=True, metavar="REPO",
                    help="repository: a path, file://PATH or s3://BUCKET[/PREFIX]")
-    p.add_argument("--s3-endpoint", metavar="URL", default=None,
+    p.add_argument("--s3-endpoint", metavar="URL", default=None, type=endpoint_url,
                    help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
 
 
@@ -44,6 +49,30 @@ def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 positive_int = whole_number(1)
+workers_count = whole_number(1, MAX_WORKERS)
+
+
+def vm_name(text: str) -> str:
+    """argparse type for --vm: a name the repository can store (checked before any work)."""
+    try:
+        return check_vm_name(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def endpoint_url(text: str) -> str:
+    """argparse type for --s3-endpoint: an http(s) URL with a host (and a valid port, if any)."""
+    from urllib.parse import urlparse
+
+    try:
+        parsed = urlparse(text)
+        parsed.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an endpoint URL: use http(s)://HOST[:PORT], "
+                                         "e.g. --s3-endpoint http://127.0.0.1:7480")
+    return text
 
 
 def open_repo(args: argparse.Namespace, create: bool = False, **options: Any) -> Repository:
@@ -80,7 +109,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _list_args(p: argparse.ArgumentParser) -> None:
     add_repo(p)
-    p.add_argument("--vm", help="only this VM")
+    p.add_argument("--vm", type=vm_name, help="only this VM")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -99,8 +128,9 @@ def _list(args: argparse.Namespace) -> int:
         for p in points:
             dirty = sum(d.get("dirty_bytes", 0) for d in p["disks"].values())
             stored = sum(d.get("stored_bytes", 0) for d in p["disks"].values())
-            print(f"{p['id']}  {p['vm']:<16} {p['kind']:<12} disks={len(p['disks'])} "
-                  f"changed={human_bytes(dirty)} stored={human_bytes(stored)}  parent={p['parent'] or '-'}")
+            print(f"{p['id']}  {p['vm']:<16} {p['kind']:<12} disks={','.join(p['disks']) or '-'} "
+                  f"host={p.get('host') or '-'} changed={human_bytes(dirty)} stored={human_bytes(stored)}  "
+                  f"parent={p['parent'] or '-'}")
         for name, err in damaged.items():
             print(f"DAMAGED {name}: {err}")
     return 1 if damaged else 0
@@ -143,11 +173,15 @@ def _rebuild(args: argparse.Namespace) -> int:
 def _backup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qmp", required=True, metavar="SOCK", help="the VM's QMP unix socket (one fleece may use)")
     add_repo(p)
-    p.add_argument("--vm", help="name the points are stored under (default: QEMU's -name)")
+    p.add_argument("--vm", type=vm_name, help="name the points are stored under (default: QEMU's -name)")
     p.add_argument("--disk", action="append", metavar="ID",
                    help="back up only this disk (device id=; repeatable; default: every writable disk)")
-    p.add_argument("--full", action="store_true", help="full backup even where an incremental is possible")
-    p.add_argument("--workers", type=positive_int, default=4, metavar="N",
+    # nargs="?" + append: "--full" alone appends None (every disk), "--full vdb" appends "vdb"; an option
+    # right after a bare --full ("--full --json") is still parsed as that option.
+    p.add_argument("--full", nargs="?", action="append", metavar="ID",
+                   help="full backup even where an incremental is possible: of every disk, or (with ID, "
+                        "repeatable) of that disk only, the others staying incremental")
+    p.add_argument("--workers", type=workers_count, default=4, metavar="N",
                    help="parallel NBD connections (and S3 requests) (default 4)")
     p.add_argument("--bwlimit", metavar="RATE", type=parse_rate_arg,
                    help="cap bytes sent to the repository per second, e.g. 20M (K/M/G suffixes)")
@@ -163,6 +197,13 @@ def _backup_args(p: argparse.ArgumentParser) -> None:
                         "(the same VM moved to a new host, or given a new UUID or new disk files)")
 
 
+def full_disks(given: list[str | None] | None) -> bool | list[str]:
+    """``--full`` as BackupRequest.full: not given → False, a bare ``--full`` anywhere → True, else the ids."""
+    if not given:
+        return False
+    return True if None in given else [d for d in given if d is not None]
+
+
 def parse_rate_arg(text: str) -> int:
     try:
         return parse_rate(text)
@@ -173,30 +214,27 @@ def parse_rate_arg(text: str) -> int:
 def _backup(args: argparse.Namespace) -> int:
     from fleece.exporter.backup import BackupRequest, run_backup
 
-    bar = Progress("backup")
-    total = [0]
-
-    def on_event(name: str, data: dict[str, Any]) -> None:
-        if name == "disk":
-            total[0] += data["read_bytes"]
-            bar(0, total[0])
-
-    with open_repo(args, create=True, workers=args.workers) as repo:
-        if args.bwlimit:
-            repo.backend.throttle = TokenBucket(args.bwlimit).consume
+    with open_repo(args, create=True, workers=args.workers, bwlimit=args.bwlimit) as repo:
+        bar = BackupProgress("backup")  # committed bytes of the planned total; silent unless stderr is a TTY
         try:
-            result = run_backup(repo, BackupRequest(qmp=args.qmp, vm=args.vm, disks=args.disk, full=args.full,
-                                                    workers=args.workers, scratch=args.scratch, adopt=args.adopt,
+            result = run_backup(repo, BackupRequest(qmp=args.qmp, vm=args.vm, disks=args.disk,
+                                                    full=full_disks(args.full), workers=args.workers,
+                                                    scratch=args.scratch, adopt=args.adopt,
                                                     audit_sample=args.audit_sample,
-                                                    on_event=on_event, progress=bar))
-        finally:
+                                                    on_event=bar.event, progress=bar.read,
+                                                    on_committed=bar.committed))
+        except BaseException:
             bar.close()
+            if repo.discard_if_new():  # a failed first backup leaves no --repo behind
+                log.info("removed the repository %s this failed run had created", repo.url)
+            raise
+        bar.close()
     m = result.manifest
     writer = result.stats.get("writer", {})
     doc = {**m.summary(), "pause_ms": result.stats.get("pause_ms"), "duration_s": result.stats.get("duration_s"),
            "uploaded_bytes": writer.get("uploaded_bytes", 0), "new_blobs": writer.get("new_blobs", 0),
            "dedup_blobs": writer.get("dedup_blobs", 0), "repo": args.repo,
-           "backend_requests": dict(getattr(repo.backend, "requests", {}))}
+           "backend_requests": repo.requests()}
     if args.json:
         emit_json(doc)
     else:
@@ -215,15 +253,31 @@ def _backup(args: argparse.Namespace) -> int:
 
 def _restore_args(p: argparse.ArgumentParser) -> None:
     add_repo(p)
-    p.add_argument("--vm", required=True, help="the VM whose point to restore")
+    p.add_argument("--vm", required=True, type=vm_name, help="the VM whose point to restore")
     p.add_argument("--point", default="latest", metavar="ID|latest", help="point id (or a unique prefix); default latest")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the restored images")
     p.add_argument("--disk", action="append", metavar="ID", help="restore only this disk (repeatable)")
     p.add_argument("--flat", action="store_true", help="one flat image per disk instead of a qcow2 chain")
     p.add_argument("--format", choices=("qcow2", "raw"), default="qcow2", help="image format with --flat")
-    p.add_argument("--workers", type=positive_int, default=4, metavar="N",
+    p.add_argument("--workers", type=workers_count, default=4, metavar="N",
                    help="parallel fetches and NBD writers (default 4)")
     p.add_argument("--force", action="store_true", help="replace existing images in --out")
+
+    def octal_mode(text: str) -> int:
+        import re
+
+        from fleece.restore.restore import check_mode
+
+        if not re.fullmatch(r"(0o?)?[0-7]{1,4}", text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 0640")
+        try:
+            return check_mode(int(text.removeprefix("0o"), 8))
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    p.add_argument("--mode", type=octal_mode, default=None, metavar="OCTAL",
+                   help="permissions of the restored image files, e.g. 0640 (default 0600; directories get "
+                        "the same plus search where readable: 0700, 0750)")
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -231,14 +285,17 @@ def _restore(args: argparse.Namespace) -> int:
 
     from fleece.restore import RestoreRequest, run_restore
 
-    bar = Progress("restore")
+    bar: Progress | None = None
     try:
         with open_repo(args, workers=args.workers) as repo:
+            bar = Progress("restore", restore_total(repo, args), "written")
             result = run_restore(repo, RestoreRequest(vm=args.vm, out=Path(args.out), point=args.point,
                                                       disks=args.disk, flat=args.flat, format=args.format,
-                                                      workers=args.workers, force=args.force, progress=bar))
+                                                      workers=args.workers, force=args.force, progress=bar,
+                                                      mode=args.mode))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     doc = {"vm": args.vm, "point": result.point.id, "kind": result.point.kind, "mode": "flat" if args.flat else "chain",
            "seconds": result.seconds,
            # per disk, "point" is the point holding its newest layer up to the requested one ("in_point": the
@@ -257,15 +314,36 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def restore_total(repo: Repository, args: argparse.Namespace) -> int | None:
+    """The bytes the restore's progress counts, known before it starts: every data extent of every layer
+    of every disk restored (chain), or of each disk's resolved view (flat). ``None`` when the point cannot
+    be resolved — run_restore then says why."""
+    try:
+        manifest = repo.find_point(args.vm, args.point)
+        view = repo.point_view(manifest, args.disk)
+        total = 0
+        for disk in dict.fromkeys(args.disk) if args.disk else view:
+            if disk not in view:
+                return None
+            if args.flat:
+                total += sum(p.length for p in repo.resolve(view[disk], disk) if p.blob is not None)
+            else:
+                total += sum(n for layer in repo.disk_chain(view[disk], disk)
+                             for _, n, blob in layer.disks[disk].extents if blob is not None)
+        return total
+    except FleeceError:
+        return None
+
+
 # -- verify ---------------------------------------------------------------------------------------------
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     add_repo(p)
-    p.add_argument("--vm", help="only this VM")
+    p.add_argument("--vm", type=vm_name, help="only this VM")
     p.add_argument("--point", metavar="ID",
                    help="only this point (and the layers of every disk the VM had then); needs --vm")
     p.add_argument("--read-data", action="store_true", help="read and check every referenced blob")
-    p.add_argument("--workers", type=positive_int, default=4, metavar="N", help="parallel reads (default 4)")
+    p.add_argument("--workers", type=workers_count, default=4, metavar="N", help="parallel reads (default 4)")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -273,13 +351,16 @@ def _verify(args: argparse.Namespace) -> int:
 
     if args.point and not args.vm:
         raise UsageError("--point needs --vm")
-    bar = Progress("verify")
+    bar: Progress | None = None
     try:
         with open_repo(args, workers=args.workers) as repo:
+            if args.read_data:  # only reading data makes progress worth showing
+                bar = Progress("verify", verify_total(repo, args), "read")
             report = verify(repo, vm=args.vm, point=args.point, read_data=args.read_data, workers=args.workers,
                             progress=bar)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if args.json:
         emit_json({"ok": report.ok, "read_data": args.read_data, "points": [p.as_dict() for p in report.points],
                    "repository_problems": report.repository_problems, "damaged_packs": report.damaged_packs,
@@ -294,6 +375,23 @@ def _verify(args: argparse.Namespace) -> int:
         what = f", {report.blobs_checked} blobs read ({human_bytes(report.bytes_read)})" if args.read_data else ""
         print(f"{len(report.points)} point(s) checked{what}: " + ("all ok" if report.ok else "DAMAGE FOUND"))
     return 0 if report.ok else 1
+
+
+def verify_total(repo: Repository, args: argparse.Namespace) -> int | None:
+    """The bytes ``verify --read-data`` reads, known before it starts: each distinct blob the checked points
+    use, once (a blob's plaintext is as long as its extents). Only blobs that are in the index and in a pack
+    are read, so in a damaged repository the line ends short of 100 %. The manifests read here are cached:
+    verify does not read them again. ``None`` when the selection cannot be resolved (verify says why)."""
+    try:
+        if args.point:
+            m = repo.find_point(args.vm, args.point)
+            points = [layer for disk, top in repo.point_view(m).items() for layer in repo.disk_chain(top, disk)]
+        else:
+            points = [m for vm in ([args.vm] if args.vm else repo.vms()) for m in repo.scan(vm).points]
+    except FleeceError:
+        return None
+    sizes = {blob: n for m in points for rec in m.disks.values() for _, n, blob in rec.extents if blob is not None}
+    return sum(sizes.values())
 
 
 COMMANDS: dict[str, Command] = {

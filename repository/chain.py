@@ -27,26 +27,6 @@ class Piece:
     skip: int = 0
 
 
-def _uncovered(entries: list[Extent], covered: ex.RangeList) -> list[Piece]:
-    """The parts of *entries* not in *covered* (both sorted), as pieces."""
-    out: list[Piece] = []
-    j = 0
-    for off, length, blob in entries:
-        pos, end = off, off + length
-        while j < len(covered) and covered[j][0] + covered[j][1] <= pos:
-            j += 1
-        k = j
-        while pos < end and k < len(covered) and covered[k][0] < end:
-            c_off, c_end = covered[k][0], covered[k][0] + covered[k][1]
-            if c_off > pos:
-                out.append(Piece(pos, c_off - pos, blob, pos - off))
-            pos = max(pos, c_end)
-            k += 1
-        if pos < end:
-            out.append(Piece(pos, end - pos, blob, pos - off))
-    return out
-
-
 def resolve(layers: list[list[Extent]]) -> list[Piece]:
     """Merge extent maps given newest first; the last layer must be a full. Result sorted by offset.
 
@@ -57,7 +37,9 @@ def resolve(layers: list[list[Extent]]) -> list[Piece]:
     out: list[Piece] = []
     for entries in layers:
         ordered = sorted(entries)
-        out.extend(_uncovered(ordered, covered))
+        # the parts of this layer no newer layer covers; skip = where the part starts inside the blob
+        out.extend(Piece(pos, length, blob, pos - off)
+                   for (off, _, blob), pos, length in ex.subtract(ordered, covered))
         covered = ex.union(covered, ex.normalize((off, length) for off, length, _ in ordered))
     out.sort(key=lambda p: p.offset)
     return out

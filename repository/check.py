@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import IntegrityError, RepositoryError
@@ -52,6 +51,7 @@ from .index import Index
 from .manifest import Manifest
 from .pack import PackEntry, pack_name, pack_size
 from .repo import ReadRange, Repository
+from .workers import map_all, run_all
 
 
 @dataclass
@@ -213,8 +213,8 @@ def _check_packs(repo: Repository, index: Index, pack_ids: list[str], packs: dic
                                         f"({_table_diff(entries, actual)})")
         return pack_id, problems
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        return {pack_id: "; ".join(problems) for pack_id, problems in pool.map(check, pack_ids) if problems}
+    results = map_all(check, pack_ids, workers=max(1, workers), name="fleece-verify")
+    return {pack_id: "; ".join(problems) for pack_id, problems in results if problems}
 
 
 def _table_diff(said: tuple[PackEntry, ...], actual: list[PackEntry]) -> str:
@@ -269,8 +269,7 @@ def _read_all(repo: Repository, blobs_of: dict[tuple[str, str], set[bytes]], own
                 with lock:
                     failures[blob] = str(exc)
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(check, repo.plan_reads(readable)))
+    run_all(repo.plan_reads(readable), lambda: check, workers=max(1, workers), name="fleece-verify")
     for key, blobs in blobs_of.items():
         for blob in sorted(blobs & failures.keys()):
             own.setdefault(key, []).append(failures[blob])

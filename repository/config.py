@@ -2,17 +2,27 @@
 
 It is written once, with put-if-absent, when the repository is created; a reader that finds a format it
 does not know refuses to touch the repository rather than guess.
+
+The object carries ``sha256``, the SHA-256 of the canonical JSON of all its other fields, checked on every
+open: a digit changed by hand or by bit-rot (a chunk size, a pack size, a compression level) would
+otherwise be taken at its word by every later writer and reader. A config written before the checksum
+existed has no ``sha256`` and still opens (legacy, logged at debug level): existing repositories keep
+working, and fleece never rewrites a config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import IntegrityError, RepositoryError
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 CONFIG_NAME = "config"
@@ -33,7 +43,8 @@ class RepoConfig:
     encryption: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
 
     def to_bytes(self) -> bytes:
-        return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
+        fields = asdict(self)
+        return (json.dumps({**fields, "sha256": _digest(fields)}, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> RepoConfig:
@@ -47,6 +58,8 @@ class RepoConfig:
         if fmt != FORMAT:
             raise RepositoryError(f"{where} has repository format {fmt!r}, this fleece knows format {FORMAT}: "
                                   "use a fleece version that supports it")
+        # After the format: a newer format may checksum differently, and must be told as such.
+        _check_digest(obj, where)
         try:
             cfg = cls(**{k: obj[k] for k in ("id", "format", "created", "chunk_size", "pack_target", "hash",
                                                "compression", "encryption")})
@@ -71,3 +84,20 @@ class RepoConfig:
             raise RepositoryError(f"{where}: chunk_size {self.chunk_size} must be a power of two ≤ 32 MiB")
         if not MiB <= self.pack_target <= 1024 * MiB:
             raise RepositoryError(f"{where}: pack_target {self.pack_target} out of range")
+
+
+def _digest(fields: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of the config's fields (every field but ``sha256`` itself)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_digest(obj: dict[str, Any], where: str) -> None:
+    if "sha256" not in obj:
+        log.debug("%s/config has no checksum (written by an older fleece): accepted as is", where)
+        return
+    fields = {k: v for k, v in obj.items() if k != "sha256"}
+    if obj["sha256"] != _digest(fields):
+        raise IntegrityError(f"{where}/config does not match its sha256 checksum: it was edited or damaged, and "
+                             "fleece will not guess its chunk size, pack size or compression; put back the "
+                             "original config object (from a copy of the repository, or as another host "
+                             "last read it)", object="config")

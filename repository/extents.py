@@ -12,9 +12,11 @@ these few operations, so they live in one place and are property-tested against 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 Range = tuple[int, int]
 RangeList = list[Range]
+E = TypeVar("E", bound=tuple[Any, ...])  # a range, or a longer tuple starting (offset, length, …)
 
 
 def _append_merged(out: RangeList, off: int, length: int) -> None:
@@ -73,11 +75,17 @@ def intersection(a: RangeList, b: RangeList) -> RangeList:
     return out
 
 
-def difference(a: RangeList, b: RangeList) -> RangeList:
-    """Bytes in *a* that are not in *b*."""
-    out: RangeList = []
+def subtract(entries: Iterable[E], b: RangeList) -> Iterator[tuple[E, int, int]]:
+    """The parts of *entries* not in *b*: ``(entry, offset, length)`` per part, in order.
+
+    *entries* are anything whose first two fields are ``(offset, length)`` — ranges, or extent-map
+    entries that carry a blob id (restore's "newest layer wins" keeps the entry to know which blob, and
+    where inside it, a surviving part comes from). They must be sorted by offset; one sweep over both
+    inputs, O(n + m).
+    """
     j = 0
-    for off, length in a:
+    for entry in entries:
+        off, length = entry[0], entry[1]
         pos, end = off, off + length
         while j < len(b) and b[j][0] + b[j][1] <= pos:
             j += 1
@@ -85,12 +93,16 @@ def difference(a: RangeList, b: RangeList) -> RangeList:
         while pos < end and k < len(b) and b[k][0] < end:
             b_off, b_end = b[k][0], b[k][0] + b[k][1]
             if b_off > pos:
-                out.append((pos, b_off - pos))
+                yield entry, pos, b_off - pos
             pos = max(pos, b_end)
             k += 1
         if pos < end:
-            out.append((pos, end - pos))
-    return out
+            yield entry, pos, end - pos
+
+
+def difference(a: RangeList, b: RangeList) -> RangeList:
+    """Bytes in *a* that are not in *b*."""
+    return [(off, length) for _, off, length in subtract(a, b)]
 
 
 def complement(a: RangeList, size: int) -> RangeList:

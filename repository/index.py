@@ -4,8 +4,10 @@ Each backup run writes one index object for the packs it uploaded, *after* those
 *before* its manifest (the commit point). Layout of ``index/<id>``::
 
     magic "FLCIDX1\\n" | zstd frame of:
-        npacks:u32, then per pack: pack_id[32] count:u32, count × (id[32] offset:u64 length:u32
-                                                                   raw_length:u32 encoding:u8 pad[3])
+        npacks:u32, then per pack: pack_id[32] count:u32, count × entry
+
+where an entry is exactly a pack table's entry (``PackEntry.encode``: id[32] offset:u64 length:u32
+raw_length:u32 encoding:u8 pad[3]) — one layout, written in one place.
 
 The object's name is the SHA-256 of its bytes, so a truncated or garbled index is detected on load.
 Everything in an index can be regenerated from the packs' own tables (:func:`Repository.rebuild_index`).
@@ -21,12 +23,11 @@ from dataclasses import dataclass
 import zstandard
 
 from .errors import IntegrityError
-from .pack import PackEntry
+from .pack import ENTRY_SIZE, PackEntry
 
 MAGIC = b"FLCIDX1\n"
 _COUNT = struct.Struct("<I")
 _PACK = struct.Struct("<32sI")
-_ENTRY = struct.Struct("<32sQIIB3x")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,7 @@ def encode_index(packs: Iterable[tuple[str, list[PackEntry]]]) -> tuple[str, byt
     for pack_id, entries in packs:
         count += 1
         parts.append(_PACK.pack(bytes.fromhex(pack_id), len(entries)))
-        parts.extend(_ENTRY.pack(e.id, e.offset, e.length, e.raw_length, e.encoding) for e in entries)
+        parts.extend(e.encode() for e in entries)
     body = _COUNT.pack(count) + b"".join(parts)
     data = MAGIC + zstandard.ZstdCompressor(level=3).compress(body)
     return hashlib.sha256(data).hexdigest(), data
@@ -72,8 +73,8 @@ def decode_index(index_id: str, data: bytes) -> list[tuple[str, list[PackEntry]]
         for _ in range(npacks):
             raw_pack, count = _PACK.unpack_from(body, pos)
             pos += _PACK.size
-            entries = [PackEntry(*_ENTRY.unpack_from(body, pos + i * _ENTRY.size)) for i in range(count)]
-            pos += count * _ENTRY.size
+            entries = [PackEntry.decode(body, pos + i * ENTRY_SIZE) for i in range(count)]
+            pos += count * ENTRY_SIZE
             out.append((raw_pack.hex(), entries))
     except struct.error:
         raise IntegrityError(f"{where} is truncated inside its tables") from None

@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote
 
 import zstandard
 
-from .errors import IntegrityError
+from .errors import IntegrityError, UsageError
 
 FORMAT = 1
 ZERO_REF = 0xFFFFFFFF
@@ -49,11 +49,25 @@ def new_point_id(now: float | None = None) -> str:
     return f"{stamp}.{int(now * 1000) % 1000:03d}Z-{secrets.token_hex(4)}"
 
 
+MAX_VM_NAME = 200  # keeps points/<key>/<point id> well inside S3's 1024-byte keys even fully %-quoted
+
+
+def check_vm_name(vm: str) -> str:
+    """Refuse a VM name no repository can store, before any work is done with it."""
+    if not vm or not vm.strip():
+        raise UsageError("the VM name is empty: pass --vm NAME")
+    if vm in (".", ".."):
+        raise UsageError(f"{vm!r} cannot be a VM name (it names a directory): pass another --vm NAME")
+    if len(vm) > MAX_VM_NAME:
+        raise UsageError(f"the VM name is {len(vm)} characters long; at most {MAX_VM_NAME} fit: pass a shorter --vm NAME")
+    if any(not ch.isprintable() for ch in vm):
+        raise UsageError(f"the VM name {vm!r} holds control characters: pass a printable --vm NAME")
+    return vm
+
+
 def vm_key(vm: str) -> str:
     """Object-name-safe form of a VM name (reversible)."""
-    if not vm:
-        raise ValueError("empty VM name")
-    return quote(vm, safe="-_.")
+    return quote(check_vm_name(vm), safe="-_.")
 
 
 def vm_from_key(key: str) -> str:
@@ -181,9 +195,13 @@ class Manifest:
         return record.parent or self.parent
 
     def summary(self) -> dict[str, Any]:
-        """The ``fleece list --json`` view of this point."""
+        """The ``fleece list --json`` view of this point. ``host``: the machine it was taken on (the
+        backup's identity record, else the older plain ``extra.host``; ``None`` for points that have neither)."""
+        machine = self.extra.get("machine")
+        host = machine.get("host") if isinstance(machine, dict) else None
+        host = host if host is not None else self.extra.get("host")
         return {"id": self.id, "vm": self.vm, "kind": self.kind, "parent": self.parent, "created": self.created,
-                "consistency": self.consistency,
+                "consistency": self.consistency, "host": None if host is None else str(host),
                 "disks": {name: {"kind": d.kind, "virtual_size": d.virtual_size, "parent": self.disk_parent(name),
                                  **d.stats}
                           for name, d in self.disks.items()}}

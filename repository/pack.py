@@ -25,7 +25,7 @@ from .errors import IntegrityError
 
 MAGIC = b"FLCPACK1"
 _PACK_ID = re.compile(r"[0-9a-f]{64}")
-_ENTRY = struct.Struct("<32sQIIB3x")
+_ENTRY = struct.Struct("<32sQIIB3x")  # one blob's entry: in a pack's table and, the same bytes, in an index
 _FOOTER = struct.Struct("<I32s8s")
 FOOTER_SIZE = _FOOTER.size
 ENTRY_SIZE = _ENTRY.size
@@ -40,6 +40,15 @@ class PackEntry:
     length: int
     raw_length: int
     encoding: int
+
+    def encode(self) -> bytes:
+        """The entry's ``ENTRY_SIZE`` bytes, as a pack's table and an index object hold them."""
+        return _ENTRY.pack(self.id, self.offset, self.length, self.raw_length, self.encoding)
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview, pos: int) -> PackEntry:
+        """The entry at *pos* of *buf* (``struct.error`` if *buf* ends before it)."""
+        return cls(*_ENTRY.unpack_from(buf, pos))
 
 
 def pack_name(pack_id: str) -> str:
@@ -77,7 +86,7 @@ class PackBuilder:
 
     def finish(self) -> tuple[str, memoryview, list[PackEntry]]:
         """Return ``(pack id, pack bytes, entries)``. The view is valid until :meth:`reset`."""
-        table = b"".join(_ENTRY.pack(e.id, e.offset, e.length, e.raw_length, e.encoding) for e in self._entries)
+        table = b"".join(e.encode() for e in self._entries)
         trailer = table + _FOOTER.pack(len(self._entries), hashlib.sha256(table).digest(), MAGIC)
         end = self.size + len(trailer)
         self._buf[self.size:end] = trailer
@@ -125,10 +134,10 @@ def parse_table(tail: bytes, pack_size: int, name: str) -> list[PackEntry]:
     payload_end = pack_size - table_span(count)
     entries = []
     for i in range(count):
-        ident, offset, length, raw_length, encoding = _ENTRY.unpack_from(table, i * ENTRY_SIZE)
-        if offset + length > payload_end:
-            raise IntegrityError(f"pack {name}: blob {ident.hex()} lies outside the pack's data")
-        entries.append(PackEntry(ident, offset, length, raw_length, encoding))
+        e = PackEntry.decode(table, i * ENTRY_SIZE)
+        if e.offset + e.length > payload_end:
+            raise IntegrityError(f"pack {name}: blob {e.id.hex()} lies outside the pack's data")
+        entries.append(e)
     return entries
 
 

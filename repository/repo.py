@@ -8,10 +8,11 @@ only points whose manifest exists; packs or indexes of runs that never committed
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from .backends import Backend, ObjectInfo, open_backend
+from .backends import Backend, Counting, ObjectInfo, open_backend
+from .backends import layer as backend_layer
 from .chain import Piece, resolve
 from .codec import CodecPool
 from .config import CONFIG_NAME, RepoConfig
@@ -19,7 +20,8 @@ from .errors import IntegrityError, ObjectNotFound, RepositoryError
 from .index import Index, Location, decode_index, encode_index
 from .manifest import KIND_FULL, Manifest, manifest_name, vm_from_key, vm_key
 from .pack import FOOTER_SIZE, PackEntry, is_pack_id, pack_name, parse_footer, table_span, verify_trailer
-from .writer import BlobWriter
+from .workers import map_all
+from .writer import BlobWriter, Committed
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Repository:
         self.backend = backend
         self.config = config
         self.url = url or backend.location
+        #: this handle wrote the config: the repository is new (see :meth:`discard_if_new`)
+        self.created = False
         self._index: Index | None = None
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._codecs = CodecPool(config.compression.get("level", 3))
@@ -85,25 +89,71 @@ class Repository:
 
     @classmethod
     def open(cls, url: str, *, create: bool = False, config: RepoConfig | None = None,
-             **backend_options: object) -> Repository:
-        """Open the repository at *url*; with *create*, make it (and its ``config``) if it does not exist."""
-        backend = open_backend(url, create=create, **backend_options)
+             bwlimit: int | None = None, attempts: int | None = None, **backend_options: object) -> Repository:
+        """Open the repository at *url*; with *create*, make it (and its ``config``) if it does not exist.
+
+        The backend comes wrapped (:func:`~.backends.open_backend`): transient failures retried up to
+        *attempts* times, bytes sent capped at *bwlimit* bytes per second, requests counted
+        (:meth:`requests`). *backend_options* are the storage's own (S3: ``endpoint``, ``workers``,
+        ``create_bucket``).
+        """
+        backend = open_backend(url, create=create, bwlimit=bwlimit, attempts=attempts, **backend_options)
         try:
-            data = backend.get(CONFIG_NAME)
-        except ObjectNotFound:
-            if not create:
-                raise RepositoryError(f"no fleece repository at {backend.location} (no 'config' object): "
-                                      f"check --repo, or create one with 'fleece init --repo {url}'") from None
-            fresh = config or RepoConfig()
-            fresh.validate(backend.location)
-            if not backend.put_if_absent(CONFIG_NAME, fresh.to_bytes()):
+            try:
+                data = backend.get(CONFIG_NAME)
+            except ObjectNotFound:
+                if not create:
+                    raise RepositoryError(f"no fleece repository at {backend.location} (no 'config' object): "
+                                          f"check --repo, or create one with 'fleece init --repo {url}'") from None
+                fresh = config or RepoConfig()
+                fresh.validate(backend.location)
+                if backend.put_if_absent(CONFIG_NAME, fresh.to_bytes()):
+                    repo = cls(backend, RepoConfig.from_bytes(fresh.to_bytes(), backend.location), url)
+                    repo.created = True
+                    return repo
                 data = backend.get(CONFIG_NAME)  # someone else created it first: use theirs
-            else:
-                data = fresh.to_bytes()
-        return cls(backend, RepoConfig.from_bytes(data, backend.location), url)
+            return cls(backend, RepoConfig.from_bytes(data, backend.location), url)
+        except BaseException:
+            backend.close()
+            if create:
+                backend.discard_location()  # e.g. a damaged config: no new directory either
+            raise
+
+    def discard_if_new(self) -> bool:
+        """Take back a repository this open created, after the run that needed it failed.
+
+        Only when this handle wrote the ``config`` and no point was committed since: then the objects
+        this handle stored (orphan packs and indexes of the failed run, the config) are deleted, and
+        what opening made (a directory) goes if it is empty. Objects someone else stored meanwhile are
+        left alone, and so is the config then. Returns whether the repository is gone.
+        """
+        if not self.created:
+            return False
+        if any(True for _ in self.backend.list("points/")):
+            return False
+        counting = backend_layer(self.backend, Counting)
+        mine = counting.written() if counting is not None else {CONFIG_NAME}
+        for name in sorted(mine - {CONFIG_NAME}):
+            self.backend.delete(name)
+        if any(info.name != CONFIG_NAME for info in self.backend.list()):
+            return False  # another run is filling it: the repository stays
+        self.backend.delete(CONFIG_NAME)
+        self.backend.discard_location()
+        self.created = False
+        return True
 
     def close(self) -> None:
         self.backend.close()
+
+    def traffic(self) -> dict[str, Any]:
+        """What was asked of the storage so far (:meth:`.backends.Counting.snapshot`); ``{}`` for a
+        repository made around a backend without a counting layer."""
+        counting = backend_layer(self.backend, Counting)
+        return counting.snapshot() if counting is not None else {}
+
+    def requests(self) -> dict[str, int]:
+        """Requests sent to the storage so far, by verb (``PUT``, ``GET``, ``HEAD``, ``LIST``, ``DELETE``)."""
+        return dict(self.traffic().get("requests", {}))
 
     def __enter__(self) -> Repository:
         return self
@@ -197,8 +247,7 @@ class Repository:
             except IntegrityError as exc:
                 return pack_id, None, str(exc)
 
-        with ThreadPoolExecutor(max(1, workers or self.backend.parallelism)) as pool:
-            results = list(pool.map(table, listed))
+        results = map_all(table, listed, workers=max(1, workers or self.backend.parallelism), name="fleece-rebuild")
         intact: list[tuple[str, list[PackEntry]]] = []
         carried: list[tuple[str, list[PackEntry]]] = []
         old_tables = old.tables or {}
@@ -272,9 +321,9 @@ class Repository:
 
     # -- writing ----------------------------------------------------------------------------------------
 
-    def writer(self, **options: int | None) -> BlobWriter:
+    def writer(self, *, on_committed: Committed | None = None, **options: int | None) -> BlobWriter:
         """A :class:`BlobWriter` for one run (deduplicating against everything already indexed)."""
-        return BlobWriter(self.backend, self.config, self.load_index(), **options)
+        return BlobWriter(self.backend, self.config, self.load_index(), on_committed=on_committed, **options)
 
     def commit(self, manifest: Manifest) -> None:
         """Write *manifest* — the commit point. Only call after the run's writer has flushed."""
@@ -382,8 +431,8 @@ class Repository:
                 return exc
 
         if wanted is None and any((vm, i) not in self._manifests for i in older):
-            with ThreadPoolExecutor(8) as pool:  # every older manifest is needed: fetch them in parallel
-                found: Iterable[Manifest | IntegrityError] = list(pool.map(read, older))
+            # every older manifest is needed: fetch them in parallel
+            found: Iterable[Manifest | IntegrityError] = map_all(read, older, workers=8, name="fleece-manifests")
         else:
             found = map(read, older)  # lazily: usually the newest few points hold every wanted disk
         for point_id, m in zip(older, found):

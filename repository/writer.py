@@ -4,6 +4,8 @@ One writer serves one backup run. Callers hand it plaintext blobs (at most one c
 :meth:`BlobWriter.add`, which blocks while too much is in flight — that back-pressure is what keeps the
 memory of a backup independent of the disk size. A pool of threads (one zstd context each; zstandard
 and hashlib release the GIL) encodes blobs into the current pack; full packs go to a small upload pool.
+Both pools are one run of ``workers.Workers``: the first failure of either stops both at once and
+reaches the caller from :meth:`~BlobWriter.add` or :meth:`~BlobWriter.flush`.
 
 :meth:`BlobWriter.flush` is the first half of the commit protocol: when it returns, every pack is durable
 and the run's index object is written, so the caller may write its manifest (the commit point).
@@ -13,18 +15,17 @@ A writer that is aborted or fails leaves only unreferenced packs behind (garbage
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from .backends.base import Backend, Data
-from .codec import CodecPool, Encoded, blob_id
+from .codec import Codec, Encoded, blob_id
 from .config import RepoConfig
 from .errors import FleeceError, RepositoryError
 from .index import Index, encode_index
 from .pack import PackBuilder, PackEntry, pack_name, table_span
+from .workers import Closed, WorkQueue, Workers
 
 #: Most blobs one pack may hold (bounds the table of packs full of tiny, well-compressed blobs).
 MAX_PACK_ENTRIES = 16384
@@ -32,6 +33,13 @@ MAX_PACK_ENTRIES = 16384
 #: Called from a worker thread once a blob is packed or found to be a duplicate:
 #: ``done(blob id, stored bytes)`` where stored bytes is 0 for a duplicate.
 BlobDone = Callable[[bytes, int], None]
+
+_Blob = tuple[Data, BlobDone | None]
+_Upload = tuple[PackBuilder, str, memoryview, list[PackEntry]]
+
+#: ``on_committed(raw bytes, stored bytes)``, from a worker thread: plaintext now durable in the repository
+#: — a pack's blobs once its upload finished (stored: the pack's size), a duplicate when found (stored 0).
+Committed = Callable[[int, int], None]
 
 
 @dataclass
@@ -52,31 +60,34 @@ class BlobWriter:
     """Packs blobs into the repository. Thread-safe :meth:`add`; single :meth:`flush` or :meth:`abort`."""
 
     def __init__(self, backend: Backend, config: RepoConfig, index: Index, *, threads: int | None = None,
-                 uploads: int | None = None, pending: int | None = None) -> None:
+                 uploads: int | None = None, pending: int | None = None, on_committed: Committed | None = None) -> None:
         self.backend = backend
         self.config = config
         self.index = index
         self.stats = WriterStats()
+        self._on_committed = on_committed
         threads = threads or os.cpu_count() or 2
         uploads = uploads or backend.parallelism
-        self._codecs = CodecPool(config.compression.get("level", 3))
-        self._encode_pool = ThreadPoolExecutor(threads, thread_name_prefix="fleece-zstd")
-        self._upload_pool = ThreadPoolExecutor(uploads, thread_name_prefix="fleece-put")
-        # Memory bound: blobs waiting or being encoded, plus one pack buffer per upload and one being
-        # filled. Taking a free pack buffer blocks while all are uploading: that is the back-pressure.
-        self._blob_slots = threading.BoundedSemaphore(pending or threads + 2)
+        self._level = config.compression.get("level", 3)
+        # Memory bound: *pending* blobs waiting or being encoded (the queue holds what the encoders do not,
+        # at least one), plus one pack buffer per upload and one being filled. add() blocks while the
+        # queue is full, and an encoder while every pack buffer is uploading: that is the back-pressure.
+        self._encoders: Workers[_Blob] = Workers(self._encoder, workers=threads, name="fleece-zstd",
+                                                  depth=max(1, (pending or threads + 2) - threads))
+        self._uploaders: Workers[_Upload] = Workers(lambda: self._upload, workers=uploads, depth=uploads + 1,
+                                                     name="fleece-put")
+        self._encoders.link(self._uploaders)  # one failure, or abort(), stops both
         capacity = config.pack_target + config.chunk_size + table_span(MAX_PACK_ENTRIES)
-        self._free: queue.Queue[PackBuilder] = queue.Queue()
+        self._free: WorkQueue[PackBuilder] = WorkQueue(uploads + 1)
         for _ in range(uploads + 1):
             self._free.put(PackBuilder(capacity))
+        self._encoders.on_close(self._free.close)  # wakes an encoder waiting for a pack buffer
         self._builder: PackBuilder | None = None
-        self._lock = threading.Lock()  # stats, dedup set, in-flight count; never held while blocking
+        self._lock = threading.Lock()  # stats, dedup set, written packs; never held while blocking
         self._pack_lock = threading.Lock()  # filling the current pack; may block for a free buffer
-        self._idle = threading.Condition(self._lock)
-        self._in_flight = 0
         self._pending_ids: set[bytes] = set()
         self._written: list[tuple[str, list[PackEntry]]] = []
-        self._error: BaseException | None = None
+        self._aborted = False
         self._closed = False
 
     # -- public API -------------------------------------------------------------------------------------
@@ -88,29 +99,40 @@ class BlobWriter:
         self._raise_if_failed()
         if self._closed:
             raise RepositoryError("writer already flushed or aborted")
-        self._blob_slots.acquire()
-        with self._lock:
-            self._in_flight += 1
+        self._uploaders.start()  # threads start with the first blob: a writer never used holds none
+        self._encoders.start()
         try:
-            self._encode_pool.submit(self._encode, data, done)
-        except BaseException:
-            self._release_blob()
-            raise
+            self._encoders.submit((data, done))  # a worker's error comes out here as it was raised
+        except Closed:
+            pass
+        else:
+            return
+        self._raise_if_failed()
+        raise RepositoryError("writer already flushed or aborted")
 
     def flush(self) -> WriterStats:
         """Finish: upload the last pack, wait for every upload, write the index. Returns the run's stats."""
-        with self._idle:
-            while self._in_flight and self._error is None:
-                self._idle.wait(0.5)
         self._raise_if_failed()
+        if self._closed:
+            raise RepositoryError("writer already flushed or aborted")
         self._closed = True
-        self._encode_pool.shutdown(wait=True)
-        with self._pack_lock:
-            if self._builder is not None and len(self._builder):
-                self._ship(self._builder)
-            self._builder = None
-        self._upload_pool.shutdown(wait=True)
-        self._raise_if_failed()
+        try:
+            self._encoders.finish()  # every blob encoded and its done() called
+            with self._pack_lock:
+                builder, self._builder = self._builder, None
+            if builder is not None and len(builder):
+                self._ship(builder)
+            self._uploaders.finish()  # every pack durable
+            cancelled = False
+        except Closed:  # abort() from another thread
+            cancelled = True
+        finally:
+            if self._encoders.closed:  # failed or interrupted: no thread may outlive the writer
+                self._encoders.abort()
+                self._uploaders.abort()
+        if cancelled:
+            self._raise_if_failed()
+            raise RepositoryError("backup aborted")
         if self._written:
             index_id, data = encode_index(self._written)
             self.backend.put(f"index/{index_id}", data)
@@ -122,10 +144,9 @@ class BlobWriter:
     def abort(self) -> None:
         """Stop as soon as possible; what was uploaded stays unreferenced (garbage for GC)."""
         self._closed = True
-        if self._error is None:
-            self._error = RepositoryError("backup aborted")
-        self._encode_pool.shutdown(wait=True, cancel_futures=True)
-        self._upload_pool.shutdown(wait=True, cancel_futures=True)
+        self._aborted = True
+        self._encoders.abort()  # also closes the linked upload pool and wakes everything waiting
+        self._uploaders.abort()
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -137,63 +158,52 @@ class BlobWriter:
     # -- workers ----------------------------------------------------------------------------------------
 
     def _raise_if_failed(self) -> None:
-        err = self._error
+        err = self._encoders.error  # the run's first error, whichever pool had it
         if err is not None:
-            if isinstance(err, FleeceError):
-                raise err
-            raise RepositoryError(f"writing to the repository failed: {err}") from err
+            raise err
+        if self._aborted:
+            raise RepositoryError("backup aborted")
 
-    def _fail(self, exc: BaseException) -> None:
+    def _encoder(self) -> Callable[[_Blob], None]:
+        """Build one encode worker, with its own zstd context (they are not thread-safe)."""
+        codec = Codec(self._level)
+
+        def encode(item: _Blob) -> None:
+            try:
+                self._encode(codec, *item)
+            except (FleeceError, Closed):
+                raise
+            except Exception as exc:
+                raise RepositoryError(f"writing to the repository failed: {exc}") from exc
+
+        return encode
+
+    def _encode(self, codec: Codec, data: Data, done: BlobDone | None) -> None:
+        ident = blob_id(data)
         with self._lock:
-            if self._error is None:
-                self._error = exc
-            self._idle.notify_all()
-
-    def _release_blob(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.notify_all()
-        self._blob_slots.release()
-
-    def _encode(self, data: Data, done: BlobDone | None) -> None:
-        try:
-            if self._error is not None:
-                return
-            ident = blob_id(data)
-            with self._lock:
-                self.stats.raw_bytes += len(data)
-                duplicate = ident in self.index or ident in self._pending_ids
-                if duplicate:
-                    self.stats.dedup_blobs += 1
-                    self.stats.dedup_bytes += len(data)
-                else:
-                    self._pending_ids.add(ident)
+            self.stats.raw_bytes += len(data)
+            duplicate = ident in self.index or ident in self._pending_ids
             if duplicate:
-                if done is not None:
-                    done(ident, 0)
-                return
-            encoded = self._codecs.get().encode(data, ident)
-            self._append(encoded)
-            with self._lock:
-                self.stats.new_blobs += 1
-                self.stats.stored_bytes += len(encoded.payload)
+                self.stats.dedup_blobs += 1
+                self.stats.dedup_bytes += len(data)
+            else:
+                self._pending_ids.add(ident)
+        if duplicate:
+            if self._on_committed is not None:
+                self._on_committed(len(data), 0)
             if done is not None:
-                done(ident, len(encoded.payload))
-        except _Aborted:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller by _raise_if_failed
-            self._fail(exc)
-        finally:
-            self._release_blob()
+                done(ident, 0)
+            return
+        encoded = codec.encode(data, ident)
+        self._append(encoded)
+        with self._lock:
+            self.stats.new_blobs += 1
+            self.stats.stored_bytes += len(encoded.payload)
+        if done is not None:
+            done(ident, len(encoded.payload))
 
     def _take_builder(self) -> PackBuilder:
-        while True:
-            try:
-                return self._free.get(timeout=0.2)
-            except queue.Empty:
-                if self._error is not None:
-                    raise _Aborted from None
+        return self._free.get()  # Closed once the run stops
 
     def _append(self, encoded: Encoded) -> None:
         with self._pack_lock:
@@ -210,28 +220,25 @@ class BlobWriter:
 
     def _ship(self, builder: PackBuilder) -> None:
         pack_id, data, entries = builder.finish()
-        try:
-            self._upload_pool.submit(self._upload, builder, pack_id, data, entries)
-        except BaseException:
-            builder.reset()
-            self._free.put(builder)
-            raise
+        self._uploaders.submit((builder, pack_id, data, entries))  # the queue never fills: buffers bound it
 
-    def _upload(self, builder: PackBuilder, pack_id: str, data: memoryview, entries: list[PackEntry]) -> None:
+    def _upload(self, item: _Upload) -> None:
+        builder, pack_id, data, entries = item
         try:
-            if self._error is not None:
-                return
             self.backend.put(pack_name(pack_id), data)
             with self._lock:
                 self._written.append((pack_id, entries))
                 self.stats.packs += 1
                 self.stats.uploaded_bytes += len(data)
-        except BaseException as exc:  # noqa: BLE001
-            self._fail(exc)
+            if self._on_committed is not None:
+                self._on_committed(sum(e.raw_length for e in entries), len(data))
+        except FleeceError:
+            raise
+        except Exception as exc:
+            raise RepositoryError(f"writing to the repository failed: {exc}") from exc
         finally:
             builder.reset()
-            self._free.put(builder)
-
-
-class _Aborted(Exception):
-    """Internal: a worker stops because the run already failed."""
+            try:
+                self._free.put(builder)
+            except Closed:
+                pass  # the run stopped: nobody waits for the buffer any more

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nbd
@@ -18,6 +17,7 @@ import nbd
 from fleece.repository import Piece, Repository
 from fleece.repository.errors import IntegrityError
 from fleece.repository.repo import ReadRange
+from fleece.repository.workers import run_all
 
 from .targets import Target, write_blob_piece
 
@@ -53,49 +53,35 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
         ranges = repo.plan_reads(uses, MAX_RANGE, MAX_GAP)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from None
-    local = threading.local()
-    writers = []
 
-    def writer():  # one per worker thread, reused for all its ranges
-        w = getattr(local, "w", None)
-        if w is None:
-            w = local.w = target.writer()
+    def filler() -> Callable[[ReadRange], None]:
+        w = target.writer()  # one connection per worker, reused for all its ranges
+
+        def work(rng: ReadRange) -> None:
+            written = zeros = 0
+            try:
+                for blob, plain in repo.read_blobs(rng):
+                    view = memoryview(plain)
+                    for p in uses[blob]:
+                        wr, zr = write_blob_piece(w, view[p.skip:p.skip + p.length], p.offset, mask, _is_zero)
+                        written += wr
+                        zeros += zr
+            except IntegrityError as exc:
+                raise IntegrityError(f"{where}: {exc}") from None
             with lock:
-                writers.append(w)
-        return w
+                stats.blobs += len(rng.items)
+                stats.fetched_bytes += rng.end - rng.start
+                stats.data_bytes += written
+                stats.zero_bytes += zeros
+            if progress is not None:
+                progress(written + zeros)
 
-    def work(rng: ReadRange) -> None:
-        w = writer()
-        written = zeros = 0
-        try:
-            for blob, plain in repo.read_blobs(rng):
-                view = memoryview(plain)
-                for p in uses[blob]:
-                    wr, zr = write_blob_piece(w, view[p.skip:p.skip + p.length], p.offset, mask, _is_zero)
-                    written += wr
-                    zeros += zr
-        except IntegrityError as exc:
-            raise IntegrityError(f"{where}: {exc}") from None
-        with lock:
-            stats.blobs += len(rng.items)
-            stats.fetched_bytes += rng.end - rng.start
-            stats.data_bytes += written
-            stats.zero_bytes += zeros
-        if progress is not None:
-            progress(written + zeros)
+        return work
 
     if zero_pieces and mask:
-        w = writer()
+        w = target.writer()
         for p in zero_pieces:
             w.zero(p.length, p.offset)
     stats.zero_bytes += sum(p.length for p in zero_pieces)
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fleece-restore") as pool:
-        futures = [pool.submit(work, r) for r in ranges]
-        try:
-            for f in futures:
-                f.result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    run_all(ranges, filler, workers=max(1, workers), name="fleece-restore")
     return stats

@@ -18,6 +18,16 @@ too, at its last layer, since the manifests cannot tell it from a disk left out 
 
 Images are built under temporary names and renamed into place only when complete: a failed restore
 never leaves a half-written image under a final name.
+
+Restored images hold what the guest held, secrets included, so they are private unless the caller says
+otherwise (``RestoreRequest.mode``, ``fleece restore --mode``): every file restore makes is ``0600`` and
+every directory it makes (``DIR/<disk>/``, ``--out`` itself and its parents when missing) ``0700``, from
+the moment it exists, whatever the umask (see :mod:`.targets`). With a mode such as ``0640`` files get
+exactly that and directories the same bits plus search where read is granted (``0750``). An existing
+``--out`` directory is never changed. Its group is *not* honoured on its own: in a setgid ``--out`` the
+kernel gives new files and directories that group (and new directories the setgid bit), but the group
+gets no permission unless the mode grants it — one rule everywhere, and sharing images is a decision the
+user states (``--mode 0640``), not one inferred from how a directory happens to be set up.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from fleece.repository import Manifest, Piece, Repository
 from fleece.repository.errors import UsageError
 
 from .fill import FillStats, fill
-from .targets import QemuNbdTarget, RawTarget, RestoreError, create_qcow2
+from .targets import FILE_MODE, QemuNbdTarget, RawTarget, RestoreError, create_qcow2, dir_mode, make_dir, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,24 @@ class RestoreRequest:
     workers: int = 4
     force: bool = False
     progress: Callable[[int], None] | None = None
+    mode: int | None = None  # of the image files; None: 0600 (directories: see dir_mode), see the module doc
+
+
+def check_mode(mode: int) -> int:
+    """A file mode restore can use: permission bits only, read-write for the owner, nothing executable."""
+    if not 0 <= mode <= 0o777:
+        raise UsageError(f"mode {mode:#o} is not a file mode: give permission bits, e.g. --mode 0640")
+    if mode & 0o600 != 0o600:
+        raise UsageError(f"mode {mode:04o} does not let the owner read and write the images it restores; "
+                         "use e.g. 0600 or 0640")
+    if mode & 0o111:
+        raise UsageError(f"mode {mode:04o} makes disk images executable; drop the x bits (directories get "
+                         "search permission wherever the mode grants read), e.g. 0640")
+    return mode
+
+
+def _file_mode(req: RestoreRequest) -> int:
+    return FILE_MODE if req.mode is None else req.mode
 
 
 @dataclass
@@ -74,6 +102,8 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
         raise UsageError(f"unknown format {req.format!r}: use qcow2 or raw")
     if req.format == "raw" and not req.flat:
         raise UsageError("--format raw needs --flat (a chain is made of qcow2 overlays)")
+    if req.mode is not None:
+        check_mode(req.mode)
     started = time.monotonic()
     manifest = repo.find_point(req.vm, req.point)
     view = repo.point_view(manifest, req.disks)
@@ -86,7 +116,7 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
         if view[d] is not manifest:
             log.info("disk %s: not in point %s (a --disk backup of other disks, or the disk left the VM); "
                      "restoring its newest layer up to it, from point %s", d, manifest.id, view[d].id)
-    req.out.mkdir(parents=True, exist_ok=True)
+    make_dirs(req.out, dir_mode(_file_mode(req)))
     for d in disks:
         _check_free(req, d)
     run_dir = Path(tempfile.mkdtemp(prefix="fleece-restore-"))
@@ -128,13 +158,14 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
     layers = list(reversed(repo.disk_chain(manifest, disk)))  # the full first
     partial = req.out / f".{disk}.partial"
     _remove(partial)
-    partial.mkdir()
+    make_dir(partial, dir_mode(_file_mode(req)))
     total = FillStats()
     try:
         for i, point in enumerate(layers):
             rec = point.disks[disk]
             image = partial / f"{point.id}.qcow2"
-            create_qcow2(image, rec.virtual_size, rec.qcow2, backing=None if i == 0 else f"{layers[i - 1].id}.qcow2")
+            create_qcow2(image, rec.virtual_size, rec.qcow2, backing=None if i == 0 else f"{layers[i - 1].id}.qcow2",
+                         mode=_file_mode(req))
             target = QemuNbdTarget(image, run_dir, req.workers)
             try:
                 pieces = [Piece(off, length, blob) for off, length, blob in rec.extents]
@@ -147,7 +178,7 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
             _remove(p)
         partial.rename(req.out / disk)
         create_qcow2(top, layers[-1].disks[disk].virtual_size, layers[-1].disks[disk].qcow2,
-                     backing=f"{disk}/{layers[-1].id}.qcow2")
+                     backing=f"{disk}/{layers[-1].id}.qcow2", mode=_file_mode(req))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -163,9 +194,9 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
     partial.unlink(missing_ok=True)
     try:
         if req.format == "raw":
-            target: Any = RawTarget(partial, rec.virtual_size)
+            target: Any = RawTarget(partial, rec.virtual_size, _file_mode(req))
         else:
-            create_qcow2(partial, rec.virtual_size, rec.qcow2)
+            create_qcow2(partial, rec.virtual_size, rec.qcow2, mode=_file_mode(req))
             target = QemuNbdTarget(partial, run_dir, req.workers)
         try:
             stats = fill(repo, target, pieces, mask=False, workers=req.workers, progress=req.progress,
@@ -181,4 +212,4 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
     return DiskRestore(disk, final, [final], stats.__dict__, manifest.id)
 
 
-__all__ = ["RestoreError", "RestoreRequest", "RestoreResult", "run_restore"]
+__all__ = ["RestoreError", "RestoreRequest", "RestoreResult", "check_mode", "run_restore"]

@@ -10,6 +10,13 @@ Zeros are handled by what the target must show:
   image stays thin;
 * an overlay must *mask* its backing file, so ``ZERO`` entries — and zero runs inside data — are written
   as NBD write-zeroes (qcow2 zero clusters: no data allocated, older data hidden).
+
+A restored image holds everything the guest had, secrets included, so every file restore makes exists
+with its final, private mode from its first instant (:func:`create_file`): made here with ``O_EXCL |
+O_NOFOLLOW`` and *mode* (``0600`` unless the user asks otherwise), then formatted by ``qemu-img create``,
+which keeps the mode of a file that exists (a file it made itself would be ``0644`` minus the umask).
+Directories get the same bits plus search wherever read is granted (:func:`dir_mode`: ``0600`` → ``0700``,
+``0640`` → ``0750``). Modes are exact: applied with ``fchmod``, whatever the umask.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
+import signal
 import subprocess
 import threading
 import time
@@ -32,6 +41,7 @@ log = logging.getLogger(__name__)
 ZERO_GRAIN = 64 << 10  # zero detection granularity inside data (the qcow2 cluster size of most images)
 TERM_WAIT = 20  # seconds qemu-nbd gets to exit after the first SIGTERM
 TERM_RETRY = 0.5  # seconds between SIGTERMs
+FILE_MODE = 0o600  # restored images, unless the user asks for another mode
 
 
 class Target(Protocol):
@@ -56,20 +66,76 @@ def qemu_img(*args: str) -> str:
     try:
         return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
     except subprocess.CalledProcessError as exc:
+        if exc.returncode in (-signal.SIGINT, -signal.SIGTERM):  # the same Ctrl-C that is reaching us
+            raise KeyboardInterrupt from None
         raise RestoreError(f"qemu-img {args[0]} failed: {exc.stderr.strip()}") from None
     except FileNotFoundError:
         raise RestoreError("qemu-img not found: install qemu-utils (tools/setup does)") from None
 
 
-def create_qcow2(path: Path, size: int, options: dict[str, Any], backing: str | None = None) -> None:
-    """A qcow2 like the source (cluster size, compat); *backing* is a name relative to *path*'s directory."""
+def dir_mode(file_mode: int) -> int:
+    """The mode of a directory holding files of *file_mode*: the same bits, searchable where readable."""
+    return file_mode | (file_mode & 0o444) >> 2
+
+
+def make_dir(path: Path, mode: int) -> None:
+    """``mkdir`` with exactly *mode* (a setgid bit the directory inherits from its parent stays)."""
+    os.mkdir(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o777 != mode:  # the umask took bits away
+            os.fchmod(fd, mode | st.st_mode & stat.S_ISGID)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """*path* and its missing parents, each made with :func:`make_dir`; what exists is left as it is."""
+    if path.is_dir():
+        return
+    if not path.parent.is_dir() and path.parent != path:
+        make_dirs(path.parent, mode)
+    try:
+        make_dir(path, mode)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+
+
+def create_file(path: Path, mode: int = FILE_MODE, flags: int = os.O_WRONLY) -> int:
+    """Create *path* (it must not exist, and a symlink there is never followed) with exactly *mode*."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise RestoreError(f"cannot create {path}: {exc.strerror or exc}", object=str(path)) from None
+    try:
+        os.fchmod(fd, mode)  # exact, whatever the umask took away
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_qcow2(path: Path, size: int, options: dict[str, Any], backing: str | None = None,
+                 mode: int = FILE_MODE) -> None:
+    """A qcow2 like the source (cluster size, compat); *backing* is a name relative to *path*'s directory.
+
+    The file is created first, with *mode* (:func:`create_file`): it never exists with broader
+    permissions, not even between ``qemu-img``'s ``open`` and a ``chmod``.
+    """
+    os.close(create_file(path, mode))
     opts = [f"{k}={v}" for k, v in sorted(options.items()) if k in ("cluster_size", "compat")]
     args = ["create", "-q", "-f", "qcow2"]
     if opts:
         args += ["-o", ",".join(opts)]
     if backing is not None:
         args += ["-b", backing, "-F", "qcow2"]
-    qemu_img(*args, str(path), str(size))
+    try:
+        qemu_img(*args, str(path), str(size))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 class NbdWriter:
@@ -132,13 +198,17 @@ class QemuNbdTarget:
         self.image = image
         self.socket = str(run_dir / f"{image.name}.sock")
         Path(self.socket).unlink(missing_ok=True)
-        log_file = open(run_dir / f"{image.name}.qemu-nbd.log", "wb")
+        (run_dir / f"{image.name}.qemu-nbd.log").unlink(missing_ok=True)  # same layer name, another disk
+        log_file = os.fdopen(create_file(run_dir / f"{image.name}.qemu-nbd.log"), "wb")
         self.direct = direct_io_supported(image)
         cache = ["--cache=none", "--aio=native"] if self.direct else ["--cache=writeback"]
         self.proc = subprocess.Popen(
             ["qemu-nbd", "-f", "qcow2", "-k", self.socket, "--persistent", "-e", str(connections + 1),
              *cache, "--discard=unmap", str(image)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+            # Its own session: a Ctrl-C on the terminal signals fleece's whole process group, and a
+            # qemu-nbd that died with it would turn the orderly unwind into "nbd_flush: CLOSED" errors.
+            # fleece stops it itself (close()), after the last flush.
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True)
         log_file.close()
         self._log = run_dir / f"{image.name}.qemu-nbd.log"
         self._writers: list[NbdWriter] = []
@@ -240,9 +310,9 @@ class RawWriter:
 class RawTarget:
     """A sparse raw file written with ``pwrite`` (no NBD in the way)."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, mode: int = FILE_MODE) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.fd = create_file(path, mode, os.O_RDWR)
         os.ftruncate(self.fd, size)
 
     def writer(self) -> RawWriter:

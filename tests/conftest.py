@@ -42,9 +42,9 @@ def rgw(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def s3_bucket(rgw: dict) -> str:
-    from fleece.repository.backends.s3 import S3Backend
+    from fleece.repository.backends import open_backend
 
-    S3Backend("fleece-tests", create_bucket=True).close()
+    open_backend("s3://fleece-tests", create_bucket=True).close()
     return "fleece-tests"
 
 
@@ -66,12 +66,22 @@ def _s3_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return b
 
 
-BACKEND_FACTORIES = {"local": _local_backend, "s3": _s3_backend}
+def _wrapped_local_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from fleece.repository.backends import open_backend
+
+    # The stack a repository really gets: Retrying ▸ RateLimited ▸ Counting ▸ LocalBackend (a limit high
+    # enough not to slow the suite, low enough that the limiter really waits for big objects).
+    return open_backend(str(tmp_path / "repo"), create=True, bwlimit=8 << 30)
 
 
-@pytest.fixture(params=[pytest.param("local"), pytest.param("s3", marks=pytest.mark.s3)])
+BACKEND_FACTORIES = {"local": _local_backend, "local+wrapped": _wrapped_local_backend, "s3": _s3_backend}
+
+
+@pytest.fixture(params=[pytest.param("local"), pytest.param("local+wrapped"),
+                        pytest.param("s3", marks=pytest.mark.s3)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Every backend, fresh and empty: the conformance suite runs once per entry."""
+    """Every backend, fresh and empty (and the local one inside the wrappers a repository is opened
+    with): the conformance suite runs once per entry."""
     b = BACKEND_FACTORIES[request.param](request, tmp_path)
     yield b
     b.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from checks import assert_clean, assert_point_matches, fleece_bitmaps, identical
+from faults import Fault, Faulty
 from conftest import MiB, ODD_SIZE
 from fleece.exporter.backup import BackupRequest, BackupResult, run_backup
 from fleece.repository import RepoConfig, Repository
@@ -182,20 +183,13 @@ def test_failed_upload_rolls_back_and_next_incremental_is_exact(make_vm, repo, s
     before = fleece_bitmaps(vm.guest)
 
     vm.write("vda", 2 * MiB, random_bytes(3 * MiB, 30))  # several packs' worth
-    real_put = repo.backend.put
-    calls = []
-
-    def flaky_put(name, data):
-        calls.append(name)
-        if name.startswith("data/") and len(calls) >= 2:
-            raise PermanentBackendError("injected: the repository went away")
-        return real_put(name, data)
-
-    repo.backend.put = flaky_put
+    # The second pack upload fails, and every one after it: the repository went away mid-run.
+    faulty = Faulty(repo.backend, Fault("put", prefix="data/", skip=1, times=None,
+                                        error=lambda: PermanentBackendError("injected: the repository went away")))
     with pytest.raises(PermanentBackendError, match="injected"):
-        backup(vm, repo, scratch, after_freeze=lambda: vm.write("vdb", 0, b"\x05" * 65536))
-    repo.backend.put = real_put
-    assert len(calls) >= 2
+        backup(vm, Repository(faulty, repo.config, repo.url), scratch,
+               after_freeze=lambda: vm.write("vdb", 0, b"\x05" * 65536))
+    assert len(faulty.ops("put")) >= 2
     assert repo.point_ids("testvm") == [full.manifest.id]  # no half-written point
     assert fleece_bitmaps(vm.guest) == before  # new bitmap folded back into the old, old recording again
     assert_clean(vm.guest)

@@ -271,3 +271,134 @@ def test_out_of_range_compression_level_refused(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="zstd level 25"):
         Repository.open(str(tmp_path / "r"), create=True,
                         config=RepoConfig(compression={"algorithm": "zstd", "level": 25}))
+
+
+# -- progress: what the writer reports as committed ------------------------------------------------------
+
+def test_writer_reports_committed_bytes_once_durable(tmp_path: Path) -> None:
+    """``on_committed`` counts a pack's plaintext only once the pack is in the repository; a duplicate
+    counts when found (nothing to upload); together they add up to every byte handed to the writer."""
+    repo = Repository.open(str(tmp_path / "r"), create=True, config=RepoConfig(pack_target=1 << 20))
+    calls: list[tuple[int, int, int]] = []
+    lock = threading.Lock()
+
+    def committed(raw: int, stored: int) -> None:
+        held = sum(i.size for i in repo.backend.list("data/"))  # what is durable right now
+        with lock:
+            calls.append((raw, stored, held))
+
+    blobs = [os.urandom(CHUNK // 4) for _ in range(5)]
+    with repo.writer(on_committed=committed) as w:
+        for data in blobs + blobs[:2]:  # the last two are duplicates
+            w.add(data)
+        w.flush()
+    assert sum(raw for raw, _, _ in calls) == sum(len(b) for b in blobs + blobs[:2])
+    assert sorted(raw for raw, stored, _ in calls if stored == 0) == [CHUNK // 4] * 2
+    packs = sum(i.size for i in repo.backend.list("data/"))
+    assert sum(stored for _, stored, _ in calls) == packs
+    assert all(stored <= held for _, stored, held in calls if stored)  # reported after its upload, never before
+
+
+# -- config checksum ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("old,new", [
+    ('"pack_target": 20971520', '"pack_target": 20971521'),  # still a valid pack size: only the sum notices
+    ('"level": 3', '"level": 4'),  # another valid level
+    ('"chunk_size": 4194304', '"chunk_size": 4194305'),
+])
+def test_config_with_an_edited_digit_is_refused(repo: Repository, old: str, new: str) -> None:
+    text = repo.backend.get("config").decode()
+    assert text.count(old) == 1 and '"sha256"' in text
+    repo.backend.put("config", text.replace(old, new).encode())
+    with pytest.raises(IntegrityError, match="does not match its sha256 checksum.*put back the original config"):
+        Repository.open(repo.url)
+
+
+def test_config_checksum_itself_damaged(repo: Repository) -> None:
+    cfg = json.loads(repo.backend.get("config"))
+    digit = cfg["sha256"][0]
+    cfg["sha256"] = ("1" if digit != "1" else "2") + cfg["sha256"][1:]
+    repo.backend.put("config", json.dumps(cfg).encode())
+    with pytest.raises(IntegrityError, match="checksum"):
+        Repository.open(repo.url)
+
+
+def test_config_without_checksum_still_opens(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Repositories created before the checksum existed keep working (and their config is not rewritten)."""
+    repo = Repository.open(str(tmp_path / "old"), create=True, config=RepoConfig(pack_target=2 << 20))
+    legacy = {k: v for k, v in json.loads(repo.backend.get("config")).items() if k != "sha256"}
+    data = (json.dumps(legacy, indent=1, sort_keys=True) + "\n").encode()  # what fleece wrote before
+    repo.backend.put("config", data)
+    with caplog.at_level("DEBUG", logger="fleece.repository.config"):
+        again = Repository.open(repo.url)
+    assert again.config == repo.config and again.config.pack_target == 2 << 20
+    assert "no checksum" in caplog.text
+    write_point(again, [os.urandom(12345)])
+    assert again.backend.get("config") == data
+
+
+def test_cli_on_an_edited_config_says_one_line(repo: Repository) -> None:
+    from checks import fleece
+
+    text = repo.backend.get("config").decode()
+    repo.backend.put("config", text.replace('"pack_target": 20971520', '"pack_target": 20971528').encode())
+    p = fleece("list", "--repo", repo.url)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fleece: error: ") and "config" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+# -- fleece list: disks and host ---------------------------------------------------------------------------
+
+def test_list_shows_disks_and_host(repo: Repository) -> None:
+    """Each point's disks and the host it was taken on, in both outputs; older points without a machine
+    record show the plain ``extra.host`` they carry, or nothing (``-``)."""
+    from checks import fleece
+
+    def point(extra: dict[str, object], disks: tuple[str, ...]) -> Manifest:
+        m = Manifest(new_point_id(), "vm1", "2026-11-26T00:00:00Z", None, "full",
+                     {d: DiskRecord("full", CHUNK, []) for d in disks}, extra=extra)
+        repo.commit(m)
+        return m
+
+    old = point({}, ("vda",))
+    plain = point({"host": "hostB"}, ("vda",))
+    new = point({"host": "ignored", "machine": {"uuid": None, "host": "hostA", "images": {}}}, ("vda", "vdb"))
+    p = fleece("list", "--repo", repo.url, "--json")
+    assert p.returncode == 0, p.stderr
+    by_id = {pt["id"]: pt for pt in json.loads(p.stdout)["points"]}
+    assert [by_id[m.id]["host"] for m in (old, plain, new)] == [None, "hostB", "hostA"]
+    assert set(by_id[new.id]["disks"]) == {"vda", "vdb"}
+    p = fleece("list", "--repo", repo.url)
+    assert p.returncode == 0, p.stderr
+    lines = {ln.split()[0]: ln for ln in p.stdout.splitlines()}
+    assert " disks=vda host=- " in lines[old.id] and " disks=vda host=hostB " in lines[plain.id]
+    assert " disks=vda,vdb host=hostA " in lines[new.id]
+    assert len(p.stdout.splitlines()) == 3
+
+
+def test_discard_if_new_takes_back_only_what_this_run_made(tmp_path: Path) -> None:
+    """A failed first backup leaves no --repo: the objects this handle wrote and the directory it made
+    go; what another writer stored meanwhile (and then the config) stays; an old repository is never touched."""
+    from fleece.repository import Repository
+
+    parent = tmp_path / "new" / "deeper"
+    repo = Repository.open(str(parent / "repo"), create=True)
+    assert repo.created
+    repo.backend.put("data/ab/" + "ab" * 32, b"orphan pack of the failed run")
+    assert repo.discard_if_new()
+    assert not (tmp_path / "new").exists()
+
+    repo = Repository.open(str(tmp_path / "repo2"), create=True)
+    other = Repository.open(str(tmp_path / "repo2"))  # a second run, filling the same new repository
+    assert not other.created
+    other.backend.put("data/cd/" + "cd" * 32, b"someone else's pack")
+    repo.backend.put("data/ab/" + "ab" * 32, b"ours")
+    assert not repo.discard_if_new()
+    names = {i.name for i in other.backend.list()}
+    assert names == {"config", "data/cd/" + "cd" * 32}
+
+    again = Repository.open(str(tmp_path / "repo2"), create=True)  # exists: not "created" by this handle
+    assert not again.created and not again.discard_if_new()
+    assert (tmp_path / "repo2" / "config").exists()

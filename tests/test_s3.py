@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 
 import pytest
 
@@ -14,7 +15,8 @@ from conftest import MiB, s3_url
 from fleece.exporter.backup import BackupRequest, run_backup
 from faulty_proxy import FaultyProxy
 from fleece.repository import RepoConfig, Repository
-from fleece.repository.errors import BackendError
+from fleece.repository.backends.s3 import S3Backend
+from fleece.repository.errors import BackendError, ObjectNotFound, PermanentBackendError
 from fleece.restore import RestoreRequest, run_restore
 from test_backup import Recorder, seed
 from vm import random_bytes, text_bytes
@@ -77,6 +79,8 @@ def test_backup_and_restore_through_a_faulty_network(make_vm, s3_bucket, rgw, tm
             rec = Recorder(vm)
             r = run_backup(repo, BackupRequest(qmp=vm.qmp_path, scratch=str(scratch), on_event=rec))
             results.append((r.manifest, rec.refs))
+        # The retries were the wrapper's: its counting layer saw the failed attempts.
+        assert sum(repo.traffic()["errors"].values()) >= 1, repo.traffic()
         for manifest, refs in results:
             assert_point_matches(Repository.open(url, endpoint=proxy.endpoint), manifest, refs)
         out = tmp_path / "restored"
@@ -90,6 +94,32 @@ def test_backup_and_restore_through_a_faulty_network(make_vm, s3_bucket, rgw, tm
     assert proxy.requests > 100
     assert set(proxy.injected) == {"500", "503", "reset-before", "reset-mid-response"}, proxy.injected
     assert sum(proxy.injected.values()) >= 4
+
+
+def test_s3_errors_carry_code_status_and_object(s3_bucket, rgw, monkeypatch) -> None:
+    """Decisions are made on the fields, never on the message: an object name (or an endpoint port) with
+    "412" in it must not make a genuine failure look like "the object already exists"."""
+    b = S3Backend(s3_bucket, secrets.token_hex(6))
+    with pytest.raises(ObjectNotFound) as e:
+        b.get("data/41/p412")
+    assert (e.value.code, e.value.status, e.value.object) == ("NoSuchKey", 404, "data/41/p412")
+    with pytest.raises(ObjectNotFound) as e:
+        b.head("data/41/p412")
+    assert (e.value.status, e.value.object) == (404, "data/41/p412")
+    b.put("points/vm412/p412", b"first")
+    assert b.put_if_absent("points/vm412/p412", b"second") is False  # a real 412
+    b.ensure_bucket(create=True)  # the bucket is already ours: fine
+    with pytest.raises(PermanentBackendError) as e:
+        S3Backend(f"no-such-{secrets.token_hex(4)}").ensure_bucket()
+    assert e.value.code == "NoSuchBucket"
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-key-at-all")
+    denied = S3Backend(s3_bucket, "pre412")
+    with pytest.raises(PermanentBackendError, match="access denied") as e:
+        denied.put_if_absent("points/vm412/p412", b"x")
+    assert "412" in str(e.value)  # the old substring test took this for "already exists"
+    assert e.value.status == 403 and e.value.code in ("SignatureDoesNotMatch", "AccessDenied")
+    assert e.value.object == "points/vm412/p412"
 
 
 @pytest.fixture

@@ -19,15 +19,15 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from checks import fleece, identical
+from faults import Fault, Faulty
 from fleece.repository import DiskRecord, IntegrityError, Manifest, RepoConfig, Repository, new_point_id
-from fleece.repository.backends.base import Backend, ObjectInfo
 from fleece.repository.check import verify
 from fleece.repository.index import decode_index, encode_index
 from fleece.repository.pack import FOOTER_SIZE, PackEntry, pack_name
@@ -360,44 +360,12 @@ def test_rebuild_of_a_garbled_payload_is_verify_s_to_find(backups: Backups, copy
 
 # -- (c) read ordering -----------------------------------------------------------------------------------
 
-class HookBackend(Backend):
-    """Delegates to *inner*; the first ``list(prefix)`` of a hooked prefix takes its listing, *then* runs the
-    hook (a concurrent backup landing right after that listing), then returns the listing."""
-
-    def __init__(self, inner: Backend, hooks: dict[str, Callable[[], None]]) -> None:
-        self.inner = inner
-        self.hooks = dict(hooks)
-        self.location = inner.location
-        self.parallelism = inner.parallelism
-        self.lists: list[str] = []
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        self.lists.append(prefix)
-        listing = list(self.inner.list(prefix))
-        hook = self.hooks.pop(prefix, None)
-        if hook is not None:
-            hook()
-        return iter(listing)
-
-    def put(self, name: str, data: bytes) -> None:
-        self.inner.put(name, data)
-
-    def put_if_absent(self, name: str, data: bytes) -> bool:
-        return self.inner.put_if_absent(name, data)
-
-    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        return self.inner.get(name, offset, length)
-
-    def head(self, name: str) -> ObjectInfo:
-        return self.inner.head(name)
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
-
-
 def hooked(root: Path, hooks: dict[str, Callable[[], None]]) -> Repository:
+    """The repository at *root*, where the first ``list(prefix)`` of a hooked prefix takes its listing,
+    *then* runs the hook (a concurrent backup landing right after that listing), then returns the listing."""
     plain = Repository.open(str(root))
-    return Repository(HookBackend(plain.backend, hooks), plain.config, plain.url)
+    faults = [Fault("list", name=prefix, when="after", hook=hook) for prefix, hook in hooks.items()]
+    return Repository(Faulty(plain.backend, *faults), plain.config, plain.url)
 
 
 def concurrent_backup(root: Path, landed: list[Manifest]) -> Callable[[], None]:
@@ -421,7 +389,7 @@ def test_verify_lists_points_before_loading_the_index(backups: Backups, copy: Pa
     assert landed, "the concurrent backup did not run"
     assert report.ok, (report.repository_problems, [(p.id, p.problems) for p in report.points if not p.ok])
     assert landed[0].id not in by_id(report)
-    lists = repo.backend.lists  # type: ignore[attr-defined]
+    lists = repo.backend.ops("list")  # type: ignore[attr-defined]
     assert lists.index("index/") > max(i for i, p in enumerate(lists) if p.startswith("points/"))
     assert lists.index("data/") > lists.index("index/")
     assert verify(Repository.open(str(copy)), read_data=True).ok  # and the next verify sees it, healthy

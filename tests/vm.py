@@ -1,4 +1,9 @@
-"""A real, guest-less QEMU VM for the tests, plus ground truth.
+"""A real, guest-less QEMU VM for the tests, plus ground truth — the one VM launcher of this tree.
+
+``tools/demo.py`` and the benchmarks (``tools/benchlib/vm.py``) start their VMs with this class too, so
+the demo shows and the benchmarks measure exactly the configuration the tests verify. It lives here, not
+in the installed ``fleece`` package (it is no product code), next to ``s3_server.py``, which the tools
+already share with the tests the same way (``sys.path`` + ``import vm``).
 
 The VM runs ``qemu-system-x86_64 -M q35 -accel tcg -nodefaults`` with qcow2 disks (on virtio-blk unless a
 disk asks for another bus: see ``BUSES``) and two QMP monitors: one for fleece, one for the simulated
@@ -6,7 +11,8 @@ guest. Guest writes are HMP ``qemu-io`` commands sent through the device's QOM p
 guest write takes, through any filter fleece inserted), from the second monitor — never from the thread
 that reads NBD (FIELD-NOTES §3: that deadlocks).
 
-Every write is applied to a reference raw file too, so the reference always equals what the guest sees.
+Every write is applied to a reference raw file too, so the reference always equals what the guest sees
+(``truth=False`` turns that off: benchmarks write gigabytes into existing images and check nothing).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class Disk:
     id: str
     size: int
     image: Path
-    reference: Path
+    reference: Path | None  # None: no ground truth kept (TestVM(truth=False))
     cluster_size: int = 65536
     fmt: str = "qcow2"
     bus: str = "virtio-blk"  # one of BUSES
@@ -69,17 +75,23 @@ class TestVM:
 
     def __init__(self, workdir: Path, disks: dict[str, int], name: str = "testvm",
                  formats: dict[str, str] | None = None, node_opts: dict[str, str] | None = None,
-                 buses: dict[str, str] | None = None) -> None:
+                 buses: dict[str, str] | None = None, images: dict[str, Path] | None = None,
+                 truth: bool = True, guest_timeout: float = 30) -> None:
+        """*disks*: id → virtual size. *images*: ids that use an existing image file (never created
+        nor removed here) instead of a new one in *workdir*. *truth*: keep the reference raw images."""
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.qmp_path = str(self.dir / "qmp.sock")
         self.guest_qmp_path = str(self.dir / "guest-qmp.sock")
+        self.guest_timeout = guest_timeout
         formats = formats or {}
-        self.disks = {d: Disk(d, size, self.dir / f"{d}.{formats.get(d, 'qcow2')}", self.dir / f"{d}.ref.raw",
-                              fmt=formats.get(d, "qcow2"))
+        images = images or {}
+        self.disks = {d: Disk(d, size, Path(images.get(d) or self.dir / f"{d}.{formats.get(d, 'qcow2')}"),
+                              self.dir / f"{d}.ref.raw" if truth else None, fmt=formats.get(d, "qcow2"))
                       for d, size in disks.items()}
         # extra options of a disk's format node, e.g. "detect-zeroes=unmap,discard=unmap" (Proxmox's default)
+        # or "read-only=on" (with a drive-* bus they go into -drive: "readonly=on")
         self.node_opts = node_opts or {}
         for d, bus in (buses or {}).items():  # virtio-blk unless told otherwise
             assert bus in BUSES, f"unknown bus {bus!r} (one of {', '.join(BUSES)})"
@@ -99,6 +111,7 @@ class TestVM:
                 opts = ["-o", f"cluster_size={d.cluster_size}"] if d.fmt == "qcow2" else []
                 subprocess.run(["qemu-img", "create", "-q", "-f", d.fmt, *opts, str(d.image), str(d.size)],
                                check=True)
+            if d.reference is not None and not d.reference.exists():
                 with open(d.reference, "wb") as f:
                     f.truncate(d.size)
 
@@ -131,7 +144,7 @@ class TestVM:
             time.sleep(0.05)
         while True:  # the socket file exists from bind(): on a busy machine QEMU may not listen() yet
             try:
-                self.guest = Monitor(self.guest_qmp_path)
+                self.guest = Monitor(self.guest_qmp_path, timeout=self.guest_timeout)
                 break
             except QmpConnectError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -183,7 +196,7 @@ class TestVM:
         """A connection on fleece's monitor (for inspecting QEMU state from a test)."""
         return Monitor(self.qmp_path)
 
-    def quit(self) -> None:
+    def quit(self, timeout: float = 30) -> None:
         """Clean shutdown: persistent bitmaps are written to the qcow2s."""
         if self.guest is not None:
             try:
@@ -193,7 +206,7 @@ class TestVM:
             self.guest.close()
             self.guest = None
         if self.proc is not None:
-            self.proc.wait(30)
+            self.proc.wait(timeout)
             self.proc = None
 
     def kill(self) -> None:
@@ -230,6 +243,12 @@ class TestVM:
         if "failed" in printed or "error" in printed.lower():
             raise RuntimeError(f"guest I/O error: qemu-io {command!r} on {disk.id}: {printed.strip()}")
 
+    def _mirror(self, disk: Disk, offset: int, data: bytes) -> None:
+        if disk.reference is not None:
+            with open(disk.reference, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+
     def write(self, disk_id: str, offset: int, data: bytes) -> None:
         """The guest writes *data* at *offset* (through the device, like a real guest)."""
         disk = self.disks[disk_id]
@@ -238,18 +257,32 @@ class TestVM:
             src = self._tmp / "chunk"
             src.write_bytes(data)
             self._qemu_io(disk, f"write -q -s {src} {offset} {len(data)}")
-            with open(disk.reference, "r+b") as f:
-                f.seek(offset)
-                f.write(data)
+            self._mirror(disk, offset, data)
+
+    def write_image(self, disk_id: str, offset: int, data: bytes) -> None:
+        """Before :meth:`start`: write into the image file itself (a disk the guest cannot write, e.g. one
+        attached read-only, gets its content this way)."""
+        assert self.proc is None, "the VM is running: write through the guest"
+        disk = self.disks[disk_id]
+        assert 0 <= offset and offset + len(data) <= disk.size
+        self.create_disks()
+        with self._lock:
+            src = self._tmp / "chunk"
+            src.write_bytes(data)
+            subprocess.run(["qemu-io", "-f", disk.fmt, "-c", f"write -q -s {src} {offset} {len(data)}",
+                            str(disk.image)], check=True, capture_output=True)
+            self._mirror(disk, offset, data)
+
+    def flush(self, disk_id: str) -> None:
+        with self._lock:
+            self._qemu_io(self.disks[disk_id], "flush")
 
     def _zeroing(self, disk_id: str, command: str, offset: int, length: int) -> None:
         """A guest operation after which the range reads as zeros: *command* is qemu-io's, without the range."""
         disk = self.disks[disk_id]
         with self._lock:
             self._qemu_io(disk, f"{command} {offset} {length}")
-            with open(disk.reference, "r+b") as f:
-                f.seek(offset)
-                f.write(b"\0" * length)
+            self._mirror(disk, offset, bytes(length))
 
     def zero(self, disk_id: str, offset: int, length: int) -> None:
         """The guest zeroes a range (``write -z``: a WRITE_ZEROES request, often unallocating)."""
@@ -271,8 +304,9 @@ class TestVM:
         where = {"device": disk_id} if disk.bus.startswith("drive-") else {"node-name": f"node-{disk_id}"}
         self.guest.cmd("block_resize", {**where, "size": size})
         disk.size = size
-        with open(disk.reference, "r+b") as f:
-            f.truncate(size)
+        if disk.reference is not None:
+            with open(disk.reference, "r+b") as f:
+                f.truncate(size)
 
     # -- ground truth -----------------------------------------------------------------------------------
 
@@ -281,6 +315,7 @@ class TestVM:
         out = {}
         with self._lock:
             for d in self.disks.values():
+                assert d.reference is not None, "this VM keeps no ground truth (truth=False)"
                 dst = self.dir / f"{d.id}.{tag}.raw"
                 shutil.copyfile(d.reference, dst)
                 out[d.id] = dst

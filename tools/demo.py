@@ -5,7 +5,8 @@ more writes (new files, an overwrite, a zeroed range) → incremental backup →
 qcow2 chain and as a flat image → ``qemu-img compare`` each with the ground truth → summary → clean up.
 
 Everything goes through the real ``fleece`` command; guest writes are HMP ``qemu-io`` on the device,
-mirrored into a reference raw image that is the ground truth.
+mirrored into a reference raw image that is the ground truth. The VM is the tests' own (``tests/vm.py``):
+the demo runs exactly what the end-to-end tests verify.
 """
 
 from __future__ import annotations
@@ -21,66 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from fleece.exporter.qmp import Monitor  # noqa: E402
+from vm import TestVM  # noqa: E402 - the one guest-less VM launcher (tests/vm.py)
 
 FLEECE = str(ROOT / ".venv" / "bin" / "fleece")
 MiB = 1 << 20
 DISK = 256 * MiB
-
-
-class DemoVM:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.image = work / "demo-disk.qcow2"
-        self.reference = work / "demo-disk.truth.raw"
-        self.qmp = str(work / "qmp.sock")
-        self.guest_qmp = str(work / "guest.sock")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.image), str(DISK)], check=True)
-        with open(self.reference, "wb") as f:
-            f.truncate(DISK)
-        self.proc = subprocess.Popen(
-            ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
-             "-name", "demo-vm", "-qmp", f"unix:{self.qmp},server=on,wait=off",
-             "-qmp", f"unix:{self.guest_qmp},server=on,wait=off",
-             "-blockdev", f"driver=file,filename={self.image},node-name=file0",
-             "-blockdev", "driver=qcow2,file=file0,node-name=disk0",
-             "-device", "virtio-blk-pci,drive=disk0,id=vda"],
-            stdin=subprocess.DEVNULL, stdout=open(work / "qemu.log", "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.guest_qmp) or not os.path.exists(self.qmp):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"QEMU did not start: {(work / 'qemu.log').read_text()}")
-            time.sleep(0.05)
-        self.guest = Monitor(self.guest_qmp)
-
-    def write(self, offset: int, data: bytes) -> None:
-        src = self.work / "chunk.bin"
-        src.write_bytes(data)
-        self.guest.hmp(f'qemu-io -d /machine/peripheral/vda/virtio-backend "write -q -s {src} {offset} {len(data)}"')
-        with open(self.reference, "r+b") as f:
-            f.seek(offset)
-            f.write(data)
-
-    def zero(self, offset: int, length: int) -> None:
-        self.guest.hmp(f'qemu-io -d /machine/peripheral/vda/virtio-backend "write -q -z {offset} {length}"')
-        with open(self.reference, "r+b") as f:
-            f.seek(offset)
-            f.write(bytes(length))
-
-    def truth(self, tag: str) -> Path:
-        copy = self.work / f"truth-{tag}.raw"
-        shutil.copyfile(self.reference, copy)
-        return copy
-
-    def stop(self) -> None:
-        try:
-            self.guest.cmd("quit")
-        except Exception:  # noqa: BLE001
-            pass
-        self.guest.close()
-        self.proc.wait(30)
 
 
 def files_blob(limit: int, skip: int = 0) -> bytes:
@@ -134,28 +82,29 @@ def main() -> int:
     ok = True
     try:
         print(f"1. starting a throw-away VM 'demo-vm' with a {mib(DISK)} qcow2 disk (work dir {work})")
-        vm = DemoVM(work)
+        vm = TestVM(work / "vm", {"vda": DISK}, name="demo-vm")
+        vm.start()
         data = files_blob(48 * MiB)
         print(f"2. the guest writes {mib(len(data))} of real files (docs, Python sources, binaries)")
         for off in range(0, len(data), 8 * MiB):
-            vm.write(16 * MiB + off, data[off:off + 8 * MiB])
-        t1 = vm.truth("full")
+            vm.write("vda", 16 * MiB + off, data[off:off + 8 * MiB])
+        t1 = vm.snapshot_refs("full")["vda"]
 
         print("3. full backup into a local repository")
         t = time.monotonic()
-        full = fleece("backup", "--qmp", vm.qmp, "--repo", str(repo), "--scratch", str(work))
+        full = fleece("backup", "--qmp", vm.qmp_path, "--repo", str(repo), "--scratch", str(work))
         full_s = time.monotonic() - t
 
         more = files_blob(6 * MiB, skip=2000)
         print(f"4. the guest writes {mib(len(more))} of new files, overwrites 1 MiB, zeroes 8 MiB (a trim)")
-        vm.write(120 * MiB, more)
-        vm.write(20 * MiB, os.urandom(MiB))
-        vm.zero(40 * MiB, 8 * MiB)
-        t2 = vm.truth("inc")
+        vm.write("vda", 120 * MiB, more)
+        vm.write("vda", 20 * MiB, os.urandom(MiB))
+        vm.zero("vda", 40 * MiB, 8 * MiB)
+        t2 = vm.snapshot_refs("inc")["vda"]
 
         print("5. incremental backup")
         t = time.monotonic()
-        inc = fleece("backup", "--qmp", vm.qmp, "--repo", str(repo), "--scratch", str(work))
+        inc = fleece("backup", "--qmp", vm.qmp_path, "--repo", str(repo), "--scratch", str(work))
         inc_s = time.monotonic() - t
         fleece("list", "--repo", str(repo))
 
@@ -186,7 +135,9 @@ def main() -> int:
         return 0 if ok else 1
     finally:
         if vm is not None:
-            vm.stop()
+            if vm.guest is not None:
+                vm.quit()  # a clean shutdown (with --keep, the disk keeps its bitmaps)
+            vm.cleanup()
         if args.keep:
             print(f"  kept {work}")
         else:

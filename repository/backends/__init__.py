@@ -1,4 +1,4 @@
-"""Storage backends and the repository-URL parser.
+"""Storage backends, the wrappers around them, and the repository-URL parser.
 
 ``REPO`` on the command line is a path, ``file://PATH`` (the embedded default), or
 ``s3://BUCKET[/PREFIX]`` (S3 or any S3-compatible server such as Ceph RGW).
@@ -6,20 +6,27 @@
 
 from __future__ import annotations
 
+import os
 from urllib.parse import unquote, urlparse
 
 from ..errors import UsageError
 from .base import Backend, ObjectInfo
 from .local import LocalBackend
+from .wrappers import BackendWrapper, Counting, RateLimited, Retrying, compose, layer
 
-__all__ = ["Backend", "ObjectInfo", "LocalBackend", "open_backend"]
+__all__ = ["Backend", "BackendWrapper", "Counting", "LocalBackend", "ObjectInfo", "RateLimited", "Retrying",
+           "compose", "layer", "open_backend"]
 
 
-def open_backend(url: str, create: bool = False, **options: object) -> Backend:
-    """Open the backend a repository URL names.
+def open_backend(url: str, create: bool = False, *, attempts: int | None = None, bwlimit: int | None = None,
+                 create_bucket: bool = False, **options: object) -> Backend:
+    """Open the backend a repository URL names, wrapped in the stack of :func:`~.wrappers.compose`.
 
-    *options* are backend specific (S3: ``endpoint``, ``workers``, ``create_bucket``, ...); options a
-    backend does not know are ignored so that callers can pass one set for every kind of repository.
+    This is the one place where wrappers are put around a storage backend. *attempts* bounds the
+    retries of transient failures (default 8; for S3 also ``FLEECE_S3_ATTEMPTS``), *bwlimit* caps the
+    bytes per second sent (``--bwlimit``), *create_bucket* lets an S3 repository create its bucket.
+    The remaining *options* are backend specific (S3: ``endpoint``, ``workers``); options a backend
+    does not know are ignored so that callers can pass one set for every kind of repository.
     """
     if not url:
         raise UsageError("no repository given: pass --repo PATH or --repo s3://BUCKET[/PREFIX]")
@@ -28,9 +35,17 @@ def open_backend(url: str, create: bool = False, **options: object) -> Backend:
         path = unquote(parsed.path) if parsed.scheme == "file" else url
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise UsageError(f"file:// repositories must be local ({url}); use file:///absolute/path")
-        return LocalBackend(path, create=create)
+        return compose(LocalBackend(path, create=create), attempts=attempts, bwlimit=bwlimit)
     if parsed.scheme == "s3":
         from .s3 import S3Backend  # boto3 is only imported when an S3 repository is used
 
-        return S3Backend.from_url(url, create=create, **options)
+        s3 = S3Backend.from_url(url, **options)
+        stack = compose(s3, attempts=attempts or int(os.environ.get("FLEECE_S3_ATTEMPTS", "0")) or None,
+                        bwlimit=bwlimit)
+        try:  # fail before any backup work when the bucket is missing or the keys are wrong
+            stack.call("check", f"bucket {s3.bucket}", lambda: s3.ensure_bucket(create_bucket))
+        except BaseException:
+            stack.close()
+            raise
+        return stack
     raise UsageError(f"unsupported repository URL {url!r}: use a path, file://PATH or s3://BUCKET[/PREFIX]")

@@ -5,19 +5,24 @@ documented error semantics so that the layers above can decide between retrying 
 
 * missing object → :class:`~repository.errors.ObjectNotFound`
 * may succeed if retried (timeout, 5xx, throttling, reset) → :class:`~repository.errors.TransientBackendError`
-  — backends retry these themselves a bounded number of times before raising
+  — a backend raises these at once; the :class:`~.wrappers.Retrying` layer retries them
 * will not succeed (denied, no bucket, disk full) → :class:`~repository.errors.PermanentBackendError`
 
 Object names are ``/``-separated relative paths made of ``[A-Za-z0-9._%-]`` segments. No backend may ever
 expose a partially written object under its final name: a reader sees the whole object or nothing.
 The conformance suite in ``tests/test_backend_conformance.py`` pins this contract for every backend.
+
+A backend only talks to its storage. Retrying, ``--bwlimit`` and request counting are wrappers around
+this interface (``wrappers.py``), composed in one place: :func:`~repository.backends.open_backend`.
+Errors carry ``object`` (the name) and, where the storage has them, ``code`` and ``status``: the layers
+above decide on those fields, never on message text.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _NAME = re.compile(r"^[A-Za-z0-9._%-]+(/[A-Za-z0-9._%-]+)*$")
@@ -43,8 +48,6 @@ class Backend(ABC):
 
     #: Human-readable location, e.g. ``/srv/backups`` or ``s3://bucket/prefix``; never contains secrets.
     location: str = ""
-    #: Called with a byte count before each piece of an object is sent (``--bwlimit``); may block.
-    throttle: Callable[[int], None] | None = None
     #: How many operations this backend serves well in parallel (sizes the writer's upload pool).
     parallelism: int = 2
 
@@ -77,6 +80,13 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default does nothing."""
+
+    def discard_location(self) -> None:  # noqa: B027 - optional hook
+        """Remove what opening with ``create`` made (e.g. a directory), if it is empty again.
+
+        For a new repository whose first backup failed: the user's ``--repo`` must not appear because of
+        a run that stored nothing. Object stores have nothing to remove (a prefix is no place).
+        """
 
     def exists(self, name: str) -> bool:
         from ..errors import ObjectNotFound

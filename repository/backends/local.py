@@ -10,6 +10,14 @@ pack buffers are, otherwise through a small aligned bounce buffer): on this kind
 machine copying a backup's packs through the page cache cost more CPU than hashing them, and a backup
 should not evict the host's cache for data it will not read again. Filesystems without ``O_DIRECT``
 (tmpfs) fall back to ordinary writes.
+
+Disk images hold secrets, so everything this backend creates is private to its owner, as restic does:
+files ``0600`` (temporary files too, from the moment they exist, so the rename never publishes a
+readable object) and directories ``0700`` (the root and its missing parents, ``data/xx/`` …, made on
+demand). The modes are passed to ``open(2)``/``mkdir(2)`` rather than left to the umask (a umask can only
+take bits away, and a default ACL on the parent is masked by them). What an older fleece created — a
+root or fan-out directory that is ``0755`` — is left as it is: changing the modes of a user's existing
+directories behind their back is not this backend's call; new objects in them are private all the same.
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from pathlib import Path
 from ..errors import ObjectNotFound, PermanentBackendError, RepositoryError, TransientBackendError
 from .base import Backend, Data, ObjectInfo, check_name
 
-_PIECE = 1 << 20  # write (and throttle) in pieces of this size
+_PIECE = 1 << 20  # write in pieces of this size
 _DIRECT_MIN = 256 << 10  # objects at least this big bypass the page cache (O_DIRECT)
 _ALIGN = 4096
 _TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY}
+FILE_MODE = 0o600  # every object and temporary file
+DIR_MODE = 0o700  # every directory this backend makes
 
 
 def _page_aligned(view: memoryview) -> bool:
@@ -46,14 +56,35 @@ class LocalBackend(Backend):
         self.location = str(self.root)
         self._direct_ok = True
         self._local = threading.local()
+        #: directories opening with *create* made, outermost first (:meth:`discard_location` removes them)
+        self._made: list[Path] = []
         if create:
+            d = self.root
+            while not d.exists() and d != d.parent:
+                self._made.insert(0, d)
+                d = d.parent
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
+                self._ensure_dir(self.root)
             except OSError as exc:
                 raise self._error(exc, "create the repository directory", str(self.root)) from None
         elif not self.root.is_dir():
             raise RepositoryError(f"repository directory {self.root} does not exist "
                                   "(create it with 'fleece init --repo ...' or check the path)")
+
+    def discard_location(self) -> None:
+        """Remove the directories opening made, bottom-up, as long as they are empty (never a file)."""
+        if not self._made:
+            return
+        for dirpath, _, _ in sorted(os.walk(self.root), key=lambda w: -w[0].count(os.sep)):
+            try:
+                os.rmdir(dirpath)  # only succeeds on an empty directory
+            except OSError:
+                pass
+        for d in reversed(self._made[:-1]):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -61,16 +92,18 @@ class LocalBackend(Backend):
         return self.root / check_name(name)
 
     def _error(self, exc: OSError, action: str, name: str) -> Exception:
+        """Map an OSError to the contract's classes; ``code`` is the errno's name (``ENOSPC`` …)."""
         text = f"cannot {action} {name} in {self.root}: {exc.strerror or exc}"
+        fields = {"object": name, "code": errno.errorcode.get(exc.errno) if exc.errno else None}
         if exc.errno == errno.ENOENT:
-            return ObjectNotFound(f"{name} not found in {self.root}")
+            return ObjectNotFound(f"{name} not found in {self.root}", **fields)
         if exc.errno == errno.ENOSPC:
-            return PermanentBackendError(text + " (free some space on that filesystem)")
+            return PermanentBackendError(text + " (free some space on that filesystem)", **fields)
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return PermanentBackendError(text + " (check permissions / that the filesystem is writable)")
+            return PermanentBackendError(text + " (check permissions / that the filesystem is writable)", **fields)
         if exc.errno in _TRANSIENT:
-            return TransientBackendError(text)
-        return PermanentBackendError(text)
+            return TransientBackendError(text, **fields)
+        return PermanentBackendError(text, **fields)
 
     @staticmethod
     def _fsync_dir(path: Path) -> None:
@@ -90,22 +123,23 @@ class LocalBackend(Backend):
             d = d.parent
         for m in reversed(missing):
             try:
-                m.mkdir()
+                m.mkdir(mode=DIR_MODE)
             except FileExistsError:
-                pass
+                if not m.is_dir():  # a file where a directory belongs
+                    raise
             self._fsync_dir(m.parent)
 
     def _open_temp(self, tmp: Path, direct: bool) -> tuple[int, bool]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         if direct and self._direct_ok:
             try:
-                return os.open(tmp, flags | os.O_DIRECT, 0o644), True
+                return os.open(tmp, flags | os.O_DIRECT, FILE_MODE), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._direct_ok = False  # filesystem without O_DIRECT (tmpfs): stop trying
                 tmp.unlink(missing_ok=True)
-        return os.open(tmp, flags, 0o644), False
+        return os.open(tmp, flags, FILE_MODE), False
 
     def _bounce(self) -> mmap.mmap:
         buf = getattr(self._local, "bounce", None)
@@ -123,8 +157,6 @@ class LocalBackend(Backend):
             source_aligned = direct and _page_aligned(view)  # pieces start at multiples of _PIECE
             while view:
                 piece = view[:_PIECE]
-                if self.throttle is not None:
-                    self.throttle(len(piece))
                 if bounce is not None:
                     aligned = len(piece) - len(piece) % _ALIGN
                     if aligned and source_aligned:  # straight from the caller's page-aligned buffer

@@ -6,12 +6,19 @@
 Error semantics (the backend contract):
 
 * transient — 5xx, SlowDown/throttling, request timeouts, connection refused/reset, read timeouts, a body
-  cut short: retried here with exponential backoff and full jitter, a bounded number of times;
-* permanent — access denied, bad credentials, no such bucket: raised at once, with the bucket/key and
-  what to check. Credentials never appear in a message.
+  cut short: raised as :class:`TransientBackendError` for the :class:`~.wrappers.Retrying` layer to retry;
+* permanent — access denied, bad credentials, no such bucket: raised with the bucket/key and what to
+  check. Credentials never appear in a message.
 
-botocore's own retries are off: every request, including the body of a GET (which botocore does not
-retry), goes through one retry loop whose policy the tests can pin down.
+Every error carries the S3 ``code`` (``AccessDenied``, ``PreconditionFailed`` …; botocore gives a bare
+status such as ``"404"`` for bodiless HEAD replies), the HTTP ``status`` and the ``object``; decisions
+("the object already exists", "the bucket is already ours") are made on those fields, never on the
+message, which holds object names and the endpoint and so can contain any digits.
+
+botocore's own retries are off: a failed request, including the body of a GET (which botocore does not
+retry), leaves this backend at once as the contract's error, and one retry policy — the wrapper's,
+which the tests pin down — decides what happens next. A big object's multipart upload is one ``put``:
+a failed part fails the put (the upload is aborted), and the retried put starts a new upload.
 
 Integrity: requests over plain HTTP are signed with the payload's SHA-256 (the server rejects a body
 that changed in transit); over HTTPS, TLS protects the transfer. Either way everything fleece reads is
@@ -21,10 +28,6 @@ checked against its content hash, because RGW, for one, ignores ``x-amz-checksum
 from __future__ import annotations
 
 import os
-import random
-import threading
-import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -78,9 +81,8 @@ class _ViewReader:
 class S3Backend(Backend):
     """One bucket (and optional key prefix) as a repository backend."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None, workers: int = 4,
-                 create_bucket: bool = False, attempts: int | None = None, backoff: float = 0.25,
-                 backoff_cap: float = 8.0) -> None:
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None, workers: int = 4) -> None:
+        """Set up the client; no request is sent (:meth:`ensure_bucket` checks the bucket)."""
         if not bucket:
             raise UsageError("s3:// URL without a bucket: use s3://BUCKET[/PREFIX]")
         self.bucket = bucket
@@ -89,18 +91,13 @@ class S3Backend(Backend):
         # Parallel PUTs: each holds one pack buffer in memory; three keep a link busy without bloating RSS.
         self.parallelism = max(2, min(workers, 3))
         self._pool_size = max(2, workers) + 4
-        self.attempts = attempts or int(os.environ.get("FLEECE_S3_ATTEMPTS", "8"))
-        self.backoff = backoff
-        self.backoff_cap = backoff_cap
         self.multipart_threshold = MULTIPART_THRESHOLD
         self.part_size = PART_SIZE
-        self.requests: Counter[str] = Counter()
-        self._count_lock = threading.Lock()
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         session = boto3.session.Session()
         config = Config(
             max_pool_connections=self._pool_size,
-            retries={"max_attempts": 1, "mode": "standard"},  # ours, below
+            retries={"max_attempts": 1, "mode": "standard"},  # the Retrying wrapper's, not botocore's
             connect_timeout=10, read_timeout=60, tcp_keepalive=True,
             s3={"addressing_style": "path"} if endpoint else {},
             # Newer boto3 adds CRC checksums with aws-chunked bodies many S3 servers (RGW 16) reject.
@@ -112,13 +109,11 @@ class S3Backend(Backend):
         except BotoCoreError as exc:
             raise UsageError(f"cannot set up S3 for {self.location}: {exc}") from None
         self._where = f"{self.location} at {endpoint or 'AWS'}"
-        self._check_bucket(create_bucket)
 
     @classmethod
-    def from_url(cls, url: str, create: bool = False, **options: Any) -> S3Backend:
+    def from_url(cls, url: str, **options: Any) -> S3Backend:
         parsed = urlparse(url)
-        known = {k: v for k, v in options.items()
-                 if k in ("endpoint", "workers", "create_bucket", "attempts") and v is not None}
+        known = {k: v for k, v in options.items() if k in ("endpoint", "workers") and v is not None}
         return cls(parsed.netloc, parsed.path, **known)
 
     # -- plumbing ---------------------------------------------------------------------------------------
@@ -126,75 +121,67 @@ class S3Backend(Backend):
     def _key(self, name: str) -> str:
         return self.prefix + check_name(name)
 
-    def _count(self, op: str) -> None:
-        with self._count_lock:
-            self.requests[op] += 1
+    def _error(self, exc: Exception, op: str, name: str | None) -> Exception:
+        """Map a boto error to the contract's classes, with a message a user can act on.
 
-    def _error(self, exc: Exception, op: str, name: str) -> Exception:
-        """Map a boto error to the contract's classes, with a message a user can act on."""
-        what = f"{op} {name} in {self._where}"
+        *name* is the object (None: the bucket itself). Unknown exceptions are returned unchanged.
+        """
+        what = f"{op} {name or '(bucket)'} in {self._where}"
+        obj = name if name is not None else self.bucket
         if isinstance(exc, NoCredentialsError):
             return PermanentBackendError(f"no S3 credentials for {self.location}: set AWS_ACCESS_KEY_ID and "
-                                         "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+                                         "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE", object=obj)
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            if code in ("NoSuchKey", "404", "NotFound") and code != "NoSuchBucket":
-                return ObjectNotFound(f"{name} not found in {self.location}")
+            code = str(err.get("Code") or "") or None
+            raw_status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            status = int(raw_status) if raw_status is not None else None
+            fields: dict[str, Any] = {"object": obj, "code": code, "status": status}
+            said = f"{code or status} {err.get('Message') or ''}".strip()
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectNotFound(f"{name or self.bucket} not found in {self.location}", **fields)
             if code == "NoSuchBucket":
                 return PermanentBackendError(f"bucket {self.bucket} does not exist at {self._where}: create it, "
-                                             "or pass --create-bucket")
-            if code in _AUTH_CODES or status == "403":
+                                             "or pass --create-bucket", **fields)
+            if code in _AUTH_CODES or status == 403:
                 return PermanentBackendError(f"access denied: {what} ({code}): check the S3 credentials "
                                              "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile) and the "
-                                             "bucket's policy")
-            if code in _TRANSIENT_CODES or status.startswith("5"):
-                return TransientBackendError(f"{what} failed: {code or status} {err.get('Message') or ''}".strip())
-            return PermanentBackendError(f"{what} failed: {code or status} {err.get('Message') or ''}".strip())
+                                             "bucket's policy", **fields)
+            if code in _TRANSIENT_CODES or (status is not None and status >= 500):
+                return TransientBackendError(f"{what} failed: {said}", **fields)
+            return PermanentBackendError(f"{what} failed: {said}", **fields)
         if isinstance(exc, _NETWORK):
-            return TransientBackendError(f"{what} failed: {type(exc).__name__}: {exc}")
+            return TransientBackendError(f"{what} failed: {type(exc).__name__}: {exc}", object=obj)
         if isinstance(exc, BotoCoreError):
-            return PermanentBackendError(f"{what} failed: {exc}")
+            return PermanentBackendError(f"{what} failed: {exc}", object=obj)
         return exc
 
-    def _retry(self, op: str, name: str, fn: Callable[[], T]) -> T:
-        """Run *fn*, retrying transient failures with exponential backoff and full jitter."""
-        for attempt in range(1, self.attempts + 1):
-            try:
-                self._count(op)
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - classified just below
-                mapped = self._error(exc, op, name)
-                if not isinstance(mapped, TransientBackendError):
-                    raise mapped from None
-                if attempt == self.attempts:
-                    raise TransientBackendError(f"{mapped} — gave up after {attempt} attempts: check that the "
-                                                "S3 endpoint is up and reachable") from None
-                time.sleep(random.uniform(0, min(self.backoff_cap, self.backoff * 2 ** (attempt - 1))))
-        raise AssertionError("unreachable")
-
-    def _check_bucket(self, create: bool) -> None:
-        """Fail early — before any backup work — on a missing bucket or bad credentials."""
+    def _call(self, op: str, name: str | None, fn: Callable[[], T]) -> T:
+        """Send one request; a failure leaves as the contract's error (retrying is not this layer's job)."""
         try:
-            self._retry("HEAD", "(bucket)", lambda: self.client.head_bucket(Bucket=self.bucket))
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified by _error
+            mapped = self._error(exc, op, name)
+            if mapped is exc:
+                raise
+            raise mapped from None
+
+    def ensure_bucket(self, create: bool = False) -> None:
+        """Fail early — before any backup work — on a missing bucket or bad credentials; with *create*,
+        make a missing bucket. Idempotent, so the Retrying layer may repeat it."""
+        try:
+            self._call("HEAD", None, lambda: self.client.head_bucket(Bucket=self.bucket))
             return
         except ObjectNotFound:
             pass  # HEAD of a missing bucket is a bare 404
         if not create:
             raise PermanentBackendError(f"bucket {self.bucket} does not exist at {self._where}: create it, or pass "
-                                        "--create-bucket")
+                                        "--create-bucket", object=self.bucket, code="NoSuchBucket", status=404)
         try:
-            self._retry("PUT", "(bucket)", lambda: self.client.create_bucket(Bucket=self.bucket))
+            self._call("PUT", None, lambda: self.client.create_bucket(Bucket=self.bucket))
         except PermanentBackendError as exc:
-            if "BucketAlreadyOwnedByYou" not in str(exc):
+            if exc.code != "BucketAlreadyOwnedByYou":  # created meanwhile by us (a retry, another fleece)
                 raise
-
-    def _throttled(self, data: Data) -> None:
-        # Pace per request: botocore reads the body twice when signing over HTTP, so shaping inside the
-        # body would count it twice; the average rate is exact, bursts are one pack.
-        if self.throttle is not None:
-            self.throttle(len(data))
 
     # -- the contract ----------------------------------------------------------------------------------
 
@@ -204,39 +191,37 @@ class S3Backend(Backend):
         if len(view) >= self.multipart_threshold:
             self._multipart(name, key, view)
             return
-        self._throttled(view)
-        self._retry("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=_ViewReader(view)))
+        self._call("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=_ViewReader(view)))
 
     def put_if_absent(self, name: str, data: Data) -> bool:
         key = self._key(name)
         body = bytes(data)
-        self._throttled(body)
         try:
-            self._retry("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
-                                                                    IfNoneMatch="*"))
+            self._call("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                                                   IfNoneMatch="*"))
             return True
         except PermanentBackendError as exc:
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+            if exc.status == 412 or exc.code == "PreconditionFailed":  # If-None-Match: * found the object
                 return False
             raise
 
     def _multipart(self, name: str, key: str, view: memoryview) -> None:
-        upload = self._retry("PUT", name, lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=key))
+        upload = self._call("PUT", name, lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=key))
         upload_id = upload["UploadId"]
         try:
             parts = []
             for number, start in enumerate(range(0, len(view), self.part_size), 1):
                 piece = _ViewReader(view[start:start + self.part_size])
-                self._throttled(piece)
-                r = self._retry("PUT", name, lambda n=number, b=piece: self.client.upload_part(
+                r = self._call("PUT", name, lambda n=number, b=piece: self.client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=b))
                 parts.append({"PartNumber": number, "ETag": r["ETag"]})
             try:
-                self._retry("POST", name, lambda: self.client.complete_multipart_upload(
+                self._call("POST", name, lambda: self.client.complete_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}))
             except PermanentBackendError as exc:
-                # A retry after a lost reply finds the upload already completed.
-                if "NoSuchUpload" not in str(exc) or self.head(name).size != len(view):
+                # A proxy that replayed the request after losing the first reply finds the upload
+                # already completed: the object is there, whole.
+                if exc.code != "NoSuchUpload" or self.head(name).size != len(view):
                     raise
         except BaseException:
             try:
@@ -267,11 +252,11 @@ class S3Backend(Backend):
                 raise ConnectionClosedError(endpoint_url=f"{name}: body cut short")
             return body
 
-        return self._retry("GET", name, fetch)
+        return self._call("GET", name, fetch)
 
     def head(self, name: str) -> ObjectInfo:
         key = self._key(name)
-        r = self._retry("HEAD", name, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
+        r = self._call("HEAD", name, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
         return ObjectInfo(name, int(r["ContentLength"]))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -281,7 +266,7 @@ class S3Backend(Backend):
             args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": 1000}
             if token:
                 args["ContinuationToken"] = token
-            page = self._retry("LIST", prefix or "/", lambda a=args: self.client.list_objects_v2(**a))
+            page = self._call("LIST", prefix or "/", lambda a=args: self.client.list_objects_v2(**a))
             for obj in page.get("Contents", []):
                 yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj["Size"]))
             if not page.get("IsTruncated"):
@@ -291,7 +276,7 @@ class S3Backend(Backend):
     def delete(self, name: str) -> None:
         key = self._key(name)
         try:
-            self._retry("DELETE", name, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+            self._call("DELETE", name, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
         except ObjectNotFound:
             pass
 

@@ -1,62 +1,61 @@
-"""A guest-less QEMU VM around existing disk images, for benchmarks (the tests have their own harness
-with ground-truth bookkeeping; benchmarks only need speed and the same guest-write path)."""
+"""The benchmarks' VM: the tests' launcher (``tests/vm.py``, the one guest-less VM launcher of this tree)
+around existing disk images, without ground truth, plus the two things only benchmarks need — replaying
+a change and a plain NBD export of the live disk for the baselines.
+
+Sharing the launcher means a benchmark measures exactly the VM the tests verify (same command line,
+same guest-write path); only the bookkeeping differs (no reference images: the disks are gigabytes).
+"""
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
-import time
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fleece.exporter.qmp import Monitor
-
 from .disk import Op
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from vm import TestVM  # noqa: E402 - tests/vm.py, found through the line above
 
-class BenchVM:
+
+def virtual_size(image: Path) -> int:
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)], check=True,
+                          capture_output=True, text=True)
+    return int(json.loads(info.stdout)["virtual-size"])
+
+
+class BenchVM(TestVM):
+    """Started on construction; *disks* maps device ids to existing qcow2 images (used in place)."""
+
     def __init__(self, work: Path, disks: dict[str, Path], name: str = "benchvm") -> None:
-        self.work = work
-        self.disks = disks
-        self.name = name
-        self.qmp = str(work / "qmp.sock")
-        guest_qmp = str(work / "guest.sock")
-        args = ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
-                "-name", name, "-qmp", f"unix:{self.qmp},server=on,wait=off",
-                "-qmp", f"unix:{guest_qmp},server=on,wait=off"]
-        for d, path in disks.items():
-            args += ["-blockdev", f"driver=file,filename={path},node-name=file-{d}",
-                     "-blockdev", f"driver=qcow2,file=file-{d},node-name=node-{d}",
-                     "-device", f"virtio-blk-pci,drive=node-{d},id={d}"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(work / "qemu.log", "wb"),
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(self.qmp) and os.path.exists(guest_qmp)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"QEMU did not start: {(work / 'qemu.log').read_text()}")
-            time.sleep(0.05)
-        self.guest = Monitor(guest_qmp, timeout=600)
+        # Guest writes of whole files take a while on TCG: a long monitor timeout.
+        super().__init__(work, {d: virtual_size(p) for d, p in disks.items()}, name=name, images=disks,
+                         truth=False, guest_timeout=600)
+        self.start()
+
+    @property
+    def qmp(self) -> str:
+        """fleece's monitor socket."""
+        return self.qmp_path
 
     def apply(self, disk: str, ops: list[Op]) -> None:
-        src = self.work / "op.bin"
-        qdev = f"/machine/peripheral/{disk}/virtio-backend"
+        """Replay a change through the guest's write path, then flush it to the image."""
         for op in ops:
             if op.kind == "write":
                 assert op.data is not None
-                src.write_bytes(op.data)
-                cmd = f"write -q -s {src} {op.offset} {op.length}"
+                self.write(disk, op.offset, op.data)
             else:
-                cmd = f"write -q -z {op.offset} {op.length}"
-            reply = self.guest.hmp(f'qemu-io -d {qdev} "{cmd}"')
-            if reply.strip():
-                raise RuntimeError(reply)
-        self.guest.hmp(f'qemu-io -d {qdev} "flush"')
+                self.zero(disk, op.offset, op.length)
+        self.flush(disk)
 
     @contextmanager
     def live_export(self, disk: str) -> Iterator[str]:
         """A read-only NBD export of the live disk (for nbdcopy / plain-read baselines): yields a URI."""
-        sock = str(self.work / "baseline-nbd.sock")
+        assert self.guest is not None
+        sock = str(self.dir / "baseline-nbd.sock")
         self.guest.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
         self.guest.cmd("block-export-add", {"type": "nbd", "id": "baseline", "node-name": f"node-{disk}",
                                             "name": "baseline", "writable": False})
@@ -67,10 +66,5 @@ class BenchVM:
                                     event="BLOCK_EXPORT_DELETED", match={"id": "baseline"})
             self.guest.cmd("nbd-server-stop")
 
-    def quit(self) -> None:
-        try:
-            self.guest.cmd("quit")
-        except Exception:  # noqa: BLE001
-            pass
-        self.guest.close()
-        self.proc.wait(60)
+    def quit(self, timeout: float = 60) -> None:
+        super().quit(timeout)

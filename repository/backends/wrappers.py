@@ -1,0 +1,324 @@
+"""Backends that wrap a backend: retry, rate limiting and request counting, each a layer of its own.
+
+Modelled on restic's ``internal/backend/retry`` and ``internal/backend/limiter``: a wrapper *is* a
+:class:`~.base.Backend` and delegates the six operations (and ``close``, ``location``, ``parallelism``) to
+the backend inside it, adding one concern. So a concern is written once for every kind of storage, a
+storage backend only talks to its storage, and tests can slide a fault-injecting layer anywhere in the
+stack. :func:`compose` builds the one stack a repository is opened with (outermost first)::
+
+    Retrying ▸ RateLimited (only with a bandwidth limit) ▸ Counting ▸ LocalBackend | S3Backend
+
+Retrying is outermost so that every attempt goes through the limiter (a retried upload uses the link as
+much as the first one did) and is counted (the counts are what was really asked of the storage).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from ..errors import TransientBackendError
+from ..ratelimit import TokenBucket
+from .base import Backend, Data, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+W = TypeVar("W", bound=Backend)
+
+DEFAULT_ATTEMPTS = 8
+
+
+class BackendWrapper(Backend):
+    """A backend that passes everything to *inner*; subclasses override what they add to."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    @property  # type: ignore[override]
+    def location(self) -> str:
+        return self.inner.location
+
+    @property  # type: ignore[override]
+    def parallelism(self) -> int:
+        return self.inner.parallelism
+
+    def put(self, name: str, data: Data) -> None:
+        self.inner.put(name, data)
+
+    def put_if_absent(self, name: str, data: Data) -> bool:
+        return self.inner.put_if_absent(name, data)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.get(name, offset, length)
+
+    def head(self, name: str) -> ObjectInfo:
+        return self.inner.head(name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def discard_location(self) -> None:
+        self.inner.discard_location()
+
+
+def layer(backend: Backend, kind: type[W]) -> W | None:
+    """The outermost layer of class *kind* in a stack of wrappers (None when the stack has none)."""
+    b: Backend | None = backend
+    while b is not None:
+        if isinstance(b, kind):
+            return b
+        b = b.inner if isinstance(b, BackendWrapper) else None
+    return None
+
+
+# -- retry ----------------------------------------------------------------------------------------------
+
+class Retrying(BackendWrapper):
+    """Retries :class:`TransientBackendError` — and nothing else — a bounded number of times.
+
+    The pause before attempt *n + 1* is drawn uniformly from ``[0, min(backoff_cap, backoff · 2ⁿ⁻¹)]``
+    ("full jitter"): many writers that failed together do not come back together. Permanent errors,
+    missing objects and programming errors pass through at once. After the last attempt the error says
+    how many attempts were made and what to check; its fields (``code``, ``status``, ``object``) are the
+    last failure's.
+
+    ``put`` and ``delete`` are idempotent, reads have no effect: retrying them is always safe. A listing
+    that fails part-way is listed again and names already yielded are skipped (restic does the same), so
+    a caller sees each object once. ``put_if_absent`` needs care, see :meth:`put_if_absent`.
+
+    :param sleep: and *rng* are for tests (no real waiting, reproducible jitter).
+    """
+
+    def __init__(self, inner: Backend, attempts: int = DEFAULT_ATTEMPTS, *, backoff: float = 0.25,
+                 backoff_cap: float = 8.0, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(inner)
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {attempts}")
+        self.attempts = attempts
+        self.backoff = backoff
+        self.backoff_cap = backoff_cap
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    def delay(self, attempt: int) -> float:
+        """The pause after failed attempt number *attempt* (1-based)."""
+        return self._rng.uniform(0, min(self.backoff_cap, self.backoff * 2 ** (attempt - 1)))
+
+    def _pause_or_give_up(self, exc: TransientBackendError, attempt: int, what: str) -> None:
+        if attempt >= self.attempts:
+            plural = "s" if attempt != 1 else ""
+            raise TransientBackendError(
+                f"{exc.message} — gave up after {attempt} attempt{plural}: check that the storage at "
+                f"{self.location} is up and reachable, then run again",
+                object=exc.object, code=exc.code, status=exc.status) from exc
+        pause = self.delay(attempt)
+        log.info("%s failed (attempt %d of %d), retrying in %.2f s: %s", what, attempt, self.attempts, pause, exc)
+        self._sleep(pause)
+
+    def call(self, op: str, name: str, fn: Callable[[], T]) -> T:
+        """Run *fn* under this policy; also for a backend's own set-up requests (S3's bucket check)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except TransientBackendError as exc:
+                self._pause_or_give_up(exc, attempt, f"{op} {name}")
+
+    def put(self, name: str, data: Data) -> None:
+        self.call("put", name, lambda: self.inner.put(name, data))
+
+    def put_if_absent(self, name: str, data: Data) -> bool:
+        """Create-if-absent, retried without ever mistaking our own write for someone else's.
+
+        The hazard: attempt 1 creates the object but its reply is lost (a reset, a timeout); attempt 2
+        then finds the object there and would answer "it already existed" — a caller committing a
+        manifest would think another writer won. So when any attempt failed transiently and a later
+        one finds the object present, the object is read back: if it holds exactly *data*, this call
+        created it and returns True; otherwise someone else's object is there and it returns False.
+        The one case this cannot tell apart — another writer stored the very same bytes under the very
+        same name — is harmless: the object holds what each of them meant to store. (Repository names
+        are content-derived or carry a random part, so it does not arise in practice.) The read-back
+        costs a request only after a failure, never on the common path.
+        """
+        failed = [False]
+
+        def attempt() -> bool:
+            try:
+                return self.inner.put_if_absent(name, data)
+            except TransientBackendError:
+                failed[0] = True
+                raise
+
+        created = self.call("put_if_absent", name, attempt)
+        if created or not failed[0]:
+            return created
+        want = memoryview(data).cast("B")
+        if self.head(name).size != want.nbytes:
+            return False
+        return self.get(name) == want
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.call("get", name, lambda: self.inner.get(name, offset, length))
+
+    def head(self, name: str) -> ObjectInfo:
+        return self.call("head", name, lambda: self.inner.head(name))
+
+    def delete(self, name: str) -> None:
+        self.call("delete", name, lambda: self.inner.delete(name))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        seen: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                for info in self.inner.list(prefix):
+                    if info.name not in seen:
+                        seen.add(info.name)
+                        yield info
+                return
+            except TransientBackendError as exc:
+                self._pause_or_give_up(exc, attempt, f"list {prefix or '/'}")
+
+
+# -- rate limiting ---------------------------------------------------------------------------------------
+
+class RateLimited(BackendWrapper):
+    """Paces the bytes *sent* (``put``/``put_if_absent`` data) with a :class:`TokenBucket` (``--bwlimit``).
+
+    The tokens for an object are taken before it goes out, so the average rate is exact and a burst is
+    at most one object (a pack: 16–32 MiB). Shaping inside an object would need a streaming interface;
+    the backends take whole buffers (S3 signs a PUT over the whole body, reading it twice over HTTP, so
+    pacing inside the body would count it twice anyway). Reads are not limited: the limit exists for
+    thin uplinks. Thread-safe: parallel uploads share the one bucket.
+    """
+
+    def __init__(self, inner: Backend, rate: int | TokenBucket) -> None:
+        super().__init__(inner)
+        self.bucket = rate if isinstance(rate, TokenBucket) else TokenBucket(rate)
+
+    def put(self, name: str, data: Data) -> None:
+        self.bucket.consume(memoryview(data).nbytes)
+        self.inner.put(name, data)
+
+    def put_if_absent(self, name: str, data: Data) -> bool:
+        self.bucket.consume(memoryview(data).nbytes)
+        return self.inner.put_if_absent(name, data)
+
+
+# -- counting --------------------------------------------------------------------------------------------
+
+#: The request each operation is, named as S3 names it (and as ``backend_requests`` in ``--json`` reports).
+VERBS = {"put": "PUT", "put_if_absent": "PUT", "get": "GET", "head": "HEAD", "list": "LIST", "delete": "DELETE"}
+
+
+class Counting(BackendWrapper):
+    """Counts operations (calls that failed too) and the bytes sent and received; thread-safe.
+
+    One operation is one call of the contract: a multipart upload of a big object or a listing that
+    takes several pages is one ``put`` / one ``list``. Below :class:`Retrying`, every attempt counts.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self._lock = threading.Lock()
+        self._ops: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._sent = 0
+        self._received = 0
+        self._written: set[str] = set()
+
+    def written(self) -> set[str]:
+        """Names this stack stored (put, or put_if_absent that stored): what a failed run may take back."""
+        with self._lock:
+            return set(self._written)
+
+    def _wrote(self, name: str) -> None:
+        with self._lock:
+            self._written.add(name)
+
+    def _done(self, op: str, sent: int = 0, received: int = 0, failed: bool = False) -> None:
+        with self._lock:
+            self._ops[op] += 1
+            self._sent += sent
+            self._received += received
+            if failed:
+                self._errors[op] += 1
+
+    def _counted(self, op: str, fn: Callable[[], T], sent: int = 0) -> T:
+        try:
+            out = fn()
+        except BaseException:
+            self._done(op, failed=True)
+            raise
+        self._done(op, sent=sent, received=len(out) if isinstance(out, bytes) else 0)
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """A consistent copy: ``operations`` and ``errors`` by operation, ``requests`` by :data:`VERBS`,
+        ``sent_bytes`` and ``received_bytes`` (object data only, not protocol overhead)."""
+        with self._lock:
+            ops, errors, sent, received = dict(self._ops), dict(self._errors), self._sent, self._received
+        requests: Counter[str] = Counter()
+        for op, n in ops.items():
+            requests[VERBS[op]] += n
+        return {"operations": ops, "errors": errors, "requests": dict(requests), "sent_bytes": sent,
+                "received_bytes": received}
+
+    def requests(self) -> dict[str, int]:
+        """Requests by verb (``PUT``, ``GET``, ``HEAD``, ``LIST``, ``DELETE``)."""
+        return self.snapshot()["requests"]
+
+    def put(self, name: str, data: Data) -> None:
+        self._counted("put", lambda: self.inner.put(name, data), memoryview(data).nbytes)
+        self._wrote(name)
+
+    def put_if_absent(self, name: str, data: Data) -> bool:
+        stored = self._counted("put_if_absent", lambda: self.inner.put_if_absent(name, data), memoryview(data).nbytes)
+        if stored:
+            self._wrote(name)
+        return stored
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self._counted("get", lambda: self.inner.get(name, offset, length))
+
+    def head(self, name: str) -> ObjectInfo:
+        return self._counted("head", lambda: self.inner.head(name))
+
+    def delete(self, name: str) -> None:
+        self._counted("delete", lambda: self.inner.delete(name))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        try:
+            yield from self.inner.list(prefix)
+        except GeneratorExit:  # the caller stopped reading: not a failure
+            self._done("list")
+            raise
+        except BaseException:
+            self._done("list", failed=True)
+            raise
+        self._done("list")
+
+
+# -- the stack ---------------------------------------------------------------------------------------------
+
+def compose(backend: Backend, *, attempts: int | None = None, bwlimit: int | None = None) -> Retrying:
+    """The stack a repository is opened with (see the module docstring for the order and why)."""
+    inner: Backend = Counting(backend)
+    if bwlimit:
+        inner = RateLimited(inner, bwlimit)
+    return Retrying(inner, attempts or DEFAULT_ATTEMPTS)
