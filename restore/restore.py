@@ -120,8 +120,17 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
     for d in disks:
         _check_free(req, d)
     run_dir = Path(tempfile.mkdtemp(prefix="fleece-restore-"))
+    results: list[DiskRestore] = []
     try:
-        results = [(_flat if req.flat else _chain)(repo, req, view[d], d, run_dir) for d in disks]
+        for d in disks:
+            results.append((_flat if req.flat else _chain)(repo, req, view[d], d, run_dir))
+    except BaseException:
+        # All or nothing: a VM restored up to its third disk must not pass for a restored VM (and the
+        # retry must not trip over "already exists"). Each disk's own partial files are gone already.
+        for done in results:
+            for path in _outputs(req, done.disk):
+                _remove(path)
+        raise
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     return RestoreResult(manifest, results, round(time.monotonic() - started, 3))
