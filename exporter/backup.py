@@ -15,14 +15,16 @@ to the next run, which starts by unwinding whatever ``fleece-`` objects it finds
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,8 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}")
     if req.vm is not None:
         check_vm_name(req.vm)  # before any work: a name the repository cannot store fails now, not at commit
+    if not req.qmp:
+        raise UsageError("--qmp is empty: pass the VM's QMP socket (the PATH of -qmp unix:PATH,server=on)")
     scratch = Path(req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
     if not scratch.is_dir():
         raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR", object=str(scratch))
@@ -110,6 +114,29 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
                 return _Run(repo, req, mon).run()
         finally:
             mon.close()
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while QEMU's state is being put back (main thread only).
+
+    A signal that arrives meanwhile is logged and dropped: the run is failing already, and its error
+    is what the caller raises next.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if arrived:
+            log.warning("signal %s ignored while the VM's block graph and bitmaps were put back", arrived[0])
 
 
 class _Run:
@@ -237,7 +264,8 @@ class _Run:
 
     def _backup(self, vm: str, info: VmInfo, disks: list[DiskInfo], levels: dict[str, bitmaps.Level],
                 point_id: str, new_bitmaps: dict[str, str]) -> tuple[Manifest, dict[str, Any]]:
-        scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
+        # absolute: QEMU opens the fleece target from its own working directory, not ours
+        scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp")).absolute()
         if not scratch.is_dir():
             raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR")
         try:
@@ -471,26 +499,33 @@ class _Run:
 
     def _fail(self, exc: BaseException, writer: Any, names: set[str], fleeces: list[graph.DiskFleece],
               levels: dict[str, bitmaps.Level], new_bitmaps: dict[str, str], fold_back: bool) -> None:
-        """Undo a failed run: graph first, then give every write back to the old bitmaps."""
-        log.error("backup failed (%s); rolling back", exc if str(exc) else type(exc).__name__)
+        """Undo a failed run: graph first, then give every write back to the old bitmaps.
+
+        The reason is not logged here: the caller reports the error once. A second Ctrl-C only stops
+        the wait for uploads; the teardown of QEMU's graph and the bitmap fold-back run shielded from
+        signals, so an impatient user cannot leave a fleece in the VM or a half-folded bitmap.
+        """
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        log.warning("%s; rolling back (the VM keeps running)", "interrupted" if interrupted else "backup failed")
         if writer is not None:
             try:
                 writer.abort()
-            except Exception as e:  # noqa: BLE001
-                log.debug("writer abort: %s", e)
-        try:
-            for what in graph.unwind(self.mon, only=names):
-                log.debug("rollback: removed %s", what)
-        except Exception as e:  # noqa: BLE001 - keep going: bitmaps matter more
-            log.error("could not tear the fleece down (%s); the next run will clean up", e)
-        if fold_back:
+            except BaseException as e:  # noqa: BLE001 - a second Ctrl-C: stop waiting, go on to QEMU
+                log.debug("writer abort: %r", e)
+        with signals_deferred():
             try:
-                actions = [a for f in fleeces
-                           for a in bitmaps.rollback_actions(f.disk.node, new_bitmaps[f.disk.id], levels[f.disk.id])]
-                bitmaps.transaction(self.mon, actions)
-                log.info("dirty bitmaps restored: the next incremental covers everything since the last point")
-            except Exception as e:  # noqa: BLE001
-                log.error("could not fold the dirty bitmaps back (%s); the next run will repair them", e)
+                for what in graph.unwind(self.mon, only=names):
+                    log.debug("rollback: removed %s", what)
+            except Exception as e:  # noqa: BLE001 - keep going: bitmaps matter more
+                log.error("could not tear the fleece down (%s); the next run will clean up", e)
+            if fold_back:
+                try:
+                    actions = [a for f in fleeces for a in
+                               bitmaps.rollback_actions(f.disk.node, new_bitmaps[f.disk.id], levels[f.disk.id])]
+                    bitmaps.transaction(self.mon, actions)
+                    log.info("dirty bitmaps restored: the next incremental covers everything since the last point")
+                except Exception as e:  # noqa: BLE001
+                    log.error("could not fold the dirty bitmaps back (%s); the next run will repair them", e)
 
     def _drop_old_bitmaps(self, disk: DiskInfo, keep: str) -> None:
         """After the commit: the parent's bitmap (and stale ones of this repository) are no longer needed."""

@@ -59,8 +59,9 @@ def _check_socket_path(path: str) -> None:
         raise QmpConnectError(f"cannot use {path} as a QMP socket: {exc.strerror}", object=path) from None
     if stat.S_ISSOCK(st.st_mode):
         return
-    what = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode) else \
-        "not a socket"
+    what = ("a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode) else
+            "a device file" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+            "a FIFO" if stat.S_ISFIFO(st.st_mode) else "some other kind of file")
     raise QmpConnectError(f"--qmp {path} is {what}, not a unix socket: pass the VM's QMP socket "
                           "(the PATH of -qmp unix:PATH,server=on)", object=path)
 

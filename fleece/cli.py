@@ -19,7 +19,7 @@ from fleece.repository.errors import FleeceError, Interrupted, UsageError
 
 from . import __version__
 from .commands import COMMANDS
-from .output import emit_json, setup_logging
+from .output import emit_json, setup_logging, stdout_errors
 
 log = logging.getLogger("fleece")
 
@@ -95,11 +95,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     run: Callable[[argparse.Namespace], Any] = COMMANDS[args.command][2]
     try:
-        return int(run(args) or 0)
+        return _run(run, args)
+    except KeyboardInterrupt:  # another Ctrl-C while the first was being reported: it was reported
+        _ignore_signals()
+        return Interrupted.exit
+
+
+def _ignore_signals() -> None:
+    """The run has unwound and is only reporting: more Ctrl-Cs must not kill it by signal (exit 130)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _run(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    try:
+        code = int(run(args) or 0)
+        _flush_stdout()
+        return code
     except FleeceError as exc:
         return _fail(exc, args.json)
     except KeyboardInterrupt:
-        return _fail(Interrupted("interrupted; everything was rolled back (the VM keeps running)"), args.json)
+        _ignore_signals()
+        return _fail(Interrupted(INTERRUPTED.get(args.command, "interrupted")), args.json)
     except BrokenPipeError:  # `fleece list | head`: the reader is gone, nothing more to say
         _silence_stdout()
         return 1
@@ -110,6 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         hint = "" if args.verbose else " (run again with -v for details)"
         return _fail(_Internal(f"internal error: {what}{hint}; please report it"), args.json)
+
+
+#: What an interrupted command leaves (each unwinds before it exits).
+INTERRUPTED = {
+    "backup": "interrupted; everything was rolled back (the VM keeps running, no point was written)",
+    "restore": "interrupted; the images this restore had begun were removed",
+    "init": "interrupted",
+}
 
 
 class _Internal(FleeceError):
@@ -132,15 +157,32 @@ def _fail(exc: FleeceError, as_json: bool) -> int:
         doc["error"]["message"] = message
         try:
             emit_json(doc)
-        except BrokenPipeError:
+            sys.stdout.flush()
+        except (OSError, ValueError, FleeceError):  # stdout closed, full or gone: stderr said it all
             _silence_stdout()
     return exc.exit
 
 
+def _flush_stdout() -> None:
+    """Flush now, so that a closed or full stdout is reported as one line (not at interpreter exit)."""
+    with stdout_errors():
+        if sys.stdout is not None:
+            sys.stdout.flush()
+
+
 def _silence_stdout() -> None:
     # Python flushes stdout again at exit; point it at /dev/null so that flush cannot raise.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if sys.stdout is not None:
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+                return
+            except (OSError, ValueError):
+                pass
+        sys.stdout = open(devnull, "w")  # noqa: SIM115 - lives until exit
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -35,10 +36,9 @@ def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type for whole numbers in [low, high] whose errors say what is allowed."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not re.fullmatch(r"\s*-?[0-9]+\s*", text):  # int() also takes "1_0" and non-ASCII digits
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"{text!r} must be at least {low}")
         if high is not None and value > high:
@@ -226,7 +226,7 @@ def _backup(args: argparse.Namespace) -> int:
         except BaseException:
             bar.close()
             if repo.discard_if_new():  # a failed first backup leaves no --repo behind
-                log.info("removed the repository %s this failed run had created", repo.url)
+                log.debug("removed the repository %s this failed run had created", repo.url)
             raise
         bar.close()
     m = result.manifest

@@ -3,13 +3,17 @@ lines otherwise, log lines and progress on stderr (progress only when stderr is 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 import logging
 import sys
 import threading
 import time
 from collections import deque
 from typing import Any
+
+from fleece.repository.errors import FleeceError
 
 
 def setup_logging(verbose: int) -> None:
@@ -26,9 +30,29 @@ def setup_logging(verbose: int) -> None:
     logging.getLogger("qemu").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
+class StdoutError(FleeceError):
+    """stdout is closed or cannot take the output (``>&-``, ``> /dev/full``); what ran, ran."""
+
+    kind = "stdout"
+
+
+@contextlib.contextmanager
+def stdout_errors() -> Iterator[None]:
+    """Turn a failing stdout into one :class:`StdoutError` line (a closed pipe stays BrokenPipeError)."""
+    if sys.stdout is None:
+        raise StdoutError("stdout is closed: nothing could be printed (the command itself completed)")
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise StdoutError(f"cannot write to stdout: {exc.strerror or exc} (the command itself completed)") from None
+
+
 def emit_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=1, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    with stdout_errors():
+        json.dump(doc, sys.stdout, indent=1, sort_keys=True, default=str)
+        sys.stdout.write("\n")
 
 
 def human_bytes(n: float) -> str:

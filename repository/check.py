@@ -46,7 +46,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import IntegrityError, RepositoryError
+from .errors import IntegrityError, RepositoryError, UsageError
 from .index import Index
 from .manifest import Manifest
 from .pack import PackEntry, pack_name, pack_size
@@ -103,8 +103,13 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
         if vm is None:
             raise RepositoryError("--point needs --vm")
         target = point if point != "latest" else (selected[-1][1] if selected else point)
-        matches = [k for k in selected if k[1] == target or k[1].startswith(target)]
-        if len(matches) != 1:
+        exact = [k for k in selected if k[1] == target]
+        matches = exact or [k for k in selected if k[1].startswith(target)]
+        if len(matches) > 1:
+            shown = ", ".join(k[1] for k in matches[:10])
+            raise UsageError(f"--point {point!r} is ambiguous for VM {vm!r}: it starts {len(matches)} point ids "
+                             f"({shown}); give more of the id")
+        if not matches:
             raise RepositoryError(f"VM {vm!r} has no point {point!r}; 'fleece list' shows the points that exist")
         selected = matches
 

@@ -7,6 +7,7 @@ only points whose manifest exists; packs or indexes of runs that never committed
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,12 +17,14 @@ from .backends import layer as backend_layer
 from .chain import Piece, resolve
 from .codec import CodecPool
 from .config import CONFIG_NAME, RepoConfig
-from .errors import IntegrityError, ObjectNotFound, RepositoryError
+from .errors import IntegrityError, ObjectNotFound, RepositoryError, UsageError
 from .index import Index, Location, decode_index, encode_index
 from .manifest import KIND_FULL, Manifest, manifest_name, vm_from_key, vm_key
 from .pack import FOOTER_SIZE, PackEntry, is_pack_id, pack_name, parse_footer, table_span, verify_trailer
 from .workers import map_all
 from .writer import BlobWriter, Committed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -334,6 +337,12 @@ class Repository:
             # manifest: that is a success. Anything else is a real collision.
             if self.backend.get(name) != data:
                 raise RepositoryError(f"point {manifest.id} of VM {manifest.vm} already exists in {self.url}")
+        # After the manifest, not before: a failed first run racing this one into the same new repository
+        # deletes the config only when nothing but the config is there (discard_if_new), so once this
+        # manifest exists the config can only have vanished before it — and is put back, as it was.
+        if self.backend.put_if_absent(CONFIG_NAME, self.config.to_bytes()):
+            log.warning("the config of %s had vanished (a failed first backup into the new repository took it "
+                        "back while this one ran); wrote it again", self.url)
         self._manifests[(manifest.vm, manifest.id)] = manifest
 
     # -- points -----------------------------------------------------------------------------------------
@@ -460,6 +469,10 @@ class Repository:
             matches = [i for i in ids if i.startswith(point)]
             if len(matches) == 1:
                 return self.manifest(vm, matches[0])
+            if matches:
+                shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
+                raise UsageError(f"--point {point!r} is ambiguous for VM {vm!r}: it starts {len(matches)} point ids "
+                                 f"({shown}); give more of the id")
             shown = ", ".join(ids[-10:])
             raise RepositoryError(f"VM {vm!r} has no point {point!r}; existing points (newest last): {shown}")
         return self.manifest(vm, point)

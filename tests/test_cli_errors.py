@@ -139,6 +139,10 @@ CASES = [
     ("backup --s3-endpoint not a url", lambda e: B(e, "--s3-endpoint", "not a url"), 2),
     ("backup --s3-endpoint bad port", lambda e: B(e, "--s3-endpoint", "http://127.0.0.1:99999"), 2),
     # backup: bad places
+    ("backup --qmp empty", lambda e: ["backup", "--qmp", "", *R(e)], 2),
+    ("backup --qmp /dev/null", lambda e: ["backup", "--qmp", "/dev/null", *R(e)], 1),
+    ("backup --workers 1_0", lambda e: B(e, "--workers", "1_0"), 2),
+    ("list --repo file://", lambda e: ["list", "--repo", "file://"], 2),
     ("backup --qmp missing", lambda e: ["backup", "--qmp", str(e.base / "nope.sock"), *R(e)], 1),
     ("backup --qmp regular file", lambda e: ["backup", "--qmp", str(e.regular), *R(e)], 1),
     ("backup --qmp directory", lambda e: ["backup", "--qmp", str(e.base), *R(e)], 1),
@@ -325,7 +329,79 @@ def test_ctrl_c_during_restore(make_vm, tmp_path: Path, scratch: Path) -> None:
     assert proc.returncode == 1, (proc.returncode, stderr)
     assert json.loads(stdout)["error"]["kind"] == "interrupted", stdout
     assert [ln for ln in stderr.splitlines() if ln.startswith("fleece: error:")] == \
-        ["fleece: error: interrupted; everything was rolled back (the VM keeps running)"], stderr
+        ["fleece: error: interrupted; the images this restore had begun were removed"], stderr
     time.sleep(0.2)
     assert not Path(f"/proc/{nbd_pid}").exists() or _comm(nbd_pid) != "qemu-nbd", "qemu-nbd left running"
     assert not list(out.rglob("*.qcow2")) if out.exists() else True, list(out.rglob("*"))
+
+
+def test_ambiguous_point_prefix_is_a_usage_error(env: Env) -> None:
+    """A prefix that starts several point ids names none of them: say so and list them (exit 2)."""
+    p = fleece(*B(env, "--json"))
+    assert p.returncode == 0, p.stderr
+    second = json.loads(p.stdout)["id"]
+    common = os.path.commonprefix([env.point, second])
+    assert common, (env.point, second)
+    for argv in (["restore", *R(env), "--vm", "fuzzvm", "--point", common, *O(env)],
+                 ["verify", *R(env), "--vm", "fuzzvm", "--point", common]):
+        err = check_failure(fleece(*argv, "--json"), 2, True)
+        assert "ambiguous" in err["message"] and env.point in err["message"] and second in err["message"]
+
+
+def test_relative_scratch_works(env: Env) -> None:
+    """QEMU opens the fleece target from its own working directory: a relative --scratch must still work."""
+    p = subprocess.run([FLEECE, "backup", "--qmp", env.vm.qmp_path, "--repo", str(env.repo), "--scratch",
+                        "scratch", "--json"], capture_output=True, text=True, cwd=env.base, timeout=300)
+    assert p.returncode == 0, p.stderr
+
+
+def test_closed_or_full_stdout_is_one_line(env: Env) -> None:
+    for argv, stdout in ((["list", *R(env), "--json"], "closed"), (["list", *R(env), "--json"], "/dev/full"),
+                         (["list", "--repo", str(env.base / "nothing"), "--json"], "/dev/full")):
+        if stdout == "closed":
+            p = subprocess.run([FLEECE, *argv], stdout=None, stderr=subprocess.PIPE, text=True, timeout=60,
+                               pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(1))
+        else:
+            with open(stdout, "w") as full:
+                p = subprocess.run([FLEECE, *argv], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert "Traceback" not in p.stderr, p.stderr
+        assert p.returncode == 1 and len([ln for ln in p.stderr.splitlines() if ln.startswith("fleece: error:")]) == 1, \
+            p.stderr
+
+
+def test_impatient_ctrl_c_leaves_the_vm_as_it_was(make_vm, tmp_path: Path, scratch: Path) -> None:
+    """Ctrl-C, then Ctrl-C again and again while the run unwinds: the graph teardown and the bitmap
+    fold-back are shielded, so the VM ends exactly as before (no fleece node, export or extra bitmap)."""
+    import signal
+    import time
+
+    from checks import assert_clean, fleece_bitmaps
+
+    vm = make_vm({"vda": 96 * MiB})
+    repo = str(tmp_path / "repo")
+    assert fleece("backup", "--qmp", vm.qmp_path, "--repo", repo, "--scratch", str(scratch)).returncode == 0
+    for i in range(6):
+        vm.write("vda", i * 16 * MiB, random_bytes(16 * MiB, 30 + i))
+    before = fleece_bitmaps(vm.guest)
+    proc = subprocess.Popen([FLEECE, "backup", "--qmp", vm.qmp_path, "--repo", repo, "--scratch", str(scratch),
+                             "--workers", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(n["node-name"].startswith("fleece-") for n in vm.guest.cmd("query-named-block-nodes", {"flat": True})):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the backup ended before its fleece was seen"
+    time.sleep(0.1)
+    end = time.monotonic() + 2
+    while time.monotonic() < end and proc.poll() is None:  # a user hammering Ctrl-C through the unwind
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.004)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (proc.returncode, stderr)
+    assert "Traceback" not in stderr, stderr
+    assert json.loads(stdout)["error"]["kind"] == "interrupted"
+    assert_clean(vm.guest)
+    assert fleece_bitmaps(vm.guest) == before
+    p = fleece("backup", "--qmp", vm.qmp_path, "--repo", repo, "--scratch", str(scratch), "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["kind"] == "incremental", p.stderr

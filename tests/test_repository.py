@@ -402,3 +402,24 @@ def test_discard_if_new_takes_back_only_what_this_run_made(tmp_path: Path) -> No
     again = Repository.open(str(tmp_path / "repo2"), create=True)  # exists: not "created" by this handle
     assert not again.created and not again.discard_if_new()
     assert (tmp_path / "repo2" / "config").exists()
+
+
+def test_commit_puts_back_a_config_a_racing_failed_first_run_took(tmp_path: Path) -> None:
+    """Two first backups race into one new repository; the one that fails takes the repository back
+    (only the config is there yet) while the other is running. The survivor's commit restores the config,
+    byte for byte, so its point stays readable under the same repository id."""
+    from fleece.repository import Repository
+    from fleece.repository.manifest import DiskRecord, Manifest, new_point_id
+
+    url = str(tmp_path / "repo")
+    failing = Repository.open(url, create=True)
+    survivor = Repository.open(url, create=True)
+    assert failing.created and not survivor.created
+    config = (tmp_path / "repo" / "config").read_bytes()
+    assert failing.discard_if_new()
+    assert not (tmp_path / "repo" / "config").exists()
+    m = Manifest(new_point_id(), "vm", "2026-12-02T00:00:00Z", None, "full", {"d0": DiskRecord("full", 4096, [])})
+    survivor.commit(m)
+    assert (tmp_path / "repo" / "config").read_bytes() == config
+    again = Repository.open(url)
+    assert again.config.id == survivor.config.id and [p.id for p in again.scan("vm").points] == [m.id]

@@ -35,6 +35,8 @@ def open_backend(url: str, create: bool = False, *, attempts: int | None = None,
         path = unquote(parsed.path) if parsed.scheme == "file" else url
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise UsageError(f"file:// repositories must be local ({url}); use file:///absolute/path")
+        if not path:
+            raise UsageError(f"--repo {url} names no directory: use file:///absolute/path or a path")
         return compose(LocalBackend(path, create=create), attempts=attempts, bwlimit=bwlimit)
     if parsed.scheme == "s3":
         from .s3 import S3Backend  # boto3 is only imported when an S3 repository is used
