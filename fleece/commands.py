@@ -61,9 +61,16 @@ def vm_name(text: str) -> str:
 
 
 def endpoint_url(text: str) -> str:
-    """argparse type for --s3-endpoint: an http(s) URL with a host (and a valid port, if any)."""
+    """argparse type for --s3-endpoint: an http(s) URL with a host (and a valid port, if any).
+
+    A URL with ``user[:password]@`` is refused without being echoed: the message would print the password
+    (and a ``--json`` document carry it); the keys belong in the AWS environment or a profile."""
     from urllib.parse import urlparse
 
+    if "@" in text:
+        raise argparse.ArgumentTypeError("credentials in the URL are not supported: use AWS_ACCESS_KEY_ID/"
+                                         "AWS_SECRET_ACCESS_KEY or AWS_PROFILE for the keys, and "
+                                         "--s3-endpoint http(s)://HOST[:PORT]")
     try:
         parsed = urlparse(text)
         parsed.port  # noqa: B018 - raises ValueError for a bad port
@@ -255,7 +262,15 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
     add_repo(p)
     p.add_argument("--vm", required=True, type=vm_name, help="the VM whose point to restore")
     p.add_argument("--point", default="latest", metavar="ID|latest", help="point id (or a unique prefix); default latest")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory for the restored images")
+
+    def out_dir(text: str) -> str:
+        if not text:  # Path("") is ".": an empty $VAR must not restore into wherever the script runs
+            raise argparse.ArgumentTypeError("is empty: it would restore into the current directory; name a "
+                                             "directory (--out . if that is what you mean)")
+        return text
+
+    p.add_argument("--out", required=True, type=out_dir, metavar="DIR",
+                   help="directory for the restored images")
     p.add_argument("--disk", action="append", metavar="ID", help="restore only this disk (repeatable)")
     p.add_argument("--flat", action="store_true", help="one flat image per disk instead of a qcow2 chain")
     p.add_argument("--format", choices=("qcow2", "raw"), default="qcow2", help="image format with --flat")

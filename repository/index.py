@@ -58,8 +58,7 @@ def decode_index(index_id: str, data: bytes) -> list[tuple[str, list[PackEntry]]
     """Parse an index object, checking it against its name."""
     where = f"index/{index_id}"
     if hashlib.sha256(data).hexdigest() != index_id:
-        raise IntegrityError(f"{where} does not match its name (truncated or garbled); "
-                             "run 'fleece rebuild-index' to regenerate the index from the packs")
+        raise IntegrityError(f"{where} does not match its name (truncated or garbled)")
     if not data.startswith(MAGIC):
         raise IntegrityError(f"{where} is not a fleece index")
     try:

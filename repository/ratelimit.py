@@ -11,7 +11,7 @@ import re
 import threading
 import time
 
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -28,8 +28,56 @@ def parse_rate(text: str) -> int:
     return value
 
 
+class Pauses:
+    """Timed waits that :meth:`cancel` cuts short: the rate limiter's and the retry back-off's.
+
+    Both wait inside an upload worker while the main thread, unwinding from Ctrl-C or SIGTERM, waits for
+    that worker to leave: a plain ``time.sleep`` there (hours, at ``--bwlimit 1``) would hold the run
+    hostage. A waiter takes an :meth:`epoch` when its operation starts; :meth:`cancel` starts a new
+    epoch and wakes everyone, so the waits of operations begun before it raise
+    :class:`~repository.errors.Interrupted` — at once, and at every later wait of the same operation —
+    while operations begun afterwards (the clean-up of the failed run) wait normally again.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._epoch = 0
+
+    def epoch(self) -> int:
+        with self._cond:
+            return self._epoch
+
+    def sleep_until(self, deadline: float, epoch: int) -> None:
+        """Wait until ``time.monotonic()`` reaches *deadline*; raise Interrupted once *epoch* was cancelled
+        (even when there is nothing left to wait for: the operation was cancelled)."""
+        with self._cond:
+            while True:
+                if self._epoch != epoch:
+                    raise Interrupted("interrupted while waiting to retry or for the bandwidth limit")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def sleep(self, seconds: float, epoch: int) -> None:
+        self.sleep_until(time.monotonic() + seconds, epoch)
+
+    def cancel(self) -> None:
+        """Interrupt every wait of an operation that started before now."""
+        with self._cond:
+            self._epoch += 1
+            self._cond.notify_all()
+
+
 class TokenBucket:
-    """Thread-safe token bucket; :meth:`consume` blocks until the bytes may be sent."""
+    """Thread-safe token bucket; :meth:`consume` blocks until the bytes may be sent, :meth:`cancel` makes
+    the calls waiting now raise :class:`~repository.errors.Interrupted` (see :class:`Pauses`).
+
+    Each piece reserves its tokens on arrival — the balance may go negative, a debt the waiters pay off
+    in turn — and then waits outside the lock until its share has accrued. So tokens are handed out in
+    arrival order (as when waiters queued on the lock) and a wait can be cut short. A cancelled piece
+    gives its tokens back: the run's clean-up afterwards does not pay for uploads that never happened.
+    """
 
     def __init__(self, rate: int, burst: int | None = None) -> None:
         self.rate = float(rate)
@@ -37,21 +85,33 @@ class TokenBucket:
         self._tokens = float(self.burst)
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
+        self._pauses = Pauses()
 
     def consume(self, nbytes: int) -> None:
+        epoch = self._pauses.epoch()
         while nbytes > 0:
             piece = min(nbytes, self.burst)
-            self._take(piece)
+            self._take(piece, epoch)
             nbytes -= piece
 
-    def _take(self, n: int) -> None:
-        with self._lock:  # serialises waiters: tokens are handed out in arrival order
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            if self._tokens < n:
-                time.sleep((n - self._tokens) / self.rate)
-                now = time.monotonic()
-                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
+    def cancel(self) -> None:
+        self._pauses.cancel()
+
+    def _refill(self) -> float:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        return now
+
+    def _take(self, n: int, epoch: int) -> None:
+        with self._lock:
+            now = self._refill()
             self._tokens -= n
+            ready = now + max(0.0, -self._tokens) / self.rate
+        try:
+            self._pauses.sleep_until(ready, epoch)
+        except Interrupted:
+            with self._lock:
+                self._refill()
+                self._tokens = min(self.burst, self._tokens + n)
+            raise

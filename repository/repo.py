@@ -172,7 +172,8 @@ class Repository:
             return self._index
         index, damaged = self.load_index_report()
         if damaged:
-            raise next(iter(damaged.values()))
+            raise IntegrityError(f"{next(iter(damaged.values()))} (to repair it: fleece rebuild-index --repo "
+                                 f"{self.url})", object=next(iter(damaged)))
         self._index = index
         return index
 

@@ -77,6 +77,7 @@ class BlobWriter:
         self._uploaders: Workers[_Upload] = Workers(lambda: self._upload, workers=uploads, depth=uploads + 1,
                                                      name="fleece-put")
         self._encoders.link(self._uploaders)  # one failure, or abort(), stops both
+        self._uploaders.on_close(backend.cancel)  # ...and cuts short an upload's --bwlimit or retry pause
         capacity = config.pack_target + config.chunk_size + table_span(MAX_PACK_ENTRIES)
         self._free: WorkQueue[PackBuilder] = WorkQueue(uploads + 1)
         for _ in range(uploads + 1):

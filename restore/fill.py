@@ -51,8 +51,8 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
             uses.setdefault(p.blob, []).append(p)
     try:
         ranges = repo.plan_reads(uses, MAX_RANGE, MAX_GAP)
-    except IntegrityError as exc:
-        raise IntegrityError(f"{where}: {exc}") from None
+    except IntegrityError as exc:  # the same error, said where (its object stays: scripts act on it)
+        raise IntegrityError(f"{where}: {exc}", object=exc.object) from None
 
     def filler() -> Callable[[ReadRange], None]:
         w = target.writer()  # one connection per worker, reused for all its ranges
@@ -67,7 +67,7 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
                         written += wr
                         zeros += zr
             except IntegrityError as exc:
-                raise IntegrityError(f"{where}: {exc}") from None
+                raise IntegrityError(f"{where}: {exc}", object=exc.object) from None
             with lock:
                 stats.blobs += len(rng.items)
                 stats.fetched_bytes += rng.end - rng.start

@@ -17,7 +17,16 @@ too, at its last layer, since the manifests cannot tell it from a disk left out 
 ``disks`` narrows the restore to the disks named.
 
 Images are built under temporary names and renamed into place only when complete: a failed restore
-never leaves a half-written image under a final name.
+never leaves a half-written image under a final name. A restore killed outright (SIGKILL) leaves its
+partial images (``DIR/.<disk>.partial``, ``DIR/.<disk>.<format>.partial``) and its run directory in
+``$TMPDIR``; the next restore into the same ``--out`` removes the former, the next restore anywhere the
+latter (:mod:`.rundir`). A failed or interrupted restore also removes the ``--out`` directories it made,
+when they are empty again.
+
+Before any work (:mod:`.guard`): ``--out`` must be a directory this user can write, or be creatable;
+and no file restore would replace or write into may be open in a running QEMU — not even with
+``force``: replacing an image a VM has open loses every write the guest makes afterwards. That is
+checked again just before each disk's images are replaced (a restore can take hours).
 
 Restored images hold what the guest held, secrets included, so they are private unless the caller says
 otherwise (``RestoreRequest.mode``, ``fleece restore --mode``): every file restore makes is ``0600`` and
@@ -34,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +53,10 @@ from fleece.repository import Manifest, Piece, Repository
 from fleece.repository.errors import UsageError
 
 from .fill import FillStats, fill
-from .targets import FILE_MODE, QemuNbdTarget, RawTarget, RestoreError, create_qcow2, dir_mode, make_dir, make_dirs
+from .guard import check_out, refuse_in_use
+from .rundir import make_run_dir
+from .targets import (FILE_MODE, QemuNbdTarget, RawTarget, RestoreError, create_qcow2, dir_mode, make_dir, make_dirs,
+                      remove_empty_dirs)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +115,7 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
         raise UsageError("--format raw needs --flat (a chain is made of qcow2 overlays)")
     if req.mode is not None:
         check_mode(req.mode)
+    check_out(req.out)
     started = time.monotonic()
     manifest = repo.find_point(req.vm, req.point)
     view = repo.point_view(manifest, req.disks)
@@ -116,12 +128,14 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
         if view[d] is not manifest:
             log.info("disk %s: not in point %s (a --disk backup of other disks, or the disk left the VM); "
                      "restoring its newest layer up to it, from point %s", d, manifest.id, view[d].id)
-    make_dirs(req.out, dir_mode(_file_mode(req)))
+    refuse_in_use(p for d in disks for p in _replaced(req, d))
     for d in disks:
         _check_free(req, d)
-    run_dir = Path(tempfile.mkdtemp(prefix="fleece-restore-"))
+    made = make_dirs(req.out, dir_mode(_file_mode(req)))
+    run_dir: Path | None = None
     results: list[DiskRestore] = []
     try:
+        run_dir = make_run_dir()
         for d in disks:
             results.append((_flat if req.flat else _chain)(repo, req, view[d], d, run_dir))
     except BaseException:
@@ -130,9 +144,11 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
         for done in results:
             for path in _outputs(req, done.disk):
                 _remove(path)
+        remove_empty_dirs(made)
         raise
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return RestoreResult(manifest, results, round(time.monotonic() - started, 3))
 
 
@@ -140,6 +156,17 @@ def _outputs(req: RestoreRequest, disk: str) -> list[Path]:
     if req.flat:
         return [req.out / f"{disk}.{req.format}"]
     return [req.out / f"{disk}.qcow2", req.out / disk]
+
+
+def _partials(req: RestoreRequest, disk: str) -> list[Path]:
+    """Every temporary name a restore of *disk* builds under, in either mode: all of them are this
+    restore's to clear (a killed chain restore's ``.vda.partial`` must not outlive a later flat one)."""
+    return [req.out / f".{disk}.partial", req.out / f".{disk}.qcow2.partial", req.out / f".{disk}.raw.partial"]
+
+
+def _replaced(req: RestoreRequest, disk: str) -> list[Path]:
+    """What restoring *disk* removes, replaces or writes into."""
+    return [*_outputs(req, disk), *_partials(req, disk)]
 
 
 def _check_free(req: RestoreRequest, disk: str) -> None:
@@ -166,7 +193,8 @@ def _stats(total: FillStats, s: FillStats) -> None:
 def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, run_dir: Path) -> DiskRestore:
     layers = list(reversed(repo.disk_chain(manifest, disk)))  # the full first
     partial = req.out / f".{disk}.partial"
-    _remove(partial)
+    for p in _partials(req, disk):
+        _remove(p)
     make_dir(partial, dir_mode(_file_mode(req)))
     total = FillStats()
     try:
@@ -183,6 +211,7 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
             finally:
                 target.close()
         top = req.out / f"{disk}.qcow2"
+        refuse_in_use(_outputs(req, disk))  # a VM may have started on them while this disk was fetched
         for p in _outputs(req, disk):
             _remove(p)
         partial.rename(req.out / disk)
@@ -200,7 +229,8 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
     pieces = repo.resolve(manifest, disk)
     final = req.out / f"{disk}.{req.format}"
     partial = req.out / f".{disk}.{req.format}.partial"
-    partial.unlink(missing_ok=True)
+    for p in _partials(req, disk):
+        _remove(p)
     try:
         if req.format == "raw":
             target: Any = RawTarget(partial, rec.virtual_size, _file_mode(req))
@@ -212,6 +242,7 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
                          where=f"restore of VM {manifest.vm} point {manifest.id} disk {disk}")
         finally:
             target.close()
+        refuse_in_use([final])  # a VM may have started on it while this disk was fetched
         if final.exists():
             _remove(final)
         partial.rename(final)

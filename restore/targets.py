@@ -21,7 +21,9 @@ Directories get the same bits plus search wherever read is granted (:func:`dir_m
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -29,6 +31,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -90,17 +93,32 @@ def make_dir(path: Path, mode: int) -> None:
         os.close(fd)
 
 
-def make_dirs(path: Path, mode: int) -> None:
-    """*path* and its missing parents, each made with :func:`make_dir`; what exists is left as it is."""
+def make_dirs(path: Path, mode: int) -> list[Path]:
+    """*path* and its missing parents, each made with :func:`make_dir`; what exists is left as it is.
+
+    Returns the directories made here, outermost first: a failed restore removes them again if empty.
+    """
     if path.is_dir():
-        return
+        return []
+    made = []
     if not path.parent.is_dir() and path.parent != path:
-        make_dirs(path.parent, mode)
+        made = make_dirs(path.parent, mode)
     try:
         make_dir(path, mode)
     except FileExistsError:
         if not path.is_dir():
             raise
+        return made
+    return [*made, path]
+
+
+def remove_empty_dirs(made: list[Path]) -> None:
+    """Undo :func:`make_dirs`: remove what it made, innermost first, as long as it is empty."""
+    for path in reversed(made):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return  # not empty (or gone): it, and so its parents, stay
 
 
 def create_file(path: Path, mode: int = FILE_MODE, flags: int = os.O_WRONLY) -> int:
@@ -184,6 +202,36 @@ def direct_io_supported(path: Path) -> bool:
     return True
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_SOCKETS = itertools.count()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the thread that forked it ends.
+
+    A fleece killed with SIGKILL cannot stop its qemu-nbd, which would serve (and hold the lock on) a
+    half-written image forever. Everything the child runs is looked up here, before the fork: between
+    fork and exec it only calls ``prctl`` and ``getppid`` (no import, no lock another thread might have
+    held at the fork). If fleece died before ``prctl`` took effect, the child is already an orphan and
+    leaves at once. SIGKILL, not SIGTERM: qemu-nbd 7.2 can miss a SIGTERM (see ``_terminate``), and what
+    it served is a partial image the next restore removes anyway.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux/glibc: no parent-death signal, as before
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+    getppid, exit_now = os.getppid, os._exit
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if getppid() != parent:
+            exit_now(1)
+
+    return preexec
+
+
 class QemuNbdTarget:
     """A qcow2 served read-write by a private ``qemu-nbd`` on a unix socket.
 
@@ -192,11 +240,16 @@ class QemuNbdTarget:
     each byte once and nobody reads it soon, and going around the page cache saved ~1 s of kernel CPU per
     1.8 GB restored on the benchmark machine (page-cache copies and inode-lock spinning between
     qemu-nbd's I/O threads).
+
+    qemu-nbd dies with the *thread* that makes the target (``PR_SET_PDEATHSIG`` fires when the forking
+    thread ends, not the process): make and close it in one thread that outlives it — restore does both
+    in the caller's thread, which waits for the whole restore; never in a pool worker. Its socket has a
+    short name: a unix socket path must stay under 108 bytes, and ``$TMPDIR`` can be long.
     """
 
     def __init__(self, image: Path, run_dir: Path, connections: int) -> None:
         self.image = image
-        self.socket = str(run_dir / f"{image.name}.sock")
+        self.socket = str(run_dir / f"nbd-{next(_SOCKETS)}.sock")
         Path(self.socket).unlink(missing_ok=True)
         (run_dir / f"{image.name}.qemu-nbd.log").unlink(missing_ok=True)  # same layer name, another disk
         log_file = os.fdopen(create_file(run_dir / f"{image.name}.qemu-nbd.log"), "wb")
@@ -207,8 +260,10 @@ class QemuNbdTarget:
              *cache, "--discard=unmap", str(image)],
             # Its own session: a Ctrl-C on the terminal signals fleece's whole process group, and a
             # qemu-nbd that died with it would turn the orderly unwind into "nbd_flush: CLOSED" errors.
-            # fleece stops it itself (close()), after the last flush.
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True)
+            # fleece stops it itself (close()), after the last flush. It must not outlive fleece, though:
+            # it dies with the thread that started it (_die_with_parent), even by SIGKILL.
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+            preexec_fn=_die_with_parent())
         log_file.close()
         self._log = run_dir / f"{image.name}.qemu-nbd.log"
         self._writers: list[NbdWriter] = []

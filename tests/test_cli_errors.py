@@ -169,7 +169,7 @@ CASES = [
     ("restore unknown vm", lambda e: ["restore", *R(e), "--vm", "nosuchvm", *O(e)], 1),
     ("restore unknown point", lambda e: ["restore", *R(e), "--vm", "fuzzvm", "--point", "19990101", *O(e)], 1),
     ("restore unknown disk", lambda e: ["restore", *R(e), "--vm", "fuzzvm", "--disk", "nosuch", *O(e)], 2),
-    ("restore --out is a file", lambda e: ["restore", *R(e), "--vm", "fuzzvm", "--out", str(e.regular)], 1),
+    ("restore --out is a file", lambda e: ["restore", *R(e), "--vm", "fuzzvm", "--out", str(e.regular)], 2),
     ("restore --format vmdk", lambda e: ["restore", *R(e), "--vm", "fuzzvm", *O(e), "--flat", "--format", "vmdk"], 2),
     ("restore --workers 0", lambda e: ["restore", *R(e), "--vm", "fuzzvm", *O(e), "--workers", "0"], 2),
     ("restore damaged index", lambda e: ["restore", "--repo", str(e.damaged["index"]), "--vm", "fuzzvm", *O(e)], 1),

@@ -99,7 +99,8 @@ def test_restore_into_a_running_vms_image_directory_is_refused(world: World, mod
     vm.write("vda", 3 * MiB, random_bytes(MiB, 50 + len(mode)))
     vm.guest.cmd("stop")
     try:
-        identical(vm.disks["vda"].image, vm.disks["vda"].reference)
+        p = qemu_img("compare", "-U", "-F", "raw", str(vm.disks["vda"].image), str(vm.disks["vda"].reference))
+        assert p.returncode == 0, p.stdout + p.stderr
     finally:
         vm.guest.cmd("cont")
 
@@ -170,6 +171,32 @@ def stop_while_serving(proc: subprocess.Popen[str]) -> int:
             os.kill(proc.pid, signal.SIGCONT)  # it was between two layers: try again
         time.sleep(0.002)
     raise AssertionError("the restore never ran a qemu-nbd: make the disk bigger")
+
+
+def test_a_vm_started_on_the_old_images_during_a_forced_restore_keeps_them(world: World, tmp_path: Path) -> None:
+    """A restore takes long; a VM booted meanwhile from the images it is about to replace is checked for
+    again just before the replacement."""
+    out = tmp_path / "out"
+    assert restore(world, out).returncode == 0
+    proc = subprocess.Popen([FLEECE, "restore", "--repo", str(world.repo_dir), "--vm", "hardvm", "--out", str(out),
+                             "--force", "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    user = TestVM(tmp_path / "user", {"vdb": 4 * MiB}, name="user", truth=False, images={"vdb": out / "vdb.qcow2"})
+    try:
+        stop_while_serving(proc)  # fetching vda or vdb: either way before vdb's images are replaced
+        user.start()
+        inode = os.stat(out / "vdb.qcow2").st_ino
+        os.kill(proc.pid, signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, stderr
+        assert f"{out / 'vdb.qcow2'} {IN_USE}" in stderr
+        assert os.stat(out / "vdb.qcow2").st_ino == inode
+        assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+        user.cleanup()
 
 
 def _dead_pid() -> int:

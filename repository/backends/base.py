@@ -7,6 +7,8 @@ documented error semantics so that the layers above can decide between retrying 
 * may succeed if retried (timeout, 5xx, throttling, reset) → :class:`~repository.errors.TransientBackendError`
   — a backend raises these at once; the :class:`~.wrappers.Retrying` layer retries them
 * will not succeed (denied, no bucket, disk full) → :class:`~repository.errors.PermanentBackendError`
+* a wait inside the stack (rate limit, retry pause) cut short by :meth:`Backend.cancel`
+  → :class:`~repository.errors.Interrupted`
 
 Object names are ``/``-separated relative paths made of ``[A-Za-z0-9._%-]`` segments. No backend may ever
 expose a partially written object under its final name: a reader sees the whole object or nothing.
@@ -34,6 +36,19 @@ Data = bytes | bytearray | memoryview
 class ObjectInfo:
     name: str
     size: int
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether *url* carries ``user[:password]@`` before its host (credentials, as far as fleece knows)."""
+    return _USERINFO.match(url) is not None
+
+
+def redact_url(url: str) -> str:
+    """*url* with its userinfo (``user:password@``) replaced by ``***@``: safe for any message or log."""
+    return _USERINFO.sub(r"\1***@", url, count=1)
 
 
 def check_name(name: str) -> str:
@@ -80,6 +95,16 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default does nothing."""
+
+    def cancel(self) -> None:  # noqa: B027 - optional hook
+        """Wake the operations waiting inside this backend now; each raises
+        :class:`~repository.errors.Interrupted`. Thread-safe; the default does nothing.
+
+        For unwinding a run (Ctrl-C, SIGTERM, a failed stage): the main thread waits for the upload
+        workers, and a worker must not sit out a ``--bwlimit`` pause or a retry back-off first. Only
+        *waits* are cut short — a request already on the wire ends by itself (its timeouts bound it).
+        Operations started after the call work normally: the run's clean-up uses the same backend.
+        """
 
     def discard_location(self) -> None:  # noqa: B027 - optional hook
         """Remove what opening with ``create`` made (e.g. a directory), if it is empty again.

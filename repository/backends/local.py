@@ -28,6 +28,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,13 +229,31 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise self._error(exc, "stat", name) from None
 
+    def _unlistable(self, exc: OSError, directory: str | os.PathLike[str]) -> Exception:
+        rel = os.path.relpath(directory, self.root)
+        return self._error(exc, "list", "." if rel == "." else rel)
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under *prefix*. A directory that cannot be read fails the listing (EACCES …
+        → :class:`PermanentBackendError` whose ``object`` is the directory): skipping it, as ``os.walk``
+        does by default, would make ``verify`` report a repository it could not see as "all ok". Only
+        a directory that vanished while being listed (a concurrent delete) is passed over."""
         # Walk only the deepest directory the prefix names; filter the rest by string prefix.
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         top = self.root / base if base else self.root
-        if not top.is_dir():
+        try:
+            if not stat.S_ISDIR(top.stat().st_mode):
+                return
+        except (FileNotFoundError, NotADirectoryError):
             return
-        for dirpath, dirnames, filenames in os.walk(top):
+        except OSError as exc:
+            raise self._unlistable(exc, top) from None
+
+        def failed(exc: OSError) -> None:
+            if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                raise self._unlistable(exc, exc.filename or top) from None
+
+        for dirpath, dirnames, filenames in os.walk(top, onerror=failed):
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, self.root)
             for fn in sorted(filenames):
@@ -246,6 +265,8 @@ class LocalBackend(Backend):
                         size = os.stat(os.path.join(dirpath, fn)).st_size
                     except FileNotFoundError:
                         continue  # deleted while listing
+                    except OSError as exc:
+                        raise self._error(exc, "stat", name) from None
                     yield ObjectInfo(name, size)
 
     def delete(self, name: str) -> None:

@@ -15,9 +15,23 @@ status such as ``"404"`` for bodiless HEAD replies), the HTTP ``status`` and the
 ("the object already exists", "the bucket is already ours") are made on those fields, never on the
 message, which holds object names and the endpoint and so can contain any digits.
 
-botocore's own retries are off: a failed request, including the body of a GET (which botocore does not
-retry), leaves this backend at once as the contract's error, and one retry policy — the wrapper's,
-which the tests pin down — decides what happens next. A big object's multipart upload is one ``put``:
+botocore's own retries are off (``total_max_attempts=1``: botocore's ``max_attempts`` counts *retries*, so
+``max_attempts=1`` would still send every request twice): a failed request, including the body of a GET
+(which botocore does not retry), leaves this backend at once as the contract's error, and one retry
+policy — the wrapper's, which the tests pin down — decides what happens next.
+
+Timeouts are explicit: 10 s to connect, 60 s for each read of a reply (:data:`CONNECT_TIMEOUT`,
+:data:`READ_TIMEOUT`). A server that accepts connections and then says nothing costs one read timeout
+per attempt, and the :class:`~.wrappers.Retrying` deadline bounds the attempts (5 min): a silent endpoint
+ends the run in about 6 min, not 16. 60 s is what a healthy server may take to acknowledge a 32 MiB PUT
+it has received under load (RGW writing through to a busy cluster); 10 s to connect is long for a LAN
+and ample for a WAN.
+
+Set-up errors are the user's to fix and say how (:class:`UsageError`, before any request): a bucket
+name S3 does not allow, a missing AWS profile, an unparsable AWS config file, an endpoint that is not an
+http(s) URL, credentials written into the repository or endpoint URL (refused: a URL ends up in
+messages, logs and shell history; the keys belong in the environment or a profile). No message ever
+shows a URL's userinfo. A big object's multipart upload is one ``put``:
 a failed part fails the put (the upload is aborted), and the retried put starts a new upload.
 
 Integrity: requests over plain HTTP are signed with the payload's SHA-256 (the server rejects a body
@@ -28,23 +42,32 @@ checked against its content hash, because RGW, for one, ignores ``x-amz-checksum
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError,
-                                 EndpointConnectionError, NoCredentialsError, ReadTimeoutError,
-                                 ResponseStreamingError)
+from botocore.exceptions import (BotoCoreError, ClientError, ConfigParseError, ConnectionClosedError,
+                                 ConnectTimeoutError, EndpointConnectionError, NoCredentialsError,
+                                 ProfileNotFound, ReadTimeoutError, ResponseStreamingError)
 
 from ..errors import ObjectNotFound, PermanentBackendError, TransientBackendError, UsageError
-from .base import Backend, Data, ObjectInfo, check_name
+from .base import Backend, Data, ObjectInfo, check_name, has_userinfo, redact_url
 
 T = TypeVar("T")
 
 MULTIPART_THRESHOLD = 64 << 20  # packs (16-32 MiB) go in one PUT: ≤ 64 requests per GiB
 PART_SIZE = 16 << 20
+CONNECT_TIMEOUT = 10.0  # seconds (see the module docstring)
+READ_TIMEOUT = 60.0
+CREDENTIALS_IN_URL = ("credentials in the URL are not supported: use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                      "or AWS_PROFILE for the keys")
+#: The widest bucket names any S3 server accepts (botocore's own check; legacy AWS buckets and relaxed
+#: Ceph RGW setups allow capitals and underscores, so only what can never name a bucket is refused here;
+#: the server says InvalidBucketName for the rest).
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
                     "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed", "ConditionalRequestConflict"}
 _AUTH_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
@@ -78,14 +101,56 @@ class _ViewReader:
         return self._pos
 
 
+def check_bucket(bucket: str) -> str:
+    """Refuse a bucket name S3 does not allow, naming the rules (botocore would send the request and
+    fail with its own regex, or the server with InvalidBucketName)."""
+    if not bucket:
+        raise UsageError("s3:// URL without a bucket: use s3://BUCKET[/PREFIX]")
+    if not _BUCKET.fullmatch(bucket):
+        raise UsageError(f"invalid S3 bucket name {bucket!r}: bucket names are made of letters, digits, dots, hyphens "
+                         "(and on some servers underscores), e.g. s3://my-backups/vm1")
+    return bucket
+
+
+def check_endpoint(endpoint: str, source: str) -> str:
+    """Refuse an endpoint boto3 cannot use, saying where it came from (*source*); never echo userinfo."""
+    if "@" in endpoint:  # user[:password]@ (anywhere: a password with a '/' hides it from a URL parser)
+        raise UsageError(f"{CREDENTIALS_IN_URL}, and {source} as http(s)://HOST[:PORT]")
+    try:
+        parsed = urlparse(endpoint)
+        parsed.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"{source}={endpoint!r} is not an S3 endpoint URL: use http(s)://HOST[:PORT], "
+                         "e.g. http://127.0.0.1:7480")
+    return endpoint
+
+
+def _setup_error(exc: Exception, location: str) -> UsageError:
+    """A boto3 set-up failure as what the user must fix (they are all configuration mistakes)."""
+    if isinstance(exc, ProfileNotFound):
+        profile = exc.kwargs.get("profile", "")
+        return UsageError(f"AWS profile {profile!r} not found: fix or unset AWS_PROFILE, or add the profile to "
+                          "~/.aws/config (or the file AWS_CONFIG_FILE names)")
+    if isinstance(exc, ConfigParseError):
+        path = exc.kwargs.get("path", "")
+        return UsageError(f"cannot parse the AWS configuration file {path}: fix it, or point AWS_CONFIG_FILE / "
+                          "AWS_SHARED_CREDENTIALS_FILE at a valid one")
+    return UsageError(f"cannot set up S3 for {location}: {exc} (check the AWS_* environment and ~/.aws/config)")
+
+
 class S3Backend(Backend):
     """One bucket (and optional key prefix) as a repository backend."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None, workers: int = 4) -> None:
-        """Set up the client; no request is sent (:meth:`ensure_bucket` checks the bucket)."""
-        if not bucket:
-            raise UsageError("s3:// URL without a bucket: use s3://BUCKET[/PREFIX]")
-        self.bucket = bucket
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint: str | None = None, workers: int = 4,
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT) -> None:
+        """Set up the client; no request is sent (:meth:`ensure_bucket` checks the bucket).
+
+        Raises :class:`UsageError` for every set-up mistake (see the module docstring). The timeouts are
+        botocore's, per connection attempt and per read (tests make them short).
+        """
+        self.bucket = check_bucket(bucket)
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         # Parallel PUTs: each holds one pack buffer in memory; three keep a link busy without bloating RSS.
@@ -93,25 +158,35 @@ class S3Backend(Backend):
         self._pool_size = max(2, workers) + 4
         self.multipart_threshold = MULTIPART_THRESHOLD
         self.part_size = PART_SIZE
-        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        session = boto3.session.Session()
+        if endpoint:
+            check_endpoint(endpoint, "--s3-endpoint")
+        else:
+            for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+                if os.environ.get(var):
+                    endpoint = check_endpoint(os.environ[var], var)
+                    break
         config = Config(
             max_pool_connections=self._pool_size,
-            retries={"max_attempts": 1, "mode": "standard"},  # the Retrying wrapper's, not botocore's
-            connect_timeout=10, read_timeout=60, tcp_keepalive=True,
+            # total_max_attempts, not max_attempts (which counts retries): one try; Retrying decides the rest
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=connect_timeout, read_timeout=read_timeout, tcp_keepalive=True,
             s3={"addressing_style": "path"} if endpoint else {},
             # Newer boto3 adds CRC checksums with aws-chunked bodies many S3 servers (RGW 16) reject.
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
         )
         try:
+            session = boto3.session.Session()  # reads AWS_PROFILE and the config files
             self.client = session.client("s3", endpoint_url=endpoint, config=config,
                                          region_name=session.region_name or "us-east-1")
-        except BotoCoreError as exc:
-            raise UsageError(f"cannot set up S3 for {self.location}: {exc}") from None
-        self._where = f"{self.location} at {endpoint or 'AWS'}"
+        except (BotoCoreError, ValueError) as exc:  # ValueError: a bad endpoint or region from the config
+            raise _setup_error(exc, self.location) from None
+        self._where = f"{self.location} at {redact_url(endpoint) if endpoint else 'AWS'}"
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> S3Backend:
+        if has_userinfo(url):
+            raise UsageError(f"{CREDENTIALS_IN_URL}; the repository is s3://BUCKET[/PREFIX] "
+                             f"(got {redact_url(url)})")
         parsed = urlparse(url)
         known = {k: v for k, v in options.items() if k in ("endpoint", "workers") and v is not None}
         return cls(parsed.netloc, parsed.path, **known)

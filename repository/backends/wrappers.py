@@ -10,6 +10,9 @@ stack. :func:`compose` builds the one stack a repository is opened with (outermo
 
 Retrying is outermost so that every attempt goes through the limiter (a retried upload uses the link as
 much as the first one did) and is counted (the counts are what was really asked of the storage).
+
+:meth:`~.base.Backend.cancel` goes down the whole stack: Retrying and RateLimited wake the operations
+waiting in them (a back-off, a ``--bwlimit`` pause), which raise :class:`~repository.errors.Interrupted`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from ..errors import TransientBackendError
-from ..ratelimit import TokenBucket
+from ..ratelimit import Pauses, TokenBucket
 from .base import Backend, Data, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ T = TypeVar("T")
 W = TypeVar("W", bound=Backend)
 
 DEFAULT_ATTEMPTS = 8
+#: Seconds after which one operation stops being retried, however many attempts are left (see Retrying).
+DEFAULT_DEADLINE = 300.0
 
 
 class BackendWrapper(Backend):
@@ -69,6 +74,9 @@ class BackendWrapper(Backend):
     def close(self) -> None:
         self.inner.close()
 
+    def cancel(self) -> None:
+        self.inner.cancel()
+
     def discard_location(self) -> None:
         self.inner.discard_location()
 
@@ -94,15 +102,28 @@ class Retrying(BackendWrapper):
     how many attempts were made and what to check; its fields (``code``, ``status``, ``object``) are the
     last failure's.
 
+    Besides *attempts*, an operation has a *deadline*: no retry starts once it has been failing for that
+    many seconds (default :data:`DEFAULT_DEADLINE`, 5 min; None: attempts only). Attempts alone do not
+    bound the time — against a server that accepts connections and never answers, each attempt lasts a
+    whole read timeout (S3: 60 s), and 8 of them would stall a run for 8 min before it said anything.
+    Five minutes ride out what is worth riding out (an RGW restart, a flapping link, a throttling burst)
+    and no more; the worst case is the deadline plus one attempt. The attempts stay the bound for fast
+    failures (a refused connection fails 8 times within seconds), ``FLEECE_S3_ATTEMPTS`` sets them.
+
     ``put`` and ``delete`` are idempotent, reads have no effect: retrying them is always safe. A listing
     that fails part-way is listed again and names already yielded are skipped (restic does the same), so
     a caller sees each object once. ``put_if_absent`` needs care, see :meth:`put_if_absent`.
 
-    :param sleep: and *rng* are for tests (no real waiting, reproducible jitter).
+    The pauses are cut short by :meth:`cancel` (:class:`~repository.errors.Interrupted`; a cancelled
+    operation does not retry again) — with the real clock; an injected *sleep* is called as it is, after
+    the same check.
+
+    :param sleep: *clock* and *rng* are for tests (no real waiting, a clock that jumps, reproducible jitter).
     """
 
     def __init__(self, inner: Backend, attempts: int = DEFAULT_ATTEMPTS, *, backoff: float = 0.25,
-                 backoff_cap: float = 8.0, sleep: Callable[[float], None] = time.sleep,
+                 backoff_cap: float = 8.0, deadline: float | None = DEFAULT_DEADLINE,
+                 sleep: Callable[[float], None] | None = None, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
         super().__init__(inner)
         if attempts < 1:
@@ -110,33 +131,54 @@ class Retrying(BackendWrapper):
         self.attempts = attempts
         self.backoff = backoff
         self.backoff_cap = backoff_cap
+        self.deadline = deadline
         self._sleep = sleep
+        self._clock = clock
         self._rng = rng or random.Random()
+        self._pauses = Pauses()
 
     def delay(self, attempt: int) -> float:
         """The pause after failed attempt number *attempt* (1-based)."""
         return self._rng.uniform(0, min(self.backoff_cap, self.backoff * 2 ** (attempt - 1)))
 
-    def _pause_or_give_up(self, exc: TransientBackendError, attempt: int, what: str) -> None:
-        if attempt >= self.attempts:
+    def cancel(self) -> None:
+        self._pauses.cancel()
+        super().cancel()
+
+    def _start(self) -> tuple[int, float]:
+        """What an operation remembers from its start: the cancel epoch and the time."""
+        return self._pauses.epoch(), self._clock()
+
+    def _pause_or_give_up(self, exc: TransientBackendError, attempt: int, what: str,
+                          started: tuple[int, float]) -> None:
+        epoch, since = started
+        pause = self.delay(attempt)
+        elapsed = self._clock() - since
+        out_of_time = self.deadline is not None and elapsed + pause > self.deadline
+        if attempt >= self.attempts or out_of_time:
             plural = "s" if attempt != 1 else ""
+            took = f" in {elapsed:.0f} s" if out_of_time else ""
             raise TransientBackendError(
-                f"{exc.message} — gave up after {attempt} attempt{plural}: check that the storage at "
+                f"{exc.message} — gave up after {attempt} attempt{plural}{took}: check that the storage at "
                 f"{self.location} is up and reachable, then run again",
                 object=exc.object, code=exc.code, status=exc.status) from exc
-        pause = self.delay(attempt)
         log.info("%s failed (attempt %d of %d), retrying in %.2f s: %s", what, attempt, self.attempts, pause, exc)
-        self._sleep(pause)
+        if self._sleep is None:
+            self._pauses.sleep(pause, epoch)
+        else:
+            self._pauses.sleep_until(0.0, epoch)  # raises if cancelled: the same check as a real pause
+            self._sleep(pause)
 
     def call(self, op: str, name: str, fn: Callable[[], T]) -> T:
         """Run *fn* under this policy; also for a backend's own set-up requests (S3's bucket check)."""
+        started = self._start()
         attempt = 0
         while True:
             attempt += 1
             try:
                 return fn()
             except TransientBackendError as exc:
-                self._pause_or_give_up(exc, attempt, f"{op} {name}")
+                self._pause_or_give_up(exc, attempt, f"{op} {name}", started)
 
     def put(self, name: str, data: Data) -> None:
         self.call("put", name, lambda: self.inner.put(name, data))
@@ -182,6 +224,7 @@ class Retrying(BackendWrapper):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         seen: set[str] = set()
+        started = self._start()
         attempt = 0
         while True:
             attempt += 1
@@ -192,7 +235,7 @@ class Retrying(BackendWrapper):
                         yield info
                 return
             except TransientBackendError as exc:
-                self._pause_or_give_up(exc, attempt, f"list {prefix or '/'}")
+                self._pause_or_give_up(exc, attempt, f"list {prefix or '/'}", started)
 
 
 # -- rate limiting ---------------------------------------------------------------------------------------
@@ -204,12 +247,17 @@ class RateLimited(BackendWrapper):
     at most one object (a pack: 16–32 MiB). Shaping inside an object would need a streaming interface;
     the backends take whole buffers (S3 signs a PUT over the whole body, reading it twice over HTTP, so
     pacing inside the body would count it twice anyway). Reads are not limited: the limit exists for
-    thin uplinks. Thread-safe: parallel uploads share the one bucket.
+    thin uplinks. Thread-safe: parallel uploads share the one bucket. :meth:`cancel` wakes the uploads
+    waiting for their tokens (:class:`~repository.errors.Interrupted`); they give the tokens back.
     """
 
     def __init__(self, inner: Backend, rate: int | TokenBucket) -> None:
         super().__init__(inner)
         self.bucket = rate if isinstance(rate, TokenBucket) else TokenBucket(rate)
+
+    def cancel(self) -> None:
+        self.bucket.cancel()
+        super().cancel()
 
     def put(self, name: str, data: Data) -> None:
         self.bucket.consume(memoryview(data).nbytes)
