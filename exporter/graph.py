@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
-import stat
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleece.repository import rundir
 from fleece.repository.errors import QemuError
 from .bitmaps import PREFIX, disk_token
 from .inventory import DiskInfo, qom_path
@@ -89,84 +86,12 @@ class DiskFleece:
     exported: bool = False
 
 
-RUN_DIR = re.compile(rf"^{PREFIX}run-(\d+)-")
 
 
 def make_run_dir(scratch: Path) -> Path:
-    """A private (0700) directory for this run's NBD socket and fleece targets, under *scratch*.
-
-    ``mkdtemp`` makes it 0700 from the moment it exists, under a name nobody can predict or plant (it
-    tries another name if one exists, file or symlink), whatever *scratch* is (``/var/tmp`` is world-
-    writable). The name carries our pid so that a later run can remove what a killed run left behind
-    (:func:`remove_leftovers`).
-    """
-    remove_leftovers(scratch)
-    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}run-{os.getpid()}-", dir=scratch))
-
-
-def remove_leftovers(scratch: Path) -> None:
-    """Remove the run directories of killed runs: real directories we own, whose pid is gone.
-
-    A shared scratch directory holds whatever other users put there, named as they like, so nothing here
-    trusts a name or follows a symlink: each entry is opened through a descriptor of *scratch* with
-    ``O_NOFOLLOW | O_DIRECTORY`` and judged by ``fstat`` of what was opened. A symlink, a file, a
-    directory of another user, a pid that lives (or is not a pid at all) is left alone, and nothing that
-    goes wrong here stops the backup: this is housekeeping.
-    """
-    try:
-        top = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return  # mkdtemp says what is wrong with --scratch
-    try:
-        for name in os.listdir(top):
-            m = RUN_DIR.match(name)
-            if not m or _may_be_alive(int(m.group(1))):
-                continue
-            try:
-                if _remove_own_dir(top, name):
-                    log.info("removed %s, left by a killed run", scratch / name)
-            except OSError as exc:
-                log.warning("cannot remove %s, left by a killed run: %s", scratch / name, exc.strerror or exc)
-    except OSError as exc:
-        log.debug("cannot list %s for leftovers of killed runs: %s", scratch, exc)
-    finally:
-        os.close(top)
-
-
-def _may_be_alive(pid: int) -> bool:
-    """Whether *pid* may be a running process; in doubt yes (its directory then stays)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # EPERM: alive, another user's; a number too big for a pid: not ours
-        return True
-    return True
-
-
-def _remove_own_dir(parent: int, name: str) -> bool:
-    """Remove directory *name* of the directory open as *parent* if it is one, and ours; else ``False``."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-    except OSError:
-        return False  # a symlink (ELOOP), not a directory (ENOTDIR), gone or unreadable: not ours to touch
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
-            return False
-        for child in os.listdir(fd):  # a run directory is flat: the socket and the fleece targets
-            if stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
-                shutil.rmtree(child, dir_fd=fd)  # descriptor-based, never follows a symlink
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    if not os.path.samestat(st, os.stat(name, dir_fd=parent, follow_symlinks=False)):
-        return False  # swapped under us (only possible in a scratch directory without the sticky bit)
-    os.rmdir(name, dir_fd=parent)
-    return True
+    """A private (0700) directory for this run's NBD socket and fleece targets, under *scratch*
+    (``/var/tmp`` is world-writable: see :mod:`fleece.repository.rundir`)."""
+    return rundir.make_run_dir(scratch, f"{PREFIX}run-")
 
 
 def create_scratch(path: Path, size: int) -> None:

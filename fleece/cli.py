@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fleece.repository.errors import FleeceError, Interrupted, UsageError
+from fleece.repository.errors import FleeceError, HostError, InternalError, Interrupted, UsageError
 
 from . import __version__
 from .commands import COMMANDS
@@ -126,7 +126,7 @@ def _run(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         log.debug("internal error", exc_info=True)
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         hint = "" if args.verbose else " (run again with -v for details)"
-        return _fail(_Internal(f"internal error: {what}{hint}; please report it"), args.json)
+        return _fail(InternalError(f"internal error: {what}{hint}; please report it"), args.json)
 
 
 #: What an interrupted command leaves (each unwinds before it exits).
@@ -137,16 +137,10 @@ INTERRUPTED = {
 }
 
 
-class _Internal(FleeceError):
-    kind = "internal"
-
-
 def _os_error(exc: OSError) -> FleeceError:
     """An operating-system failure fleece did not classify itself, as one line naming the path."""
     where = f": {exc.filename}" if exc.filename else ""
-    err = FleeceError(f"{exc.strerror or exc}{where}", object=str(exc.filename) if exc.filename else None)
-    err.kind = "os"
-    return err
+    return HostError(f"{exc.strerror or exc}{where}", object=str(exc.filename) if exc.filename else None)
 
 
 def _fail(exc: FleeceError, as_json: bool) -> int:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from typing import Any
 
-from fleece.repository.errors import FleeceError
+from fleece.repository.errors import OutputError
 
 
 def setup_logging(verbose: int) -> None:
@@ -30,23 +30,17 @@ def setup_logging(verbose: int) -> None:
     logging.getLogger("qemu").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
-class StdoutError(FleeceError):
-    """stdout is closed or cannot take the output (``>&-``, ``> /dev/full``); what ran, ran."""
-
-    kind = "stdout"
-
-
 @contextlib.contextmanager
 def stdout_errors() -> Iterator[None]:
-    """Turn a failing stdout into one :class:`StdoutError` line (a closed pipe stays BrokenPipeError)."""
+    """Turn a failing stdout into one :class:`OutputError` line (a closed pipe stays BrokenPipeError)."""
     if sys.stdout is None:
-        raise StdoutError("stdout is closed: nothing could be printed (the command itself completed)")
+        raise OutputError("stdout is closed: nothing could be printed (the command itself completed)")
     try:
         yield
     except BrokenPipeError:
         raise
     except OSError as exc:
-        raise StdoutError(f"cannot write to stdout: {exc.strerror or exc} (the command itself completed)") from None
+        raise OutputError(f"cannot write to stdout: {exc.strerror or exc} (the command itself completed)") from None
 
 
 def emit_json(doc: Any) -> None:

@@ -218,7 +218,7 @@ def _check_packs(repo: Repository, index: Index, pack_ids: list[str], packs: dic
                                         f"({_table_diff(entries, actual)})")
         return pack_id, problems
 
-    results = map_all(check, pack_ids, workers=max(1, workers), name="fleece-verify")
+    results = map_all(check, pack_ids, workers=max(1, workers), name="fleece-verify", on_close=repo.backend.cancel)
     return {pack_id: "; ".join(problems) for pack_id, problems in results if problems}
 
 
@@ -274,7 +274,8 @@ def _read_all(repo: Repository, blobs_of: dict[tuple[str, str], set[bytes]], own
                 with lock:
                     failures[blob] = str(exc)
 
-    run_all(repo.plan_reads(readable), lambda: check, workers=max(1, workers), name="fleece-verify")
+    run_all(repo.plan_reads(readable), lambda: check, workers=max(1, workers), name="fleece-verify",
+            on_close=repo.backend.cancel)
     for key, blobs in blobs_of.items():
         for blob in sorted(blobs & failures.keys()):
             own.setdefault(key, []).append(failures[blob])

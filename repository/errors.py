@@ -5,6 +5,9 @@
     FleeceError                      kind "error"        exit 1   (message, object)
      ├── UsageError                  kind "usage"        exit 2   a flag, name or path that cannot work as given
      ├── Interrupted                 kind "interrupted"  exit 1   Ctrl-C / SIGTERM; everything was rolled back
+ ├── HostError                   kind "os"           exit 1   the OS refused something fleece did not classify
+ ├── OutputError                 kind "stdout"       exit 1   stdout is closed or full (what ran, ran)
+ ├── InternalError               kind "internal"     exit 1   a bug: reported as one line, traceback with -v
      ├── RepositoryError             kind "repository"   exit 1   missing, unknown format, unreadable
      │    ├── IntegrityError         kind "integrity"    exit 1   stored bytes break the format's promises
      │    └── BackendError           kind "backend"      exit 1   (code, status): the storage said no
@@ -70,6 +73,24 @@ class Interrupted(FleeceError):
     """The run was interrupted by a signal after it unwound (VM running, bitmaps folded back)."""
 
     kind = "interrupted"
+
+
+class HostError(FleeceError):
+    """An operating-system failure no layer classified (strerror and the path, as one line)."""
+
+    kind = "os"
+
+
+class OutputError(FleeceError):
+    """stdout is closed or cannot take the output (``>&-``, ``> /dev/full``); the command itself ran."""
+
+    kind = "stdout"
+
+
+class InternalError(FleeceError):
+    """Anything fleece did not expect: a bug, reported as one line (the traceback only with -v)."""
+
+    kind = "internal"
 
 
 class RepositoryError(FleeceError):

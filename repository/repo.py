@@ -251,7 +251,8 @@ class Repository:
             except IntegrityError as exc:
                 return pack_id, None, str(exc)
 
-        results = map_all(table, listed, workers=max(1, workers or self.backend.parallelism), name="fleece-rebuild")
+        results = map_all(table, listed, workers=max(1, workers or self.backend.parallelism), name="fleece-rebuild",
+                          on_close=self.backend.cancel)
         intact: list[tuple[str, list[PackEntry]]] = []
         carried: list[tuple[str, list[PackEntry]]] = []
         old_tables = old.tables or {}
@@ -442,7 +443,8 @@ class Repository:
 
         if wanted is None and any((vm, i) not in self._manifests for i in older):
             # every older manifest is needed: fetch them in parallel
-            found: Iterable[Manifest | IntegrityError] = map_all(read, older, workers=8, name="fleece-manifests")
+            found: Iterable[Manifest | IntegrityError] = map_all(read, older, workers=8, name="fleece-manifests",
+                                                                     on_close=self.backend.cancel)
         else:
             found = map(read, older)  # lazily: usually the newest few points hold every wanted disk
         for point_id, m in zip(older, found):

@@ -360,20 +360,25 @@ class Workers(Generic[T]):
 
 
 def run_all(items: Iterable[T], factory: Factory[T], *, workers: int, name: str,
-            depth: int | None = None) -> None:
+            depth: int | None = None, on_close: Callable[[], None] | None = None) -> None:
     """Handle every item of *items* on a pool of *workers* threads (no more threads than items).
 
-    Returns when all are handled; raises the first worker error (then the rest is dropped)."""
+    Returns when all are handled; raises the first worker error (then the rest is dropped). *on_close*
+    runs when the pool is closed early (an error, Ctrl-C): e.g. the backend's ``cancel``, so that a
+    worker waiting in a retry back-off leaves at once."""
     if isinstance(items, Sized):
         if not len(items):
             return
         workers = min(workers, len(items))
     with Workers(factory, workers=workers, depth=depth, name=name) as pool:
+        if on_close is not None:
+            pool.on_close(on_close)
         for item in items:
             pool.submit(item)
 
 
-def map_all(fn: Callable[[T], R], items: Iterable[T], *, workers: int, name: str) -> list[R]:
+def map_all(fn: Callable[[T], R], items: Iterable[T], *, workers: int, name: str,
+            on_close: Callable[[], None] | None = None) -> list[R]:
     """``[fn(item) for item in items]``, computed by *workers* threads; raises the first error."""
     todo = list(items)
     results: list[Any] = [None] * len(todo)
@@ -382,5 +387,5 @@ def map_all(fn: Callable[[T], R], items: Iterable[T], *, workers: int, name: str
         i, item = job
         results[i] = fn(item)
 
-    run_all(list(enumerate(todo)), lambda: handle, workers=workers, name=name)
+    run_all(list(enumerate(todo)), lambda: handle, workers=workers, name=name, on_close=on_close)
     return results

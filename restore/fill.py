@@ -83,5 +83,5 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
         for p in zero_pieces:
             w.zero(p.length, p.offset)
     stats.zero_bytes += sum(p.length for p in zero_pieces)
-    run_all(ranges, filler, workers=max(1, workers), name="fleece-restore")
+    run_all(ranges, filler, workers=max(1, workers), name="fleece-restore", on_close=repo.backend.cancel)
     return stats

@@ -20,7 +20,7 @@ Images are built under temporary names and renamed into place only when complete
 never leaves a half-written image under a final name. A restore killed outright (SIGKILL) leaves its
 partial images (``DIR/.<disk>.partial``, ``DIR/.<disk>.<format>.partial``) and its run directory in
 ``$TMPDIR``; the next restore into the same ``--out`` removes the former, the next restore anywhere the
-latter (:mod:`.rundir`). A failed or interrupted restore also removes the ``--out`` directories it made,
+latter (:mod:`fleece.repository.rundir`). A failed or interrupted restore also removes the ``--out`` directories it made,
 when they are empty again.
 
 Before any work (:mod:`.guard`): ``--out`` must be a directory this user can write, or be creatable;
@@ -43,22 +43,25 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleece.repository import Manifest, Piece, Repository
+from fleece.repository import Manifest, Piece, Repository, rundir
 from fleece.repository.errors import UsageError
 
 from .fill import FillStats, fill
 from .guard import check_out, refuse_in_use
-from .rundir import make_run_dir
 from .targets import (FILE_MODE, QemuNbdTarget, RawTarget, RestoreError, create_qcow2, dir_mode, make_dir, make_dirs,
                       remove_empty_dirs)
 
 log = logging.getLogger(__name__)
+
+#: name prefix of a restore's run directory in $TMPDIR (qemu-nbd sockets and logs)
+RUN_PREFIX = "fleece-restore-"
 
 
 @dataclass
@@ -135,7 +138,7 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
     run_dir: Path | None = None
     results: list[DiskRestore] = []
     try:
-        run_dir = make_run_dir()
+        run_dir = rundir.make_run_dir(Path(tempfile.gettempdir()), RUN_PREFIX)
         for d in disks:
             results.append((_flat if req.flat else _chain)(repo, req, view[d], d, run_dir))
     except BaseException:

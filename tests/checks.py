@@ -75,3 +75,22 @@ def assert_clean(mon: Monitor) -> None:
     assert mon.cmd("query-status")["status"] == "running"
     jobs = mon.cmd("query-block-jobs")
     assert jobs == []
+
+
+def children(pid: int) -> list[int]:
+    """Child pids of every thread of *pid* (/proc), e.g. the qemu-nbd a restore started."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def comm(pid: int) -> str:
+    """A process's command name, or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from checks import FLEECE, fleece
+from checks import FLEECE, children, comm, fleece
 from conftest import MiB, is_root
 from vm import TestVM, random_bytes
 
@@ -283,23 +283,6 @@ def fleece_argv(*args: str) -> list[str]:
     return [FLEECE, *args]
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def test_ctrl_c_during_restore(make_vm, tmp_path: Path, scratch: Path) -> None:
     """Ctrl-C reaches the whole foreground process group. The restore must stop with one line (no
     ``nbd_flush … CLOSED`` traceback from a qemu-nbd that died with it), leave no qemu-nbd behind and no
@@ -319,7 +302,7 @@ def test_ctrl_c_during_restore(make_vm, tmp_path: Path, scratch: Path) -> None:
     nbd_pid = None
     deadline = time.monotonic() + 60
     while nbd_pid is None and proc.poll() is None and time.monotonic() < deadline:
-        nbd_pid = next((c for c in _children(proc.pid) if _comm(c) == "qemu-nbd"), None)
+        nbd_pid = next((c for c in children(proc.pid) if comm(c) == "qemu-nbd"), None)
         time.sleep(0.002)
     assert nbd_pid is not None, "the restore finished before qemu-nbd was seen: make the disk bigger"
     time.sleep(0.05)  # inside the fill
@@ -331,7 +314,7 @@ def test_ctrl_c_during_restore(make_vm, tmp_path: Path, scratch: Path) -> None:
     assert [ln for ln in stderr.splitlines() if ln.startswith("fleece: error:")] == \
         ["fleece: error: interrupted; the images this restore had begun were removed"], stderr
     time.sleep(0.2)
-    assert not Path(f"/proc/{nbd_pid}").exists() or _comm(nbd_pid) != "qemu-nbd", "qemu-nbd left running"
+    assert not Path(f"/proc/{nbd_pid}").exists() or comm(nbd_pid) != "qemu-nbd", "qemu-nbd left running"
     assert not list(out.rglob("*.qcow2")) if out.exists() else True, list(out.rglob("*"))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from checks import FLEECE, fleece, identical, qemu_img
+from checks import FLEECE, children, comm, fleece, identical, qemu_img
 from conftest import MiB, is_root
 from fleece.repository import Manifest, RepoConfig, Repository
 from test_backup import backup
@@ -133,29 +133,12 @@ def test_chain_layers_and_images_a_vm_booted_are_refused(world: World, tmp_path:
 
 # -- 2. kill -9: no orphan qemu-nbd, and the next restore cleans up ---------------------------------------
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def _alive_nbd(pid: int) -> bool:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return False
-    return _comm(pid) == "qemu-nbd" and fields[0] != "Z"
+    return comm(pid) == "qemu-nbd" and fields[0] != "Z"
 
 
 def stop_while_serving(proc: subprocess.Popen[str]) -> int:
@@ -163,10 +146,10 @@ def stop_while_serving(proc: subprocess.Popen[str]) -> int:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        nbd = [c for c in _children(proc.pid) if _comm(c) == "qemu-nbd"]
+        nbd = [c for c in children(proc.pid) if comm(c) == "qemu-nbd"]
         if nbd:
             os.kill(proc.pid, signal.SIGSTOP)
-            if nbd[0] in _children(proc.pid) and _alive_nbd(nbd[0]):
+            if nbd[0] in children(proc.pid) and _alive_nbd(nbd[0]):
                 return nbd[0]
             os.kill(proc.pid, signal.SIGCONT)  # it was between two layers: try again
         time.sleep(0.002)

@@ -1,15 +1,15 @@
-"""A restore's private run directory (qemu-nbd sockets and logs), and the removal of those killed runs left.
+"""Private run directories in shared places, and the removal of those killed runs left behind.
 
-A restore killed with SIGKILL cannot clean up: its qemu-nbd dies with it (``PR_SET_PDEATHSIG``, see
-:class:`.targets.QemuNbdTarget`), but its run directory stays in ``$TMPDIR``. The directory carries the
-run's pid in its name (``fleece-restore-<pid>-…``), so the next restore can tell a dead run's directory
-from a live one's and remove it.
+A backup keeps its NBD socket and fleece targets in one (under ``--scratch``, ``/var/tmp`` by default),
+a restore its qemu-nbd sockets and logs (in ``$TMPDIR``). ``mkdtemp`` makes each 0700 from the moment
+it exists, under a name nobody can predict or plant. A run killed with SIGKILL cannot clean up, so the
+name carries the run's pid (``<prefix><pid>-…``): the next run tells a dead run's directory from a live
+one's and removes it.
 
-``$TMPDIR`` is shared with everyone, so nothing here trusts a name or follows a symlink: each entry is
-opened through a descriptor of the parent with ``O_NOFOLLOW | O_DIRECTORY`` and judged by ``fstat`` of
-what was opened. A symlink, a file, another user's directory, a pid that lives (or is no pid at all) is
-left alone, and nothing that goes wrong here stops the restore: this is housekeeping. (The same rules as
-the backup's ``exporter.graph.remove_leftovers``, which restore must not import.)
+Those places are shared with everyone, so nothing here trusts a name or follows a symlink: each entry
+is opened through a descriptor of the parent with ``O_NOFOLLOW | O_DIRECTORY`` and judged by ``fstat``
+of what was opened. A symlink, a file, another user's directory, a pid that lives (or is no pid at all)
+is left alone, and nothing that goes wrong here stops the run: this is housekeeping.
 """
 
 from __future__ import annotations
@@ -24,35 +24,32 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PREFIX = "fleece-restore-"
-RUN_DIR = re.compile(rf"^{PREFIX}(\d+)-")
+
+def make_run_dir(parent: Path, prefix: str) -> Path:
+    """A new ``0700`` directory ``<prefix><pid>-…`` in *parent*, after removing killed runs' ones."""
+    remove_leftovers(parent, prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
 
 
-def make_run_dir() -> Path:
-    """A new ``0700`` run directory in the temporary directory, after removing killed runs' ones."""
-    parent = Path(tempfile.gettempdir())
-    remove_leftovers(parent)
-    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
-
-
-def remove_leftovers(parent: Path) -> None:
-    """Remove the run directories of killed restores in *parent*: real directories we own, pid gone."""
+def remove_leftovers(parent: Path, prefix: str) -> None:
+    """Remove the run directories of killed runs in *parent*: real directories we own, pid gone."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)-")
     try:
         top = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return  # mkdtemp says what is wrong with the temporary directory
+        return  # mkdtemp says what is wrong with the directory
     try:
         for name in os.listdir(top):
-            m = RUN_DIR.match(name)
+            m = pattern.match(name)
             if not m or _may_be_alive(int(m.group(1))):
                 continue
             try:
                 if _remove_own_dir(top, name):
-                    log.info("removed %s, left by a killed restore", parent / name)
+                    log.info("removed %s, left by a killed run", parent / name)
             except OSError as exc:
-                log.warning("cannot remove %s, left by a killed restore: %s", parent / name, exc.strerror or exc)
+                log.warning("cannot remove %s, left by a killed run: %s", parent / name, exc.strerror or exc)
     except OSError as exc:
-        log.debug("cannot list %s for leftovers of killed restores: %s", parent, exc)
+        log.debug("cannot list %s for leftovers of killed runs: %s", parent, exc)
     finally:
         os.close(top)
 
@@ -80,7 +77,7 @@ def _remove_own_dir(parent: int, name: str) -> bool:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid():
             return False
-        for child in os.listdir(fd):  # a run directory is flat: sockets and logs
+        for child in os.listdir(fd):  # a run directory is flat: sockets, logs, targets
             if stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
                 shutil.rmtree(child, dir_fd=fd)  # descriptor-based, never follows a symlink
             else:
