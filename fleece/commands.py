@@ -61,25 +61,13 @@ def vm_name(text: str) -> str:
 
 
 def endpoint_url(text: str) -> str:
-    """argparse type for --s3-endpoint: an http(s) URL with a host (and a valid port, if any).
+    """argparse type for --s3-endpoint: an http(s) URL with a host (and a valid port), no credentials."""
+    from fleece.repository.backends.s3 import check_endpoint  # boto3: only when S3 is used
 
-    A URL with ``user[:password]@`` is refused without being echoed: the message would print the password
-    (and a ``--json`` document carry it); the keys belong in the AWS environment or a profile."""
-    from urllib.parse import urlparse
-
-    if "@" in text:
-        raise argparse.ArgumentTypeError("credentials in the URL are not supported: use AWS_ACCESS_KEY_ID/"
-                                         "AWS_SECRET_ACCESS_KEY or AWS_PROFILE for the keys, and "
-                                         "--s3-endpoint http(s)://HOST[:PORT]")
     try:
-        parsed = urlparse(text)
-        parsed.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an endpoint URL: use http(s)://HOST[:PORT], "
-                                         "e.g. --s3-endpoint http://127.0.0.1:7480")
-    return text
+        return check_endpoint(text, "--s3-endpoint")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def open_repo(args: argparse.Namespace, create: bool = False, **options: Any) -> Repository:
