@@ -21,6 +21,7 @@
      ├── BackupBusyError             kind "busy"         exit 1   another fleece backs this VM up now
      ├── ExportReadError             kind "export-read"  exit 1   reading the frozen view failed
      ├── IdentityError               kind "identity"     exit 1   the VM name belongs to another machine
+ ├── WrongKeyError               kind "key"          exit 1   no key slot opens with the password / key file
      └── RestoreError                kind "restore"      exit 1   a target image cannot be made or written
 
 Every message is one line meant for a user as-is: it names the object or device involved and says what
@@ -201,6 +202,12 @@ class IdentityError(FleeceError):
     """The VM name's history in the repository belongs to another machine."""
 
     kind = "identity"
+
+
+class WrongKeyError(FleeceError):
+    """No key slot of an encrypted repository opens with the password or key file given."""
+
+    kind = "key"
 
 
 class RestoreError(FleeceError):
