@@ -11,7 +11,7 @@ from typing import Any
 
 from fleece.repository import Repository
 from fleece.repository.config import MAX_LEVEL, MIN_LEVEL, RepoConfig
-from fleece.repository.errors import FleeceError, UsageError
+from fleece.repository.errors import UsageError
 from fleece.exporter.backup import MAX_WORKERS
 from fleece.repository.manifest import check_vm_name
 from fleece.repository.ratelimit import parse_rate
@@ -286,12 +286,12 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
 def _restore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fleece.restore import RestoreRequest, run_restore
+    from fleece.restore.restore import RestoreRequest, restore_total, run_restore
 
     bar: Progress | None = None
     try:
         with open_repo(args, workers=args.workers) as repo:
-            bar = Progress("restore", restore_total(repo, args), "written")
+            bar = Progress("restore", restore_total(repo, args.vm, args.point, args.disk, args.flat), "written")
             result = run_restore(repo, RestoreRequest(vm=args.vm, out=Path(args.out), point=args.point,
                                                       disks=args.disk, flat=args.flat, format=args.format,
                                                       workers=args.workers, force=args.force, progress=bar,
@@ -317,27 +317,6 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def restore_total(repo: Repository, args: argparse.Namespace) -> int | None:
-    """The bytes the restore's progress counts, known before it starts: every data extent of every layer
-    of every disk restored (chain), or of each disk's resolved view (flat). ``None`` when the point cannot
-    be resolved — run_restore then says why."""
-    try:
-        manifest = repo.find_point(args.vm, args.point)
-        view = repo.point_view(manifest, args.disk)
-        total = 0
-        for disk in dict.fromkeys(args.disk) if args.disk else view:
-            if disk not in view:
-                return None
-            if args.flat:
-                total += sum(p.length for p in repo.resolve(view[disk], disk) if p.blob is not None)
-            else:
-                total += sum(n for layer in repo.disk_chain(view[disk], disk)
-                             for _, n, blob in layer.disks[disk].extents if blob is not None)
-        return total
-    except FleeceError:
-        return None
-
-
 # -- verify ---------------------------------------------------------------------------------------------
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
@@ -350,7 +329,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from fleece.repository.check import verify
+    from fleece.repository.check import verify, verify_total
 
     if args.point and not args.vm:
         raise UsageError("--point needs --vm")
@@ -358,7 +337,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         with open_repo(args, workers=args.workers) as repo:
             if args.read_data:  # only reading data makes progress worth showing
-                bar = Progress("verify", verify_total(repo, args), "read")
+                bar = Progress("verify", verify_total(repo, args.vm, args.point), "read")
             report = verify(repo, vm=args.vm, point=args.point, read_data=args.read_data, workers=args.workers,
                             progress=bar)
     finally:
@@ -378,23 +357,6 @@ def _verify(args: argparse.Namespace) -> int:
         what = f", {report.blobs_checked} blobs read ({human_bytes(report.bytes_read)})" if args.read_data else ""
         print(f"{len(report.points)} point(s) checked{what}: " + ("all ok" if report.ok else "DAMAGE FOUND"))
     return 0 if report.ok else 1
-
-
-def verify_total(repo: Repository, args: argparse.Namespace) -> int | None:
-    """The bytes ``verify --read-data`` reads, known before it starts: each distinct blob the checked points
-    use, once (a blob's plaintext is as long as its extents). Only blobs that are in the index and in a pack
-    are read, so in a damaged repository the line ends short of 100 %. The manifests read here are cached:
-    verify does not read them again. ``None`` when the selection cannot be resolved (verify says why)."""
-    try:
-        if args.point:
-            m = repo.find_point(args.vm, args.point)
-            points = [layer for disk, top in repo.point_view(m).items() for layer in repo.disk_chain(top, disk)]
-        else:
-            points = [m for vm in ([args.vm] if args.vm else repo.vms()) for m in repo.scan(vm).points]
-    except FleeceError:
-        return None
-    sizes = {blob: n for m in points for rec in m.disks.values() for _, n, blob in rec.extents if blob is not None}
-    return sum(sizes.values())
 
 
 COMMANDS: dict[str, Command] = {

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from fleece.repository import Manifest, Piece, Repository, rundir
-from fleece.repository.errors import UsageError
+from fleece.repository.errors import FleeceError, UsageError
 
 from .fill import FillStats, fill
 from .guard import check_out, refuse_in_use
@@ -255,4 +255,25 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
     return DiskRestore(disk, final, [final], stats.__dict__, manifest.id)
 
 
-__all__ = ["RestoreError", "RestoreRequest", "RestoreResult", "check_mode", "run_restore"]
+def restore_total(repo: Repository, vm: str, point: str | None, disks: list[str] | None, flat: bool) -> int | None:
+    """The bytes the restore's progress counts, known before it starts: every data extent of every layer
+    of every disk restored (chain), or of each disk's resolved view (flat). ``None`` when the point cannot
+    be resolved — run_restore then says why."""
+    try:
+        manifest = repo.find_point(vm, point)
+        view = repo.point_view(manifest, disks)
+        total = 0
+        for disk in dict.fromkeys(disks) if disks else view:
+            if disk not in view:
+                return None
+            if flat:
+                total += sum(p.length for p in repo.resolve(view[disk], disk) if p.blob is not None)
+            else:
+                total += sum(n for layer in repo.disk_chain(view[disk], disk)
+                             for _, n, blob in layer.disks[disk].extents if blob is not None)
+        return total
+    except FleeceError:
+        return None
+
+
+__all__ = ["RestoreError", "RestoreRequest", "RestoreResult", "check_mode", "restore_total", "run_restore"]

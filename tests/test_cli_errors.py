@@ -147,12 +147,12 @@ CASES = [
     ("backup --qmp regular file", lambda e: ["backup", "--qmp", str(e.regular), *R(e)], 1),
     ("backup --qmp directory", lambda e: ["backup", "--qmp", str(e.base), *R(e)], 1),
     ("backup --qmp stale socket", lambda e: ["backup", "--qmp", str(e.stale), *R(e)], 1),
-    ("backup --repo is a file", lambda e: B(e)[:3] + ["--repo", str(e.regular)], 1),
+    ("backup --repo is a file", lambda e: B(e)[:3] + ["--repo", str(e.regular)], 2),
     ("backup --repo ftp://", lambda e: B(e)[:3] + ["--repo", "ftp://host/x"], 2),
     ("backup into a damaged config", lambda e: B(e)[:3] + ["--repo", str(e.damaged["config"])], 1),
     # list / verify / rebuild-index / init
     ("list missing repo", lambda e: ["list", "--repo", str(e.base / "nothing")], 1),
-    ("list repo is a file", lambda e: ["list", "--repo", str(e.regular)], 1),
+    ("list repo is a file", lambda e: ["list", "--repo", str(e.regular)], 2),
     ("list --vm ..", lambda e: ["list", *R(e), "--vm", ".."], 2),
     ("list damaged config", lambda e: ["list", "--repo", str(e.damaged["config"])], 1),
     ("list damaged manifest", lambda e: ["list", "--repo", str(e.damaged["manifest"])], REPORT),
@@ -163,7 +163,7 @@ CASES = [
     ("verify damaged manifest", lambda e: ["verify", "--repo", str(e.damaged["manifest"])], REPORT),
     ("rebuild-index missing repo", lambda e: ["rebuild-index", "--repo", str(e.base / "nothing")], 1),
     ("init --compression-level 99", lambda e: ["init", "--repo", str(e.base / "new"), "--compression-level", "99"], 2),
-    ("init repo is a file", lambda e: ["init", "--repo", str(e.regular)], 1),
+    ("init repo is a file", lambda e: ["init", "--repo", str(e.regular)], 2),
     # restore
     ("restore without --out", lambda e: ["restore", *R(e), "--vm", "fuzzvm"], 2),
     ("restore unknown vm", lambda e: ["restore", *R(e), "--vm", "nosuchvm", *O(e)], 1),

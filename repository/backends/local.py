@@ -33,7 +33,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import ObjectNotFound, PermanentBackendError, RepositoryError, TransientBackendError
+from ..errors import ObjectNotFound, PermanentBackendError, RepositoryError, TransientBackendError, UsageError
 from .base import Backend, Data, ObjectInfo, check_name
 
 _PIECE = 1 << 20  # write in pieces of this size
@@ -59,6 +59,9 @@ class LocalBackend(Backend):
         self._local = threading.local()
         #: directories opening with *create* made, outermost first (:meth:`discard_location` removes them)
         self._made: list[Path] = []
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"--repo {self.root} is a file, not a repository directory: pass the directory of "
+                             "a repository (or a new path)", object=str(self.root))
         if create:
             d = self.root
             while not d.exists() and d != d.parent:
