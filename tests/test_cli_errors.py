@@ -342,8 +342,9 @@ def test_closed_or_full_stdout_is_one_line(env: Env) -> None:
     for argv, stdout in ((["list", *R(env), "--json"], "closed"), (["list", *R(env), "--json"], "/dev/full"),
                          (["list", "--repo", str(env.base / "nothing"), "--json"], "/dev/full")):
         if stdout == "closed":
-            p = subprocess.run([FLEECE, *argv], stdout=None, stderr=subprocess.PIPE, text=True, timeout=60,
-                               pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(1))
+            # the shell closes fd 1 and execs fleece (a preexec_fn could deadlock a threaded pytest's child)
+            p = subprocess.run(["sh", "-c", 'exec "$0" "$@" >&-', FLEECE, *argv], stderr=subprocess.PIPE,
+                               text=True, timeout=60)
         else:
             with open(stdout, "w") as full:
                 p = subprocess.run([FLEECE, *argv], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)

@@ -9,7 +9,8 @@
   ``--mode`` (bad modes are usage errors);
 * a failing S3 run prints neither the secret key it used nor the one of the access key, in any output mode.
 
-Umasks 022 and 002 are set in this process (``os.umask``) or in the ``fleece`` subprocess (``preexec_fn``).
+Umasks 022 and 002 are set in this process (``os.umask``) or in the ``fleece`` subprocess (``Popen(umask=)``:
+set by the C fork/exec path; a ``preexec_fn`` can deadlock the child of a threaded test process).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def run_fleece(*args: str, mask: int = 0o022, env: dict[str, str] | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """The installed ``fleece`` command under umask *mask* (set in the child only)."""
     return subprocess.run([FLEECE, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          preexec_fn=lambda: os.umask(mask))
+                          umask=mask)
 
 
 def mode(path: Path) -> int:
@@ -285,7 +286,7 @@ def test_sigkilled_backup_leaves_private_leftovers_that_the_next_run_removes(mak
     repo = str(tmp_path / "repo")
     slow = subprocess.Popen([FLEECE, "backup", "--qmp", vm.qmp_path, "--repo", repo, "--scratch", str(scratch),
                              "--bwlimit", "64K"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: os.umask(0o002))
+                            umask=0o002)
     try:
         deadline = time.monotonic() + 30
         while not vm.guest.cmd("query-block-exports"):
