@@ -107,7 +107,7 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
                          "pass --scratch DIR on a writable local filesystem", object=str(scratch))
     # The socket's lock first: a second run through the same socket is told at once, instead of waiting
     # for a greeting QEMU gives one client at a time.
-    with VmLock(f"qmp:{os.path.realpath(req.qmp)}", f"the VM behind {req.qmp}"):
+    with interrupt_once(), VmLock(f"qmp:{os.path.realpath(req.qmp)}", f"the VM behind {req.qmp}"):
         mon = Monitor(req.qmp)
         try:
             with VmLock(mon.process_key(), f"the QEMU process behind {req.qmp} (pid {mon.peer_pid or '?'})"):
@@ -117,26 +117,34 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
 
 
 @contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while QEMU's state is being put back (main thread only).
+def interrupt_once() -> Iterator[None]:
+    """Let the first SIGINT/SIGTERM interrupt the run, and only the first (main thread only).
 
-    A signal that arrives meanwhile is logged and dropped: the run is failing already, and its error
-    is what the caller raises next.
+    A user who hammers Ctrl-C must not interrupt the rollback that the first one started: the graph
+    teardown and the bitmap fold-back have to finish, or a fleece stays in the VM. Any window between
+    the first KeyboardInterrupt and a later "shield" would let a second one through, so the handler
+    itself refuses to raise twice. Once it has fired, further signals stay ignored until the process
+    exits (the run is failing already; its caller only reports).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    arrived: list[int] = []
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if fired:
+            return  # the run is already unwinding
+        fired.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in saved:
-        signal.signal(sig, lambda signum, frame: arrived.append(signum))
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        if arrived:
-            log.warning("signal %s ignored while the VM's block graph and bitmaps were put back", arrived[0])
+        for sig, previous in saved.items():
+            signal.signal(sig, signal.SIG_IGN if fired else previous)
 
 
 class _Run:
@@ -501,31 +509,32 @@ class _Run:
               levels: dict[str, bitmaps.Level], new_bitmaps: dict[str, str], fold_back: bool) -> None:
         """Undo a failed run: graph first, then give every write back to the old bitmaps.
 
-        The reason is not logged here: the caller reports the error once. A second Ctrl-C only stops
-        the wait for uploads; the teardown of QEMU's graph and the bitmap fold-back run shielded from
-        signals, so an impatient user cannot leave a fleece in the VM or a half-folded bitmap.
+        The reason is not logged here: the caller reports the error once. The whole run is under
+        :func:`interrupt_once`, so an impatient user's second Ctrl-C cannot cut this short and leave a
+        fleece in the VM or a half-folded bitmap (aborting the writer is prompt: pacing and back-off waits
+        are cancelled).
         """
         interrupted = isinstance(exc, KeyboardInterrupt)
         log.warning("%s; rolling back (the VM keeps running)", "interrupted" if interrupted else "backup failed")
         if writer is not None:
             try:
                 writer.abort()
-            except BaseException as e:  # noqa: BLE001 - a second Ctrl-C: stop waiting, go on to QEMU
+            except BaseException as e:  # noqa: BLE001 - whatever the writer says, QEMU comes next
                 log.debug("writer abort: %r", e)
-        with signals_deferred():
+        # under interrupt_once(): a second Ctrl-C cannot cut the teardown short
+        try:
+            for what in graph.unwind(self.mon, only=names):
+                log.debug("rollback: removed %s", what)
+        except Exception as e:  # noqa: BLE001 - keep going: bitmaps matter more
+            log.error("could not tear the fleece down (%s); the next run will clean up", e)
+        if fold_back:
             try:
-                for what in graph.unwind(self.mon, only=names):
-                    log.debug("rollback: removed %s", what)
-            except Exception as e:  # noqa: BLE001 - keep going: bitmaps matter more
-                log.error("could not tear the fleece down (%s); the next run will clean up", e)
-            if fold_back:
-                try:
-                    actions = [a for f in fleeces for a in
-                               bitmaps.rollback_actions(f.disk.node, new_bitmaps[f.disk.id], levels[f.disk.id])]
-                    bitmaps.transaction(self.mon, actions)
-                    log.info("dirty bitmaps restored: the next incremental covers everything since the last point")
-                except Exception as e:  # noqa: BLE001
-                    log.error("could not fold the dirty bitmaps back (%s); the next run will repair them", e)
+                actions = [a for f in fleeces for a in
+                           bitmaps.rollback_actions(f.disk.node, new_bitmaps[f.disk.id], levels[f.disk.id])]
+                bitmaps.transaction(self.mon, actions)
+                log.info("dirty bitmaps restored: the next incremental covers everything since the last point")
+            except Exception as e:  # noqa: BLE001
+                log.error("could not fold the dirty bitmaps back (%s); the next run will repair them", e)
 
     def _drop_old_bitmaps(self, disk: DiskInfo, keep: str) -> None:
         """After the commit: the parent's bitmap (and stale ones of this repository) are no longer needed."""

@@ -291,7 +291,9 @@ def test_sigkilled_backup_leaves_private_leftovers_that_the_next_run_removes(mak
         deadline = time.monotonic() + 30
         while not vm.guest.cmd("query-block-exports"):
             assert slow.poll() is None, slow.stderr.read()
-            assert time.monotonic() < deadline, "the backup never exported its fleece"
+            if time.monotonic() > deadline:
+                slow.kill()
+                raise AssertionError(f"the backup never exported its fleece: {slow.communicate()[1]!r}")
             time.sleep(0.05)
         os.kill(slow.pid, signal.SIGKILL)
         slow.wait(10)
