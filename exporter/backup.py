@@ -99,21 +99,30 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         check_vm_name(req.vm)  # before any work: a name the repository cannot store fails now, not at commit
     if not req.qmp:
         raise UsageError("--qmp is empty: pass the VM's QMP socket (the PATH of -qmp unix:PATH,server=on)")
-    scratch = Path(req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp"))
-    if not scratch.is_dir():
-        raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR", object=str(scratch))
-    if not os.access(scratch, os.W_OK | os.X_OK):
-        raise UsageError(f"scratch directory {scratch} is not writable (read-only filesystem or permissions); "
-                         "pass --scratch DIR on a writable local filesystem", object=str(scratch))
+    scratch = _scratch_dir(req)
     # The socket's lock first: a second run through the same socket is told at once, instead of waiting
     # for a greeting QEMU gives one client at a time.
     with interrupt_once(), VmLock(f"qmp:{os.path.realpath(req.qmp)}", f"the VM behind {req.qmp}"):
         mon = Monitor(req.qmp)
         try:
             with VmLock(mon.process_key(), f"the QEMU process behind {req.qmp} (pid {mon.peer_pid or '?'})"):
-                return _Run(repo, req, mon).run()
+                return _Run(repo, req, mon, scratch).run()
         finally:
             mon.close()
+
+
+def _scratch_dir(req: BackupRequest) -> Path:
+    """The directory for the run's fleece targets, checked before any work.
+
+    Absolute, because QEMU opens the targets from its own working directory, not ours.
+    """
+    scratch = Path(req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp")).absolute()
+    if not scratch.is_dir():
+        raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR", object=str(scratch))
+    if not os.access(scratch, os.W_OK | os.X_OK):
+        raise UsageError(f"scratch directory {scratch} is not writable (read-only filesystem or permissions); "
+                         "pass --scratch DIR on a writable local filesystem", object=str(scratch))
+    return scratch
 
 
 @contextlib.contextmanager
@@ -148,10 +157,11 @@ def interrupt_once() -> Iterator[None]:
 
 
 class _Run:
-    def __init__(self, repo: Repository, req: BackupRequest, mon: Monitor) -> None:
+    def __init__(self, repo: Repository, req: BackupRequest, mon: Monitor, scratch: Path) -> None:
         self.repo = repo
         self.req = req
         self.mon = mon
+        self.scratch = scratch
         self.event = req.on_event or (lambda name, data: None)
         self.prefix = bitmaps.repo_prefix(repo.config.id)
         self._adopted = False
@@ -272,10 +282,7 @@ class _Run:
 
     def _backup(self, vm: str, info: VmInfo, disks: list[DiskInfo], levels: dict[str, bitmaps.Level],
                 point_id: str, new_bitmaps: dict[str, str]) -> tuple[Manifest, dict[str, Any]]:
-        # absolute: QEMU opens the fleece target from its own working directory, not ours
-        scratch = Path(self.req.scratch or os.environ.get("FLEECE_SCRATCH", "/var/tmp")).absolute()
-        if not scratch.is_dir():
-            raise UsageError(f"scratch directory {scratch} does not exist; pass --scratch DIR")
+        scratch = self.scratch
         try:
             run_dir = graph.make_run_dir(scratch)
         except OSError as exc:  # read-only, full, not ours: nothing has been done to the VM yet

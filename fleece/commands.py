@@ -52,22 +52,30 @@ positive_int = whole_number(1)
 workers_count = whole_number(1, MAX_WORKERS)
 
 
-def vm_name(text: str) -> str:
-    """argparse type for --vm: a name the repository can store (checked before any work)."""
-    try:
-        return check_vm_name(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def arg_type(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a core check: its UsageError becomes argparse's "argument --X: ..." error."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def endpoint_url(text: str) -> str:
-    """argparse type for --s3-endpoint: an http(s) URL with a host (and a valid port), no credentials."""
+#: --vm: a name the repository can store (checked before any work)
+vm_name = arg_type(check_vm_name)
+
+
+def _check_endpoint(text: str) -> str:
     from fleece.repository.backends.s3 import check_endpoint  # boto3: only when S3 is used
 
-    try:
-        return check_endpoint(text, "--s3-endpoint")
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return check_endpoint(text, "--s3-endpoint")
+
+
+#: --s3-endpoint: an http(s) URL with a host (and a valid port), no credentials
+endpoint_url = arg_type(_check_endpoint)
 
 
 def open_repo(args: argparse.Namespace, create: bool = False, **options: Any) -> Repository:
@@ -199,11 +207,7 @@ def full_disks(given: list[str | None] | None) -> bool | list[str]:
     return True if None in given else [d for d in given if d is not None]
 
 
-def parse_rate_arg(text: str) -> int:
-    try:
-        return parse_rate(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+parse_rate_arg = arg_type(parse_rate)
 
 
 def _backup(args: argparse.Namespace) -> int:
@@ -267,16 +271,11 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace existing images in --out")
 
     def octal_mode(text: str) -> int:
-        import re
-
         from fleece.restore.restore import check_mode
 
         if not re.fullmatch(r"(0o?)?[0-7]{1,4}", text):
             raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 0640")
-        try:
-            return check_mode(int(text.removeprefix("0o"), 8))
-        except UsageError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        return arg_type(lambda t: check_mode(int(t.removeprefix("0o"), 8)))(text)
 
     p.add_argument("--mode", type=octal_mode, default=None, metavar="OCTAL",
                    help="permissions of the restored image files, e.g. 0640 (default 0600; directories get "
