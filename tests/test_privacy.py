@@ -279,11 +279,14 @@ def test_planted_names_in_scratch_are_not_followed_removed_or_fatal(make_vm, tmp
 
 
 def test_sigkilled_backup_leaves_private_leftovers_that_the_next_run_removes(make_vm, tmp_path: Path) -> None:
-    vm = make_vm({"vda": 16 * MiB})
-    vm.write("vda", 0, random_bytes(8 * MiB, 31))
+    vm = make_vm({"vda": 80 * MiB})
+    # More than the pipeline buffers (~40 MiB with 1 MiB packs), so the pull is still running, the fleece
+    # exported, when the run is killed: with less, the pull can finish (and unwind) before the first poll.
+    vm.write("vda", 0, random_bytes(64 * MiB, 31))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     repo = str(tmp_path / "repo")
+    Repository.open(repo, create=True, config=RepoConfig(pack_target=MiB)).close()
     slow = subprocess.Popen([FLEECE, "backup", "--qmp", vm.qmp_path, "--repo", repo, "--scratch", str(scratch),
                              "--bwlimit", "64K"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             umask=0o002)
