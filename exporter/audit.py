@@ -22,6 +22,10 @@ Both are exact facts, not heuristics: a clean range is unchanged since the paren
 A mismatch means the bitmap cannot be trusted: the caller makes that disk a *verified full* (read
 everything; dedup keeps the upload to the blobs the repository lacks) and records why in the manifest.
 The cost is bounded by the sample size (default 16 blobs, ≤ 64 MiB) and a time budget.
+
+A host holding a write-only key (format 2) cannot read blob contents back: its audit compares whole
+blobs by id and zero ranges, and skips the partial pieces (``parts_skipped``) — the one check it loses
+is the shrink-and-regrow case, which a full key's next incremental still catches.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import nbd
 
 from fleece.repository import extents as ex
 from fleece.repository.chain import Piece, resolve
-from fleece.repository.codec import blob_id
+from fleece.repository.codec import BlobIdentity, blob_id
 from fleece.repository.manifest import Manifest
 from fleece.repository.workers import run_all
 
@@ -60,10 +64,11 @@ class AuditReport:
     seconds: float = 0.0
     mismatches: list[tuple[int, int, str]] = field(default_factory=list)  # (offset, length, what)
     truncated: bool = False  # the time budget ran out before the whole sample was read
+    parts_skipped: int = 0  # partial pieces not compared: their blobs could not be read (a write-only key)
 
     def to_json(self) -> dict[str, Any]:
         return {"blobs": self.blobs, "zero_ranges": self.zero_ranges, "bytes_read": self.bytes_read,
-                "seconds": round(self.seconds, 3), "truncated": self.truncated,
+                "seconds": round(self.seconds, 3), "truncated": self.truncated, "parts_skipped": self.parts_skipped,
                 "mismatches": [{"offset": o, "length": n, "what": w} for o, n, w in self.mismatches[:16]],
                 "mismatch_count": len(self.mismatches)}
 
@@ -149,18 +154,21 @@ READERS = 2  # connections reading the sample: hashing 64 MiB is CPU-bound, and 
 
 
 def audit(connect: Callable[[], nbd.NBD], sample: Sample, fetch: Callable[[list[bytes]], dict[bytes, bytes]],
-          budget: float = TIME_BUDGET) -> AuditReport:
+          budget: float = TIME_BUDGET, ident: BlobIdentity = blob_id) -> AuditReport:
     """Read the sample from the frozen view and compare (see the module docstring).
 
     *connect* opens a connection to the frozen view (one per reader); *fetch* returns the plaintext of
-    blobs from the repository (for tail pieces that are parts of blobs only).
+    blobs from the repository (for tail pieces that are parts of blobs only; the blobs it cannot give
+    are skipped); *ident* is the repository's blob id function.
     """
     report = AuditReport()
     started = time.monotonic()
     contents = fetch(sorted({p.blob for p in sample.tail if p.blob is not None}))
+    parts = [p for p in sample.tail if p.blob in contents]
+    report.parts_skipped = len(sample.tail) - len(parts)
     # The tail first and never cut short by the budget: it is the aimed check, at most 4 pieces.
     checks: list[tuple[str, int, int, Piece | None]] = (
-        [("part", p.offset, p.length, p) for p in sample.tail]
+        [("part", p.offset, p.length, p) for p in parts]
         + [("tail", p.offset, p.length, p) for p in sample.tail_blobs]
         + [("blob", p.offset, p.length, p) for p in sample.blobs]
         + [("zero", off, length, None) for off, length in sample.zeros])
@@ -180,7 +188,7 @@ def audit(connect: Callable[[], nbd.NBD], sample: Sample, fetch: Callable[[list[
                 else:
                     assert p is not None and p.blob is not None
                     bad = (data != contents[p.blob][p.skip:p.skip + p.length] if kind == "part"
-                           else blob_id(data) != p.blob)
+                           else ident(data) != p.blob)
                     what = f"{'data of ' if kind == 'part' else ''}blob {p.blob.hex()[:16]} differs"
                 with lock:
                     report.bytes_read += length

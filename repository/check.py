@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from .errors import FleeceError, IntegrityError, RepositoryError, UsageError
 from .index import Index
 from .manifest import Manifest
-from .pack import PackEntry, pack_name, pack_size
+from .pack import PackEntry, pack_name
 from .repo import ReadRange, Repository
 from .workers import map_all, run_all
 
@@ -86,6 +86,8 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
            workers: int = 4, progress: Callable[[int], None] | None = None) -> VerifyReport:
     # Read ordering (see the module docstring): 1. the manifests — listed and read, chains and views
     # resolved — before 2. the index, before 3. the packs.
+    if read_data:
+        repo.envelope.require_read("verify --read-data")
     vms = [vm] if vm else repo.vms()
     manifests: dict[tuple[str, str], Manifest] = {}
     own: dict[tuple[str, str], list[str]] = {}
@@ -140,6 +142,9 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
     index, damaged_indexes = repo.load_index_report(keep_tables=True)
     repo._index = index  # reads below use what is readable; the damage is reported
     report = VerifyReport([], [f"{name}: {exc}" for name, exc in damaged_indexes.items()])
+    if vm is None:  # format 2: VMs none of whose manifests opens (their names are unknown)
+        report.repository_problems.extend(f"{key}: no manifest can be read ({why})"
+                                          for key, why in repo.unnamed_vms().items())
     # 3. the packs, after the index: every pack the index names was durable before it
     packs = {info.name: info.size for info in repo.backend.list("data/")}
     uses: dict[tuple[str, str], dict[str, set[str]]] = {}  # point -> pack id it reads -> disks reading it
@@ -200,7 +205,7 @@ def _check_packs(repo: Repository, index: Index, pack_ids: list[str], packs: dic
             return pack_id, [f"pack {name} is missing"]
         size, problems = packs[name], []
         for entries in variants:
-            want = pack_size(entries)
+            want = repo.envelope.packs.size(entries)
             if size != want:
                 problems.append(f"pack {name} is {size} bytes, but the index says it holds {len(entries)} blobs "
                                 f"in {want} bytes ({'truncated' if size < want else 'bytes appended'})")
@@ -208,10 +213,12 @@ def _check_packs(repo: Repository, index: Index, pack_ids: list[str], packs: dic
         if read_data:
             hint = len(next(iter(variants))) if variants else None
             try:
-                actual = repo.pack_table(pack_id, size, count_hint=hint)
+                actual, header = repo.pack_trailer(pack_id, size, count_hint=hint)
             except IntegrityError as exc:
                 problems.append(str(exc))
             else:
+                if index.headers.get(pack_id, b"") != header:
+                    problems.append(f"pack {name}: the index gives it another pack key than its own header")
                 for entries, sources in variants.items():
                     if set(entries) != set(actual) or len(entries) != len(actual):
                         problems.append(f"pack {name}: {', '.join(sources)} disagree(s) with the pack's own table "

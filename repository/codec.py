@@ -1,7 +1,8 @@
 """Blob encoding: content id, compression and its inverse with verification.
 
-A blob's id is the SHA-256 of its plaintext, so identical disk bytes are stored once, whichever VM or
-point they come from, and every read can be checked against the id it was asked for.
+A blob's id is a hash of its plaintext — SHA-256 in format 1, HMAC-SHA256 under the repository's key in
+format 2 (``Envelope.blob_id``) — so identical disk bytes are stored once, whichever VM or point they
+come from, and every read can be checked against the id it was asked for.
 
 zstandard's compressor objects are not thread-safe, but they release the GIL, as does hashlib; the writer
 therefore runs one :class:`Codec` per worker thread (FIELD-NOTES §8: one compressor per thread beats
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zstandard
@@ -26,8 +28,12 @@ ENCODING_ZSTD = 1  # one zstd frame with the content size in its header
 
 
 def blob_id(data: bytes | bytearray | memoryview) -> bytes:
-    """Content id of a blob's plaintext."""
+    """Content id of a blob's plaintext in format 1."""
     return hashlib.sha256(data).digest()
+
+
+#: how a repository names blobs: :func:`blob_id`, or a keyed HMAC in format 2
+BlobIdentity = Callable[[bytes | bytearray | memoryview], bytes]
 
 
 @dataclass(frozen=True)
@@ -43,14 +49,15 @@ class Encoded:
 class Codec:
     """Hashes, compresses and decompresses blobs; one instance per thread."""
 
-    def __init__(self, level: int = 3) -> None:
+    def __init__(self, level: int = 3, ident: BlobIdentity = blob_id) -> None:
         self.level = level
+        self.ident = ident
         self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
         self._decompressor = zstandard.ZstdDecompressor()
 
     def encode(self, data: bytes | bytearray | memoryview, known_id: bytes | None = None) -> Encoded:
         """Compress *data*; keep it raw when zstd cannot shrink it (random or encrypted guest data)."""
-        ident = known_id if known_id is not None else blob_id(data)
+        ident = known_id if known_id is not None else self.ident(data)
         packed = self._compressor.compress(data)
         if len(packed) >= len(data):
             return Encoded(ident, data, len(data), ENCODING_RAW)  # no copy: the pack copies it
@@ -74,7 +81,7 @@ class Codec:
         else:
             raise IntegrityError(f"blob {expected_id.hex()} in {where} has unknown encoding {encoding}; "
                                  "was it written by a newer fleece?")
-        if len(data) != raw_length or blob_id(data) != expected_id:
+        if len(data) != raw_length or self.ident(data) != expected_id:
             raise IntegrityError(f"blob {expected_id.hex()} in {where} does not match its id "
                                  "(damaged pack or index); run 'fleece verify --read-data'")
         return data
@@ -83,12 +90,13 @@ class Codec:
 class CodecPool:
     """Hands each thread its own :class:`Codec` (zstd contexts are not thread-safe)."""
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, ident: BlobIdentity = blob_id) -> None:
         self.level = level
+        self.ident = ident
         self._local = threading.local()
 
     def get(self) -> Codec:
         codec = getattr(self._local, "codec", None)
         if codec is None:
-            codec = self._local.codec = Codec(self.level)
+            codec = self._local.codec = Codec(self.level, self.ident)
         return codec

@@ -24,7 +24,12 @@ from .errors import IntegrityError, RepositoryError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 1  #: what a plaintext repository is written as
+FORMATS = (1, 2)  #: what this fleece reads and writes (2: encrypted)
+ENCRYPTION_NONE = {"mode": "none"}
+#: format 2's parameters (see crypto): the only ones there are so far
+ENCRYPTION_V2 = {"mode": "aes-256-gcm", "ids": "hmac-sha256", "pack_keys": "x25519-hkdf-sha256",
+                 "kdf": "scrypt"}
 CONFIG_NAME = "config"
 MiB = 1 << 20
 
@@ -40,10 +45,30 @@ class RepoConfig:
     pack_target: int = 20 * MiB  # packs close at ≥ 20 MiB: ≤ ~52 PUTs per GiB on S3
     hash: str = "sha256"
     compression: dict[str, Any] = field(default_factory=lambda: {"algorithm": "zstd", "level": 3})
-    encryption: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
+    encryption: dict[str, Any] = field(default_factory=lambda: dict(ENCRYPTION_NONE))
+    #: format 2: a keyed checksum of every other field (``Keys.mac``), checked once the key is unlocked
+    auth: str = ""
+
+    @classmethod
+    def encrypted(cls, **fields: Any) -> RepoConfig:
+        """A new format 2 configuration (its ``auth`` is set by :meth:`authenticated`)."""
+        return cls(format=2, encryption=dict(ENCRYPTION_V2), **fields)
+
+    def fields(self) -> dict[str, Any]:
+        """Every field as stored (``auth`` only in format 2)."""
+        fields = asdict(self)
+        if not self.auth:
+            fields.pop("auth")
+        return fields
+
+    def canonical(self) -> bytes:
+        """The canonical JSON of every field but ``auth``: what ``auth`` authenticates."""
+        fields = asdict(self)
+        fields.pop("auth")
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def to_bytes(self) -> bytes:
-        fields = asdict(self)
+        fields = self.fields()
         return (json.dumps({**fields, "sha256": _digest(fields)}, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -55,14 +80,14 @@ class RepoConfig:
         except ValueError as exc:
             raise IntegrityError(f"{where}/config is garbled ({exc}); this is not a usable fleece repository") from None
         fmt = obj.get("format")
-        if fmt != FORMAT:
-            raise RepositoryError(f"{where} has repository format {fmt!r}, this fleece knows format {FORMAT}: "
-                                  "use a fleece version that supports it")
+        if fmt not in FORMATS or isinstance(fmt, bool):
+            raise RepositoryError(f"{where} has repository format {fmt!r}, this fleece knows formats "
+                                  f"{', '.join(map(str, FORMATS))}: use a fleece version that supports it")
         # After the format: a newer format may checksum differently, and must be told as such.
         _check_digest(obj, where)
         try:
             cfg = cls(**{k: obj[k] for k in ("id", "format", "created", "chunk_size", "pack_target", "hash",
-                                               "compression", "encryption")})
+                                               "compression", "encryption")}, auth=str(obj.get("auth", "")))
         except KeyError as exc:
             raise IntegrityError(f"{where}/config lacks field {exc}") from None
         cfg.validate(where)
@@ -77,9 +102,13 @@ class RepoConfig:
         if not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
             raise RepositoryError(f"{where}: zstd level {level!r} must be a whole number from {MIN_LEVEL} to "
                                   f"{MAX_LEVEL}")
-        if self.encryption.get("mode") != "none":
-            raise RepositoryError(f"{where}: encrypted repositories ({self.encryption.get('mode')!r}) are not "
+        wanted = ENCRYPTION_NONE if self.format == 1 else ENCRYPTION_V2
+        if self.encryption != wanted:
+            raise RepositoryError(f"{where}: format {self.format} with encryption {self.encryption!r} is not "
                                   "supported by this fleece version")
+        if self.format == 1 and self.auth:
+            raise IntegrityError(f"{where}/config is unencrypted (format 1) but carries a key checksum: it was "
+                                 "edited, perhaps to turn encryption off", object="config")
         if self.chunk_size <= 0 or self.chunk_size & (self.chunk_size - 1) or self.chunk_size > 32 * MiB:
             raise RepositoryError(f"{where}: chunk_size {self.chunk_size} must be a power of two ≤ 32 MiB")
         if not MiB <= self.pack_target <= 1024 * MiB:

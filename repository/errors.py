@@ -5,9 +5,9 @@
     FleeceError                      kind "error"        exit 1   (message, object)
      ├── UsageError                  kind "usage"        exit 2   a flag, name or path that cannot work as given
      ├── Interrupted                 kind "interrupted"  exit 1   Ctrl-C / SIGTERM; everything was rolled back
- ├── HostError                   kind "os"           exit 1   the OS refused something fleece did not classify
- ├── OutputError                 kind "stdout"       exit 1   stdout is closed or full (what ran, ran)
- ├── InternalError               kind "internal"     exit 1   a bug: reported as one line, traceback with -v
+     ├── HostError                   kind "os"           exit 1   the OS refused something fleece did not classify
+     ├── OutputError                 kind "stdout"       exit 1   stdout is closed or full (what ran, ran)
+     ├── InternalError               kind "internal"     exit 1   a bug: reported as one line, traceback with -v
      ├── RepositoryError             kind "repository"   exit 1   missing, unknown format, unreadable
      │    ├── IntegrityError         kind "integrity"    exit 1   stored bytes break the format's promises
      │    └── BackendError           kind "backend"      exit 1   (code, status): the storage said no
@@ -21,7 +21,8 @@
      ├── BackupBusyError             kind "busy"         exit 1   another fleece backs this VM up now
      ├── ExportReadError             kind "export-read"  exit 1   reading the frozen view failed
      ├── IdentityError               kind "identity"     exit 1   the VM name belongs to another machine
- ├── WrongKeyError               kind "key"          exit 1   no key slot opens with the password / key file
+     ├── WrongKeyError               kind "key"          exit 1   no key slot opens with the password / key file
+     │    └── KeyAccessError         kind "key-access"           a write-only key cannot read disk contents
      └── RestoreError                kind "restore"      exit 1   a target image cannot be made or written
 
 Every message is one line meant for a user as-is: it names the object or device involved and says what
@@ -208,6 +209,13 @@ class WrongKeyError(FleeceError):
     """No key slot of an encrypted repository opens with the password or key file given."""
 
     kind = "key"
+
+
+class KeyAccessError(WrongKeyError):
+    """The key opened the repository, but only to add backups (a write-only key): reading disk contents
+    (restore, ``verify --read-data``, exporting the master key) needs a full key."""
+
+    kind = "key-access"
 
 
 class RestoreError(FleeceError):

@@ -9,6 +9,12 @@ Each backup run writes one index object for the packs it uploaded, *after* those
 where an entry is exactly a pack table's entry (``PackEntry.encode``: id[32] offset:u64 length:u32
 raw_length:u32 encoding:u8 pad[3]) — one layout, written in one place.
 
+Format 2 (encrypted) seals the body and records each pack's sealed key, so that restore opens payloads
+without reading the packs' trailers::
+
+    magic "FLCIDX2\n" | sealed with the meta key, associated data "index", of a zstd frame of:
+        npacks:u32, then per pack: pack_id[32] header[92] count:u32, count × entry
+
 The object's name is the SHA-256 of its bytes, so a truncated or garbled index is detected on load.
 Everything in an index can be regenerated from the packs' own tables (:func:`Repository.rebuild_index`).
 """
@@ -22,12 +28,19 @@ from dataclasses import dataclass
 
 import zstandard
 
+from .crypto import PACK_HEADER_SIZE, Sealer
 from .errors import IntegrityError
 from .pack import ENTRY_SIZE, PackEntry
 
 MAGIC = b"FLCIDX1\n"
+MAGIC2 = b"FLCIDX2\n"
 _COUNT = struct.Struct("<I")
 _PACK = struct.Struct("<32sI")
+_PACK2 = struct.Struct(f"<32s{PACK_HEADER_SIZE}sI")
+_AD = b"index"
+
+#: one pack's part of an index: (pack id, its table, its sealed key — empty in format 1)
+PackRecord = tuple[str, list[PackEntry], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,46 +52,63 @@ class Location:
     length: int
     raw_length: int
     encoding: int
+    header: bytes = b""  #: the pack's sealed key (format 2)
 
 
-def encode_index(packs: Iterable[tuple[str, list[PackEntry]]]) -> tuple[str, bytes]:
-    """Serialize packs' tables into an index object; returns ``(index id, bytes)``."""
+def encode_index(packs: Iterable[PackRecord] | Iterable[tuple[str, list[PackEntry]]],
+                 meta: Sealer | None = None) -> tuple[str, bytes]:
+    """Serialize packs' tables into an index object; returns ``(index id, bytes)``.
+
+    With *meta* (format 2) the body is sealed and each pack's header recorded; without, format 1.
+    """
     parts = []
     count = 0
-    for pack_id, entries in packs:
+    for pack in packs:
+        pack_id, entries = pack[0], pack[1]
         count += 1
-        parts.append(_PACK.pack(bytes.fromhex(pack_id), len(entries)))
+        if meta is None:
+            parts.append(_PACK.pack(bytes.fromhex(pack_id), len(entries)))
+        else:
+            parts.append(_PACK2.pack(bytes.fromhex(pack_id), pack[2], len(entries)))  # type: ignore[misc]
         parts.extend(e.encode() for e in entries)
-    body = _COUNT.pack(count) + b"".join(parts)
-    data = MAGIC + zstandard.ZstdCompressor(level=3).compress(body)
+    body = zstandard.ZstdCompressor(level=3).compress(_COUNT.pack(count) + b"".join(parts))
+    data = MAGIC + body if meta is None else MAGIC2 + meta.seal(body, _AD)
     return hashlib.sha256(data).hexdigest(), data
 
 
-def decode_index(index_id: str, data: bytes) -> list[tuple[str, list[PackEntry]]]:
-    """Parse an index object, checking it against its name."""
+def decode_index(index_id: str, data: bytes, meta: Sealer | None = None) -> list[PackRecord]:
+    """Parse an index object, checking it against its name (and, with *meta*, its seal)."""
     where = f"index/{index_id}"
     if hashlib.sha256(data).hexdigest() != index_id:
-        raise IntegrityError(f"{where} does not match its name (truncated or garbled)")
-    if not data.startswith(MAGIC):
-        raise IntegrityError(f"{where} is not a fleece index")
+        raise IntegrityError(f"{where} does not match its name (truncated or garbled)", object=where)
+    magic = MAGIC if meta is None else MAGIC2
+    if not data.startswith(magic):
+        other = "an encrypted (format 2)" if data.startswith(MAGIC2) else "a plaintext (format 1)"
+        raise IntegrityError(f"{where} is not a fleece index of this repository's format"
+                             + (f" (it is {other} index)" if data.startswith((MAGIC, MAGIC2)) else ""), object=where)
+    sealed = data[len(magic):]
+    if meta is not None:
+        sealed = meta.open(sealed, _AD, where)
     try:
-        body = zstandard.ZstdDecompressor().decompress(data[len(MAGIC):])
+        body = zstandard.ZstdDecompressor().decompress(sealed)
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{where} does not decompress ({exc})") from None
+        raise IntegrityError(f"{where} does not decompress ({exc})", object=where) from None
+    record = _PACK if meta is None else _PACK2
     try:
         (npacks,) = _COUNT.unpack_from(body, 0)
         pos = _COUNT.size
-        out = []
+        out: list[PackRecord] = []
         for _ in range(npacks):
-            raw_pack, count = _PACK.unpack_from(body, pos)
-            pos += _PACK.size
+            fields = record.unpack_from(body, pos)
+            raw_pack, count, header = fields[0], fields[-1], (fields[1] if meta is not None else b"")
+            pos += record.size
             entries = [PackEntry.decode(body, pos + i * ENTRY_SIZE) for i in range(count)]
             pos += count * ENTRY_SIZE
-            out.append((raw_pack.hex(), entries))
+            out.append((raw_pack.hex(), entries, header))
     except struct.error:
-        raise IntegrityError(f"{where} is truncated inside its tables") from None
+        raise IntegrityError(f"{where} is truncated inside its tables", object=where) from None
     if pos != len(body):
-        raise IntegrityError(f"{where} has {len(body) - pos} trailing bytes")
+        raise IntegrityError(f"{where} has {len(body) - pos} trailing bytes", object=where)
     return out
 
 
@@ -92,6 +122,8 @@ class Index:
         #: objects give for that pack → the index objects that give it. Two index objects listing one pack
         #: (a rebuilt index next to an old one) must agree, and each must agree with the pack's own table.
         self.tables: dict[str, dict[tuple[PackEntry, ...], list[str]]] | None = {} if keep_tables else None
+        #: with *keep_tables*: pack id → the sealed key the index objects give for it (format 2)
+        self.headers: dict[str, bytes] = {}
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -99,15 +131,17 @@ class Index:
     def __contains__(self, blob: bytes) -> bool:
         return blob in self._blobs
 
-    def add_pack(self, pack_id: str, entries: Iterable[PackEntry], source: str = "") -> None:
-        """Merge one pack's table (*source*: the index object it came from, kept with *keep_tables*)."""
+    def add_pack(self, pack_id: str, entries: Iterable[PackEntry], source: str = "", header: bytes = b"") -> None:
+        """Merge one pack's table (*source*: the index object it came from, kept with *keep_tables*;
+        *header*: the pack's sealed key in format 2)."""
         if self.tables is not None:
             entries = tuple(entries)
             self.tables.setdefault(pack_id, {}).setdefault(entries, []).append(source)
+            self.headers.setdefault(pack_id, header)
         self.packs.add(pack_id)
         for e in entries:
             # First writer wins: a blob present in two packs (two concurrent runs) is equally good in both.
-            self._blobs.setdefault(e.id, Location(pack_id, e.offset, e.length, e.raw_length, e.encoding))
+            self._blobs.setdefault(e.id, Location(pack_id, e.offset, e.length, e.raw_length, e.encoding, header))
 
     def lookup(self, blob: bytes) -> Location | None:
         return self._blobs.get(blob)

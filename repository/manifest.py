@@ -24,7 +24,6 @@ import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote
 
 import zstandard
 
@@ -63,19 +62,6 @@ def check_vm_name(vm: str) -> str:
     if any(not ch.isprintable() for ch in vm):
         raise UsageError(f"the VM name {vm!r} holds control characters: pass a printable --vm NAME")
     return vm
-
-
-def vm_key(vm: str) -> str:
-    """Object-name-safe form of a VM name (reversible)."""
-    return quote(check_vm_name(vm), safe="-_.")
-
-
-def vm_from_key(key: str) -> str:
-    return unquote(key)
-
-
-def manifest_name(vm: str, point_id: str) -> str:
-    return f"points/{vm_key(vm)}/{point_id}"
 
 
 def encode_extents(extents: list[Extent]) -> str:

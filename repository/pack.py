@@ -1,10 +1,21 @@
-"""Packs: many blobs in one object, self-describing.
+"""Packs: many blobs in one object, self-describing — in format 1 (plaintext) and format 2 (sealed).
 
-Layout of a pack (all integers little-endian)::
+Format 1 (all integers little-endian)::
 
     payload of blob 0 | payload of blob 1 | ... | payload of blob N-1
     table:  N entries of  id[32] offset:u64 length:u32 raw_length:u32 encoding:u8 pad[3]
     footer: N:u32  sha256(table)[32]  magic "FLCPACK1"
+
+Format 2 (:class:`SealedPacks`)::
+
+    sealed payload 0 | ... | sealed payload N-1          each nonce|ciphertext|tag under the pack key,
+                                                         associated data "blob " + blob id
+    header:       the pack key sealed to the repository's X25519 public key (92 bytes)
+    sealed table: the N entries above, sealed with the meta key, associated data "pack table " + header
+    footer:       N:u32  magic "FLCPACK2"
+
+Both layouts are behind one small interface (:class:`PlainPacks`, :class:`SealedPacks`): the builder,
+the writer and the readers never branch on the format.
 
 The pack's name is the SHA-256 of its trailer (which lists every blob's content id), and its own table
 means the index can always be rebuilt from the packs alone (``fleece`` never depends on an index it
@@ -20,8 +31,14 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from .codec import ID_SIZE, Encoded
+from .crypto import OVERHEAD, PACK_HEADER_SIZE, Sealer
 from .errors import IntegrityError
+
+if TYPE_CHECKING:
+    from .crypto import Keys
 
 MAGIC = b"FLCPACK1"
 _PACK_ID = re.compile(r"[0-9a-f]{64}")
@@ -64,30 +81,38 @@ class PackBuilder:
     ``mmap`` memory, hence page aligned, so the local backend can hand it to ``O_DIRECT`` writes as is.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, layout: PackLayout | None = None) -> None:
         self._buf = mmap.mmap(-1, capacity)
         self._entries: list[PackEntry] = []
         self.size = 0
+        self.layout: PackLayout = layout or PLAIN
+        self._key: Sealer | None = None
+        self._header = b""
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def header(self) -> bytes:
+        """The pack's sealed key (format 2; empty in format 1), as the index records it."""
+        return self._header
+
     def fits(self, blob: Encoded) -> bool:
-        need = self.size + len(blob.payload) + table_span(len(self._entries) + 1)
+        need = self.size + len(blob.payload) + self.layout.overhead + self.layout.span(len(self._entries) + 1)
         return need <= len(self._buf)
 
     def add(self, blob: Encoded) -> None:
-        n = len(blob.payload)
         if not self.fits(blob):
             raise ValueError("blob does not fit in this pack buffer")
-        self._buf[self.size:self.size + n] = blob.payload
+        if not self._entries:
+            self._key, self._header = self.layout.new_key()  # a fresh key for every pack
+        n = self.layout.write(self._key, blob.id, blob.payload, memoryview(self._buf)[self.size:])
         self._entries.append(PackEntry(blob.id, self.size, n, blob.raw_length, blob.encoding))
         self.size += n
 
     def finish(self) -> tuple[str, memoryview, list[PackEntry]]:
         """Return ``(pack id, pack bytes, entries)``. The view is valid until :meth:`reset`."""
-        table = b"".join(e.encode() for e in self._entries)
-        trailer = table + _FOOTER.pack(len(self._entries), hashlib.sha256(table).digest(), MAGIC)
+        trailer = self.layout.trailer(self._entries, self._header)
         end = self.size + len(trailer)
         self._buf[self.size:end] = trailer
         return pack_id_of(trailer), memoryview(self._buf)[:end], self._entries
@@ -95,6 +120,7 @@ class PackBuilder:
     def reset(self) -> None:
         self._entries = []
         self.size = 0
+        self._key, self._header = None, b""
 
 
 def pack_id_of(trailer: bytes | memoryview) -> str:
@@ -179,5 +205,118 @@ def verify_pack_bytes(pack_id: str, data: bytes) -> list[PackEntry]:
         raise IntegrityError(f"pack {pack_id} is truncated ({len(data)} bytes)")
     return verify_trailer(pack_id, data, len(data))
 
+
+class PlainPacks:
+    """Format 1 packs: payloads as they are, a plaintext table checked by SHA-256."""
+
+    overhead = 0  #: bytes a stored payload is longer than the encoded blob
+    footer_size = FOOTER_SIZE
+
+    def new_key(self) -> tuple[Sealer | None, bytes]:
+        return None, b""
+
+    def write(self, key: Sealer | None, blob: bytes, payload: bytes | bytearray | memoryview, out: memoryview) -> int:
+        """Store one encoded blob at the start of *out*; returns the stored length."""
+        out[:len(payload)] = payload
+        return len(payload)
+
+    def open(self, header: bytes, blob: bytes, payload: bytes | memoryview, where: str) -> bytes | memoryview:
+        return payload
+
+    def span(self, count: int) -> int:
+        return table_span(count)
+
+    def count(self, footer: bytes, pack_size: int, name: str) -> int:
+        return parse_footer(footer, pack_size, name)
+
+    def trailer(self, entries: Sequence[PackEntry], header: bytes) -> bytes:
+        table = b"".join(e.encode() for e in entries)
+        return table + _FOOTER.pack(len(entries), hashlib.sha256(table).digest(), MAGIC)
+
+    def verify(self, pack_id: str, tail: bytes, pack_size: int, name: str) -> tuple[list[PackEntry], bytes]:
+        """The pack's table and header from its last bytes, checked against its name (see
+        :func:`verify_trailer`)."""
+        return verify_trailer(pack_id, tail, pack_size, name), b""
+
+    def size(self, entries: Sequence[PackEntry]) -> int:
+        return pack_size(entries)
+
+
+MAGIC2 = b"FLCPACK2"
+_FOOTER2 = struct.Struct("<I8s")
+
+
+class SealedPacks:
+    """Format 2 packs (module docstring): every payload sealed under the pack's own key, the table under
+    the repository's meta key, bound to the pack key's header.
+
+    The pack id is still the SHA-256 of the trailer (header + sealed table + footer): the sealed table
+    authenticates every entry, every entry's blob id is bound into its payload's seal, and the header
+    binds the pack key to the table, so nothing in a pack can be replaced or moved unnoticed.
+    """
+
+    overhead = OVERHEAD
+    footer_size = _FOOTER2.size
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    def new_key(self) -> tuple[Sealer | None, bytes]:
+        return self.keys.new_pack_key()
+
+    def write(self, key: Sealer | None, blob: bytes, payload: bytes | bytearray | memoryview, out: memoryview) -> int:
+        assert key is not None
+        return key.seal_into(payload, b"blob " + blob, out)
+
+    def open(self, header: bytes, blob: bytes, payload: bytes | memoryview, where: str) -> bytes | memoryview:
+        return self.keys.pack_key(header, where).open(payload, b"blob " + blob, f"blob {blob.hex()} in {where}")
+
+    def span(self, count: int) -> int:
+        return PACK_HEADER_SIZE + count * ENTRY_SIZE + OVERHEAD + _FOOTER2.size
+
+    def count(self, footer: bytes, pack_size: int, name: str) -> int:
+        if len(footer) != _FOOTER2.size or footer[-len(MAGIC2):] != MAGIC2:
+            raise IntegrityError(f"pack {name} has no valid footer (truncated or not a fleece format 2 pack)",
+                                 object=name)
+        (count, _) = _FOOTER2.unpack(footer)
+        if self.span(count) > pack_size:
+            raise IntegrityError(f"pack {name} claims {count} blobs but is only {pack_size} bytes long (truncated?)",
+                                 object=name)
+        return count
+
+    def trailer(self, entries: Sequence[PackEntry], header: bytes) -> bytes:
+        table = b"".join(e.encode() for e in entries)
+        return header + self.keys.meta.seal(table, b"pack table " + header) + _FOOTER2.pack(len(entries), MAGIC2)
+
+    def verify(self, pack_id: str, tail: bytes, pack_size: int, name: str) -> tuple[list[PackEntry], bytes]:
+        count = self.count(tail[-_FOOTER2.size:], pack_size, name)
+        span = self.span(count)
+        if len(tail) < span:
+            raise IntegrityError(f"pack {name}: short read of its blob table", object=name)
+        trailer = tail[len(tail) - span:]
+        if pack_id_of(trailer) != pack_id:
+            raise IntegrityError(f"pack {name}: its blob table does not match its name (damaged or renamed)",
+                                 object=name)
+        header = bytes(trailer[:PACK_HEADER_SIZE])
+        table = self.keys.meta.open(trailer[PACK_HEADER_SIZE:span - _FOOTER2.size], b"pack table " + header,
+                                    f"the blob table of pack {name}")
+        if len(table) != count * ENTRY_SIZE:
+            raise IntegrityError(f"pack {name}: its blob table holds {len(table)} bytes, not {count} entries",
+                                 object=name)
+        payload_end = pack_size - span
+        entries = []
+        for i in range(count):
+            e = PackEntry.decode(table, i * ENTRY_SIZE)
+            if e.offset + e.length > payload_end:
+                raise IntegrityError(f"pack {name}: blob {e.id.hex()} lies outside the pack's data", object=name)
+            entries.append(e)
+        return entries, header
+
+    def size(self, entries: Sequence[PackEntry]) -> int:
+        return max((e.offset + e.length for e in entries), default=0) + self.span(len(entries))
+
+
+PackLayout = PlainPacks | SealedPacks
+PLAIN = PlainPacks()
 
 assert ENTRY_SIZE == ID_SIZE + 20

@@ -3,13 +3,17 @@
 Write ordering (the invariant that makes backups lock-free and crash-safe):
 packs durable → index durable → manifest written with put-if-absent (the commit point). Readers trust
 only points whose manifest exists; packs or indexes of runs that never committed are garbage.
+
+Format 1 is plaintext; format 2 is encrypted (``crypto``, ``envelope``): opening it unlocks one of its
+``keys/`` slots before anything else is read, so a wrong key fails before any work.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .backends import Backend, Counting, ObjectInfo, open_backend
@@ -17,14 +21,26 @@ from .backends import layer as backend_layer
 from .chain import Piece, resolve
 from .codec import CodecPool
 from .config import CONFIG_NAME, RepoConfig
-from .errors import IntegrityError, ObjectNotFound, RepositoryError, UsageError
+from .credentials import Credential, from_environment, kdf_seconds
+from .crypto import FULL, KeySlot, Keys, MasterKey, new_slot, tune_scrypt, unlock
+from .envelope import Envelope
+from .errors import IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
 from .index import Index, Location, decode_index, encode_index
-from .manifest import KIND_FULL, Manifest, manifest_name, vm_from_key, vm_key
-from .pack import FOOTER_SIZE, PackEntry, is_pack_id, pack_name, parse_footer, table_span, verify_trailer
+from .manifest import KIND_FULL, Manifest
+from .pack import PackEntry, is_pack_id, pack_name
 from .workers import map_all
 from .writer import BlobWriter, Committed
 
 log = logging.getLogger(__name__)
+
+KEYS_PREFIX = "keys/"
+
+#: what opens an encrypted repository: a credential, a function asked only when one is needed (the CLI's
+#: prompt), or ``None`` for the environment (``credentials.from_environment``)
+CredentialSource = Credential | Callable[[], Credential | None] | None
+
+NO_CREDENTIAL = ("set FLEECE_PASSWORD, FLEECE_PASSWORD_FILE, FLEECE_PASSWORD_COMMAND or FLEECE_KEY_FILE "
+                 "(or run on a terminal to be asked)")
 
 
 @dataclass
@@ -78,20 +94,36 @@ class Repository:
     """Open with :meth:`open`; all methods are safe to call from several threads except :meth:`writer`'s
     returned object, which has its own rules."""
 
-    def __init__(self, backend: Backend, config: RepoConfig, url: str = "") -> None:
+    def __init__(self, backend: Backend, config: RepoConfig, url: str = "", keys: Keys | None = None,
+                 slot: KeySlot | None = None) -> None:
+        if (config.format == 2) != (keys is not None):
+            raise ValueError("format 2 repositories need their keys, format 1 ones none")
         self.backend = backend
         self.config = config
         self.url = url or backend.location
+        self.envelope = Envelope(keys)
+        #: the key slot that opened this repository (format 2)
+        self.slot = slot
         #: this handle wrote the config: the repository is new (see :meth:`discard_if_new`)
         self.created = False
         self._index: Index | None = None
         self._manifests: dict[tuple[str, str], Manifest] = {}
-        self._codecs = CodecPool(config.compression.get("level", 3))
+        self._vm_names: dict[str, str] = {}  # format 2: points/<token>/ → VM name, learnt from manifests
+        self._codecs = CodecPool(config.compression.get("level", 3), self.envelope.blob_id)
+
+    @property
+    def keys(self) -> Keys | None:
+        return self.envelope.keys
+
+    @property
+    def encrypted(self) -> bool:
+        return self.envelope.encrypted
 
     # -- opening ----------------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, url: str, *, create: bool = False, config: RepoConfig | None = None,
+             credential: CredentialSource = None, kdf_time: float | None = None,
              bwlimit: int | None = None, attempts: int | None = None, **backend_options: object) -> Repository:
         """Open the repository at *url*; with *create*, make it (and its ``config``) if it does not exist.
 
@@ -99,6 +131,11 @@ class Repository:
         *attempts* times, bytes sent capped at *bwlimit* bytes per second, requests counted
         (:meth:`requests`). *backend_options* are the storage's own (S3: ``endpoint``, ``workers``,
         ``create_bucket``).
+
+        An encrypted repository (format 2) is unlocked here with *credential* (see
+        :data:`CredentialSource`): a wrong or missing key fails before anything else is read. A new one
+        (*config* of format 2) gets a random master key and a first full key slot from *credential*,
+        its scrypt tuned to *kdf_time* seconds (default ``FLEECE_KDF_TIME`` or 0.5 s).
         """
         backend = open_backend(url, create=create, bwlimit=bwlimit, attempts=attempts, **backend_options)
         try:
@@ -108,19 +145,62 @@ class Repository:
                 if not create:
                     raise RepositoryError(f"no fleece repository at {backend.location} (no 'config' object): "
                                           f"check --repo, or create one with 'fleece init --repo {url}'") from None
-                fresh = config or RepoConfig()
-                fresh.validate(backend.location)
-                if backend.put_if_absent(CONFIG_NAME, fresh.to_bytes()):
-                    repo = cls(backend, RepoConfig.from_bytes(fresh.to_bytes(), backend.location), url)
-                    repo.created = True
-                    return repo
+                made = cls._create(backend, url, config or RepoConfig(), credential, kdf_time)
+                if made is not None:
+                    return made
                 data = backend.get(CONFIG_NAME)  # someone else created it first: use theirs
-            return cls(backend, RepoConfig.from_bytes(data, backend.location), url)
+            return cls._unlock(backend, url, RepoConfig.from_bytes(data, backend.location), credential)
         except BaseException:
             backend.close()
             if create:
                 backend.discard_location()  # e.g. a damaged config: no new directory either
             raise
+
+    @classmethod
+    def _create(cls, backend: Backend, url: str, fresh: RepoConfig, credential: CredentialSource,
+                kdf_time: float | None) -> Repository | None:
+        """Make a new repository; ``None`` if another writer's config won the put-if-absent race.
+
+        Format 2 writes its first key slot *before* the config: a config is never visible without a
+        slot that opens it (a crash in between leaves a stray slot, which nothing trusts).
+        """
+        fresh.validate(backend.location)
+        keys: MasterKey | None = None
+        slot: KeySlot | None = None
+        if fresh.format == 2:
+            given = _credential(credential)
+            if given is None:
+                raise UsageError(f"a new repository at {backend.location} is encrypted: {NO_CREDENTIAL}, or create "
+                                 f"it unencrypted with 'fleece init --no-encryption --repo {url}'")
+            keys = MasterKey.generate()
+            fresh = replace(fresh, auth=keys.mac("config", fresh.canonical()))
+            slot = _make_slot(keys, given, fresh.id, FULL, kdf_time, "created with the repository")
+            backend.put(f"{KEYS_PREFIX}{slot.id}", _slot_bytes(slot))
+        if not backend.put_if_absent(CONFIG_NAME, fresh.to_bytes()):
+            if slot is not None:
+                backend.delete(f"{KEYS_PREFIX}{slot.id}")
+            return None
+        repo = cls(backend, RepoConfig.from_bytes(fresh.to_bytes(), backend.location), url, keys, slot)
+        repo.created = True
+        return repo
+
+    @classmethod
+    def _unlock(cls, backend: Backend, url: str, config: RepoConfig, credential: CredentialSource) -> Repository:
+        if config.format == 1:
+            if any(True for _ in backend.list(KEYS_PREFIX)):
+                raise IntegrityError(f"{backend.location} holds key slots (keys/) but its config says it is not "
+                                     "encrypted: the config was replaced, perhaps to make backups store plaintext; "
+                                     "put back the original config", object=CONFIG_NAME)
+            return cls(backend, config, url)
+        slots = read_slots(backend)
+        given = _credential(credential)
+        if given is None:
+            raise WrongKeyError(f"{backend.location} is encrypted: {NO_CREDENTIAL}", object=backend.location)
+        keys, slot = unlock(slots, given.secret, backend.location, given.kind, given.source)
+        if keys.mac("config", config.canonical()) != config.auth:
+            raise IntegrityError(f"the config of {backend.location} fails authentication with its key: it was "
+                                 "edited or replaced; put back the original config object", object=CONFIG_NAME)
+        return cls(backend, config, url, keys, slot)
 
     def discard_if_new(self) -> bool:
         """Take back a repository this open created, after the run that needed it failed.
@@ -164,6 +244,50 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- keys -------------------------------------------------------------------------------------------
+
+    def key_slots(self) -> list[KeySlot]:
+        """Every readable key slot (format 2; ``[]`` for an unencrypted repository)."""
+        return read_slots(self.backend) if self.encrypted else []
+
+    def add_key(self, credential: Credential, *, access: str = FULL, label: str = "",
+                kdf_time: float | None = None) -> KeySlot:
+        """A new key slot opening this repository with *credential*: full, or write-only (backups only).
+
+        Only ``keys/`` is touched: no data is re-encrypted. A write-only key may add write-only slots only.
+        """
+        keys = self._require_keys()
+        slot = _make_slot(keys, credential, self.config.id, access, kdf_time, label)
+        if not self.backend.put_if_absent(f"{KEYS_PREFIX}{slot.id}", _slot_bytes(slot)):
+            raise RepositoryError(f"key slot {slot.id} already exists (a one in 4 billion collision): run again")
+        return slot
+
+    def remove_key(self, slot_id: str) -> KeySlot:
+        """Delete one key slot. The last full-access slot is refused: without it nobody could restore.
+
+        A write-only key may remove only write-only slots (it could not add back what it removes).
+        """
+        keys = self._require_keys()
+        slots = self.key_slots()
+        matches = [s for s in slots if s.id == slot_id] or [s for s in slots if s.id.startswith(slot_id)]
+        if not slot_id or len(matches) != 1:
+            shown = ", ".join(s.id for s in slots)
+            raise UsageError(f"no single key slot {slot_id!r} in {self.url} (its slots: {shown}): 'fleece key list' "
+                             "shows them")
+        (slot,) = matches
+        if slot.access == FULL and not keys.can_read:
+            raise KeyAccessError(f"a write-only key cannot remove full key slot {slot.id}: use a full key")
+        if slot.access == FULL and sum(s.access == FULL for s in slots) == 1:
+            raise UsageError(f"key slot {slot.id} is the last full-access key of {self.url}: without it nothing "
+                             "could be restored; add another ('fleece key add') before removing it")
+        self.backend.delete(f"{KEYS_PREFIX}{slot.id}")
+        return slot
+
+    def _require_keys(self) -> Keys:
+        if self.keys is None:
+            raise UsageError(f"{self.url} is not encrypted (format 1): it has no keys to manage")
+        return self.keys
+
     # -- index ------------------------------------------------------------------------------------------
 
     def load_index(self, refresh: bool = False) -> Index:
@@ -190,8 +314,9 @@ class Repository:
         damaged: dict[str, IntegrityError] = {}
         for name in names:
             try:
-                for pack_id, entries in decode_index(name.split("/", 1)[1], self.backend.get(name)):
-                    index.add_pack(pack_id, entries, name)
+                for pack_id, entries, header in decode_index(name.split("/", 1)[1], self.backend.get(name),
+                                                             self.envelope.meta):
+                    index.add_pack(pack_id, entries, name, header)
             except IntegrityError as exc:
                 damaged[name] = exc
         return index, damaged
@@ -203,22 +328,28 @@ class Repository:
         two otherwise; *size* saves a ``head`` when a listing already gave it. Every failure is an
         :class:`IntegrityError` naming the pack (a missing pack too); only backend trouble passes through.
         """
+        return self.pack_trailer(pack_id, size, count_hint)[0]
+
+    def pack_trailer(self, pack_id: str, size: int | None = None,
+                     count_hint: int | None = None) -> tuple[list[PackEntry], bytes]:
+        """:meth:`pack_table` and the pack's header (its sealed key in format 2, else empty)."""
         name = pack_name(pack_id)
+        layout = self.envelope.packs
         if not is_pack_id(pack_id):
-            raise IntegrityError(f"pack {name} is not named like a pack (64 lowercase hex digits)")
+            raise IntegrityError(f"pack {name} is not named like a pack (64 lowercase hex digits)", object=name)
         try:
             if size is None:
                 size = self.backend.head(name).size
-            if size < FOOTER_SIZE:
-                raise IntegrityError(f"pack {name} is truncated ({size} bytes)")
-            want = min(size, table_span(count_hint)) if count_hint else FOOTER_SIZE
+            if size < layout.footer_size:
+                raise IntegrityError(f"pack {name} is truncated ({size} bytes)", object=name)
+            want = min(size, layout.span(count_hint)) if count_hint else layout.footer_size
             tail = self.backend.get(name, size - want, want)
-            count = parse_footer(tail[-FOOTER_SIZE:], size, name)
-            if table_span(count) > len(tail):
-                tail = self.backend.get(name, size - table_span(count), table_span(count))
+            count = layout.count(tail[-layout.footer_size:], size, name)
+            if layout.span(count) > len(tail):
+                tail = self.backend.get(name, size - layout.span(count), layout.span(count))
         except ObjectNotFound:
-            raise IntegrityError(f"pack {name} is missing from {self.url}") from None
-        return verify_trailer(pack_id, tail, size, name)
+            raise IntegrityError(f"pack {name} is missing from {self.url}", object=name) from None
+        return layout.verify(pack_id, tail, size, name)
 
     def rebuild_index(self, workers: int | None = None) -> RebuildReport:
         """Regenerate the index from the packs' own tables, salvaging everything that is intact.
@@ -242,43 +373,44 @@ class Repository:
         report.replaced = {name: str(exc) for name, exc in unreadable.items()}
         listed = list(self.backend.list("data/"))
 
-        def table(info: ObjectInfo) -> tuple[str, list[PackEntry] | None, str]:
+        def table(info: ObjectInfo) -> tuple[str, list[PackEntry] | None, str, bytes]:
             pack_id = info.name.rsplit("/", 1)[1]
             if info.name != pack_name(pack_id):
-                return pack_id, None, f"{info.name} is not a pack: packs are named data/<2 hex>/<64 hex>"
+                return pack_id, None, f"{info.name} is not a pack: packs are named data/<2 hex>/<64 hex>", b""
             try:
-                return pack_id, self.pack_table(pack_id, info.size), ""
+                entries, header = self.pack_trailer(pack_id, info.size)
+                return pack_id, entries, "", header
             except IntegrityError as exc:
-                return pack_id, None, str(exc)
+                return pack_id, None, str(exc), b""
 
         results = map_all(table, listed, workers=max(1, workers or self.backend.parallelism), name="fleece-rebuild",
                           on_close=self.backend.cancel)
-        intact: list[tuple[str, list[PackEntry]]] = []
-        carried: list[tuple[str, list[PackEntry]]] = []
+        intact: list[tuple[str, list[PackEntry], bytes]] = []
+        carried: list[tuple[str, list[PackEntry], bytes]] = []
         old_tables = old.tables or {}
-        for info, (pack_id, entries, why) in zip(listed, results):
+        for info, (pack_id, entries, why, header) in zip(listed, results):
             if entries is not None:
-                intact.append((pack_id, entries))
+                intact.append((pack_id, entries, header))
                 continue
             report.damaged[info.name] = why
             variants = old_tables.get(pack_id)
             if variants and info.name == pack_name(pack_id):
                 kept = list(max(variants, key=lambda v: len(variants[v])))  # the one most index objects give
-                carried.append((pack_id, kept))
+                carried.append((pack_id, kept, old.headers.get(pack_id, b"")))
                 report.kept[info.name] = len(kept)
         present = {info.name for info in listed}
         report.missing = sorted(pack_name(p) for p in old_tables if pack_name(p) not in present)
 
         intact.sort(key=lambda item: item[0])
-        index_id, data = encode_index(intact + carried)  # intact packs first: they win a blob's lookup
+        index_id, data = encode_index(intact + carried, self.envelope.meta)  # intact packs first: they win lookups
         report.index = f"index/{index_id}"
         self.backend.put(report.index, data)
         for name in old_names:
             if name != report.index:
                 self.backend.delete(name)
         self._index = None
-        report.packs, report.blobs = len(intact), sum(len(e) for _, e in intact)
-        report.points = self._lacking(points, {e.id for _, entries in intact for e in entries}, old, report)
+        report.packs, report.blobs = len(intact), sum(len(e) for _, e, _ in intact)
+        report.points = self._lacking(points, {e.id for _, entries, _ in intact for e in entries}, old, report)
         return report
 
     def _lacking(self, points: list[Manifest], held: set[bytes], old: Index,
@@ -328,12 +460,13 @@ class Repository:
 
     def writer(self, *, on_committed: Committed | None = None, **options: int | None) -> BlobWriter:
         """A :class:`BlobWriter` for one run (deduplicating against everything already indexed)."""
-        return BlobWriter(self.backend, self.config, self.load_index(), on_committed=on_committed, **options)
+        return BlobWriter(self.backend, self.config, self.load_index(), on_committed=on_committed,
+                          envelope=self.envelope, **options)
 
     def commit(self, manifest: Manifest) -> None:
         """Write *manifest* — the commit point. Only call after the run's writer has flushed."""
-        name = manifest_name(manifest.vm, manifest.id)
-        data = manifest.to_bytes()
+        name = self.envelope.manifest_name(manifest.vm, manifest.id)
+        data = self.envelope.seal_manifest(name, manifest.to_bytes())
         if not self.backend.put_if_absent(name, data):
             # A retried conditional PUT whose first attempt landed (the reply was lost) finds its own
             # manifest: that is a success. Anything else is a real collision.
@@ -350,24 +483,68 @@ class Repository:
     # -- points -----------------------------------------------------------------------------------------
 
     def vms(self) -> list[str]:
-        return sorted({vm_from_key(info.name.split("/")[1]) for info in self.backend.list("points/")})
+        """The names of the VMs with points. In format 2 the names are only inside the manifests: each
+        ``points/<token>/`` gives its name from its newest readable manifest; tokens none of whose
+        manifests can be read are :meth:`unnamed_vms`."""
+        return sorted(self._vm_keys()[0].values())
+
+    def unnamed_vms(self) -> dict[str, str]:
+        """Format 2: ``points/<token>/`` → why no manifest under it could be read (its VM name is unknown)."""
+        return self._vm_keys()[1]
+
+    def _vm_keys(self) -> tuple[dict[str, str], dict[str, str]]:
+        by_key: dict[str, list[str]] = {}
+        for info in self.backend.list("points/"):
+            parts = info.name.split("/")
+            if len(parts) == 3:
+                by_key.setdefault(parts[1], []).append(parts[2])
+        named: dict[str, str] = {}
+        unnamed: dict[str, str] = {}
+        for key, ids in by_key.items():
+            vm = self.envelope.vm_from_key(key) or self._vm_names.get(key)
+            why = "no manifest"
+            for point_id in sorted(ids, reverse=True) if vm is None else ():
+                name = f"points/{key}/{point_id}"
+                try:
+                    m = self._read_manifest(name)
+                except RepositoryError as exc:
+                    why = str(exc)
+                    continue
+                if self.envelope.vm_key(m.vm) != key:
+                    why = f"{name} names VM {m.vm!r}, whose points live elsewhere"
+                    continue
+                vm = self._vm_names[key] = m.vm
+                self._manifests.setdefault((m.vm, m.id), m)
+                break
+            if vm is None:
+                unnamed[f"points/{key}/"] = why
+            else:
+                named[key] = vm
+        return named, unnamed
 
     def point_ids(self, vm: str) -> list[str]:
         """Ids of the VM's committed points, oldest first (ids sort by creation time)."""
-        prefix = f"points/{vm_key(vm)}/"
+        prefix = f"points/{self.envelope.vm_key(vm)}/"
         return sorted(info.name[len(prefix):] for info in self.backend.list(prefix))
+
+    def _read_manifest(self, name: str) -> Manifest:
+        try:
+            data = self.backend.get(name)
+        except ObjectNotFound:
+            raise RepositoryError(f"{name} vanished while it was read") from None
+        return Manifest.from_bytes(self.envelope.open_manifest(name, data), name)
 
     def manifest(self, vm: str, point_id: str) -> Manifest:
         key = (vm, point_id)
         if key not in self._manifests:
-            name = manifest_name(vm, point_id)
+            name = self.envelope.manifest_name(vm, point_id)
             try:
                 data = self.backend.get(name)
             except ObjectNotFound:
                 raise RepositoryError(f"VM {vm!r} has no point {point_id!r} in {self.url}; "
                                       f"'fleece list --repo {self.url} --vm {vm}' shows the points that exist"
                                       ) from None
-            m = Manifest.from_bytes(data, name)
+            m = Manifest.from_bytes(self.envelope.open_manifest(name, data), name)
             if m.id != point_id or m.vm != vm:
                 raise IntegrityError(f"{name} describes point {m.id} of VM {m.vm}, not the point its name says")
             self._manifests[key] = m
@@ -533,9 +710,10 @@ class Repository:
         return data
 
     def decode(self, blob: bytes, loc: Location, payload: bytes | memoryview) -> bytes:
-        """Decompress and verify one blob's payload."""
+        """Open (format 2), decompress and verify one blob's payload."""
         where = f"pack {loc.pack} at offset {loc.offset}"
-        return self._codecs.get().decode(payload, loc.raw_length, loc.encoding, blob, where)
+        opened = self.envelope.packs.open(loc.header, blob, payload, f"pack {pack_name(loc.pack)}")
+        return self._codecs.get().decode(opened, loc.raw_length, loc.encoding, blob, where)
 
     def read_blob(self, blob: bytes) -> bytes:
         loc = self.locate(blob)
@@ -572,3 +750,40 @@ class Repository:
         """Yield ``(id, plaintext)`` for *blobs* (sequentially; restore parallelises over :meth:`plan_reads`)."""
         for rng in self.plan_reads(blobs):
             yield from self.read_blobs(rng)
+
+
+def read_slots(backend: Backend) -> list[KeySlot]:
+    """Every key slot of an encrypted repository; a damaged slot object is an error naming it."""
+    slots = []
+    for info in backend.list(KEYS_PREFIX):
+        try:
+            slot = KeySlot.from_json(json.loads(backend.get(info.name)))
+        except ObjectNotFound:
+            continue  # removed while listed
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(f"key slot {info.name} is not readable JSON ({exc}): remove it, or put back a "
+                                 "copy", object=info.name) from None
+        if f"{KEYS_PREFIX}{slot.id}" != info.name:
+            raise IntegrityError(f"{info.name} holds key slot {slot.id}: it was renamed", object=info.name)
+        slots.append(slot)
+    return slots
+
+
+def _slot_bytes(slot: KeySlot) -> bytes:
+    return (json.dumps(slot.to_json(), indent=1, sort_keys=True) + "\n").encode()
+
+
+def _credential(source: CredentialSource) -> Credential | None:
+    if source is None:
+        return from_environment()
+    if isinstance(source, Credential):
+        return source
+    return source()
+
+
+def _make_slot(keys: Keys, credential: Credential, repo_id: str, access: str, kdf_time: float | None,
+               label: str) -> KeySlot:
+    seconds = kdf_seconds() if kdf_time is None else kdf_time
+    scrypt_n = tune_scrypt(seconds) if credential.kind == "passphrase" else None
+    return new_slot(keys, credential.secret, repo=repo_id, kind=credential.kind, access=access, scrypt_n=scrypt_n,
+                    label=label)

@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from .backends.base import Backend, Data
-from .codec import Codec, Encoded, blob_id
+from .codec import Codec, Encoded
 from .config import RepoConfig
+from .envelope import Envelope
 from .errors import FleeceError, RepositoryError
 from .index import Index, encode_index
-from .pack import PackBuilder, PackEntry, pack_name, table_span
+from .pack import PackBuilder, PackEntry, pack_name
 from .workers import Closed, WorkQueue, Workers
 
 #: Most blobs one pack may hold (bounds the table of packs full of tiny, well-compressed blobs).
@@ -35,7 +36,7 @@ MAX_PACK_ENTRIES = 16384
 BlobDone = Callable[[bytes, int], None]
 
 _Blob = tuple[Data, BlobDone | None]
-_Upload = tuple[PackBuilder, str, memoryview, list[PackEntry]]
+_Upload = tuple[PackBuilder, str, memoryview, list[PackEntry], bytes]
 
 #: ``on_committed(raw bytes, stored bytes)``, from a worker thread: plaintext now durable in the repository
 #: — a pack's blobs once its upload finished (stored: the pack's size), a duplicate when found (stored 0).
@@ -60,10 +61,12 @@ class BlobWriter:
     """Packs blobs into the repository. Thread-safe :meth:`add`; single :meth:`flush` or :meth:`abort`."""
 
     def __init__(self, backend: Backend, config: RepoConfig, index: Index, *, threads: int | None = None,
-                 uploads: int | None = None, pending: int | None = None, on_committed: Committed | None = None) -> None:
+                 uploads: int | None = None, pending: int | None = None, on_committed: Committed | None = None,
+                 envelope: Envelope | None = None) -> None:
         self.backend = backend
         self.config = config
         self.index = index
+        self.envelope = envelope or Envelope()
         self.stats = WriterStats()
         self._on_committed = on_committed
         threads = threads or os.cpu_count() or 2
@@ -78,16 +81,17 @@ class BlobWriter:
                                                      name="fleece-put")
         self._encoders.link(self._uploaders)  # one failure, or abort(), stops both
         self._uploaders.on_close(backend.cancel)  # ...and cuts short an upload's --bwlimit or retry pause
-        capacity = config.pack_target + config.chunk_size + table_span(MAX_PACK_ENTRIES)
+        capacity = (config.pack_target + config.chunk_size + self.envelope.packs.span(MAX_PACK_ENTRIES)
+                    + self.envelope.packs.overhead)
         self._free: WorkQueue[PackBuilder] = WorkQueue(uploads + 1)
         for _ in range(uploads + 1):
-            self._free.put(PackBuilder(capacity))
+            self._free.put(PackBuilder(capacity, self.envelope.packs))
         self._encoders.on_close(self._free.close)  # wakes an encoder waiting for a pack buffer
         self._builder: PackBuilder | None = None
         self._lock = threading.Lock()  # stats, dedup set, written packs; never held while blocking
         self._pack_lock = threading.Lock()  # filling the current pack; may block for a free buffer
         self._pending_ids: set[bytes] = set()
-        self._written: list[tuple[str, list[PackEntry]]] = []
+        self._written: list[tuple[str, list[PackEntry], bytes]] = []
         self._aborted = False
         self._closed = False
 
@@ -135,11 +139,11 @@ class BlobWriter:
             self._raise_if_failed()
             raise RepositoryError("backup aborted")
         if self._written:
-            index_id, data = encode_index(self._written)
+            index_id, data = encode_index(self._written, self.envelope.meta)
             self.backend.put(f"index/{index_id}", data)
             self.stats.uploaded_bytes += len(data)
-            for pack_id, entries in self._written:
-                self.index.add_pack(pack_id, entries)
+            for pack_id, entries, header in self._written:
+                self.index.add_pack(pack_id, entries, header=header)
         return self.stats
 
     def abort(self) -> None:
@@ -167,7 +171,7 @@ class BlobWriter:
 
     def _encoder(self) -> Callable[[_Blob], None]:
         """Build one encode worker, with its own zstd context (they are not thread-safe)."""
-        codec = Codec(self._level)
+        codec = Codec(self._level, self.envelope.blob_id)
 
         def encode(item: _Blob) -> None:
             try:
@@ -180,7 +184,7 @@ class BlobWriter:
         return encode
 
     def _encode(self, codec: Codec, data: Data, done: BlobDone | None) -> None:
-        ident = blob_id(data)
+        ident = self.envelope.blob_id(data)
         with self._lock:
             self.stats.raw_bytes += len(data)
             duplicate = ident in self.index or ident in self._pending_ids
@@ -221,14 +225,14 @@ class BlobWriter:
 
     def _ship(self, builder: PackBuilder) -> None:
         pack_id, data, entries = builder.finish()
-        self._uploaders.submit((builder, pack_id, data, entries))  # the queue never fills: buffers bound it
+        self._uploaders.submit((builder, pack_id, data, entries, builder.header))  # the queue never fills: buffers bound it
 
     def _upload(self, item: _Upload) -> None:
-        builder, pack_id, data, entries = item
+        builder, pack_id, data, entries, header = item
         try:
             self.backend.put(pack_name(pack_id), data)
             with self._lock:
-                self._written.append((pack_id, entries))
+                self._written.append((pack_id, entries, header))
                 self.stats.packs += 1
                 self.stats.uploaded_bytes += len(data)
             if self._on_committed is not None:

@@ -119,6 +119,7 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
     if req.mode is not None:
         check_mode(req.mode)
     check_out(req.out)
+    repo.envelope.require_read("restore")  # a write-only key: said before any image is made
     started = time.monotonic()
     manifest = repo.find_point(req.vm, req.point)
     view = repo.point_view(manifest, req.disks)

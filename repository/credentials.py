@@ -1,0 +1,128 @@
+"""Where the secret that opens an encrypted repository comes from, restic's way.
+
+Sources, in the order a user would expect (one of the password variables at a time; naming two is a
+usage error, not a guess):
+
+* ``FLEECE_KEY_FILE`` — a file of ≥ 32 random bytes for a key-file slot (fast to unlock: HKDF);
+* ``FLEECE_PASSWORD`` — the passphrase itself;
+* ``FLEECE_PASSWORD_FILE`` — a file whose content (one trailing newline dropped) is the passphrase;
+* ``FLEECE_PASSWORD_COMMAND`` — a command (split like a shell would, never run through one) whose
+  standard output is the passphrase: a secret manager, ``pass show fleece``.
+
+The CLI adds its own flags and, on a terminal only, a prompt. Nothing here prints. An unencrypted
+repository never asks, so these variables are ignored there.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+PASSPHRASE = "passphrase"
+KEYFILE = "keyfile"
+
+PASSWORD_VARIABLES = ("FLEECE_PASSWORD", "FLEECE_PASSWORD_FILE", "FLEECE_PASSWORD_COMMAND")
+COMMAND_TIMEOUT = 120.0
+MAX_SECRET = 1 << 20  # a passphrase or key file larger than this is a wrong path, not a secret
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A secret and where it came from (for messages: the secret itself is never shown)."""
+
+    kind: str  # PASSPHRASE | KEYFILE
+    secret: bytes = field(repr=False)
+    source: str = ""
+
+
+def _strip_newline(data: bytes) -> bytes:
+    """Drop one trailing newline (``echo pw > file``, a command's last line), nothing else: spaces count."""
+    if data.endswith(b"\r\n"):
+        return data[:-2]
+    return data[:-1] if data.endswith(b"\n") else data
+
+
+def read_secret_file(path: str, source: str, *, strip: bool = True) -> bytes:
+    """The content of a password or key file; a one-line usage error if it cannot be read."""
+    if not path:
+        raise UsageError(f"{source} is empty: name a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SECRET + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {source} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SECRET:
+        raise UsageError(f"{source} {path} is larger than {MAX_SECRET} bytes: that is not a password or key file")
+    return _strip_newline(data) if strip else data
+
+
+def run_password_command(command: str, source: str) -> bytes:
+    """The standard output of *command* (one trailing newline dropped); its failure is a usage error."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise UsageError(f"{source} cannot be parsed ({exc})") from None
+    if not argv:
+        raise UsageError(f"{source} is empty: give a command that prints the password")
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=COMMAND_TIMEOUT, check=False)
+    except FileNotFoundError:
+        raise UsageError(f"{source}: command {argv[0]!r} not found") from None
+    except OSError as exc:
+        raise UsageError(f"{source}: cannot run {argv[0]!r} ({exc.strerror or exc})") from None
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{source}: {argv[0]!r} did not finish within {COMMAND_TIMEOUT:.0f} s") from None
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise UsageError(f"{source}: {argv[0]!r} failed: {why[0][:200]}")
+    return _strip_newline(done.stdout[:MAX_SECRET])
+
+
+def key_file(path: str, source: str) -> Credential:
+    return Credential(KEYFILE, read_secret_file(path, source, strip=False), f"{source} {path}")
+
+
+def passphrase_from(variables: Mapping[str, str], names: tuple[str, str, str]) -> Credential | None:
+    """The passphrase the variables *names* (value, file, command) give, or ``None``."""
+    given = [name for name in names if variables.get(name) is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} are both set: keep one of them")
+    if not given:
+        return None
+    name = given[0]
+    value = variables[name]
+    if name == names[0]:
+        if not value:
+            raise UsageError(f"{name} is set but empty: an empty passphrase cannot protect a repository")
+        return Credential(PASSPHRASE, value.encode(), name)
+    if name == names[1]:
+        return Credential(PASSPHRASE, read_secret_file(value, name), f"{name} {value}")
+    return Credential(PASSPHRASE, run_password_command(value, name), name)
+
+
+def from_environment(variables: Mapping[str, str] | None = None) -> Credential | None:
+    """The credential the environment gives (module docstring), or ``None`` when it gives none."""
+    env = os.environ if variables is None else variables
+    if env.get("FLEECE_KEY_FILE"):
+        if any(env.get(name) is not None for name in PASSWORD_VARIABLES):
+            raise UsageError("FLEECE_KEY_FILE and a FLEECE_PASSWORD* variable are both set: keep one of them")
+        return key_file(env["FLEECE_KEY_FILE"], "FLEECE_KEY_FILE")
+    return passphrase_from(env, PASSWORD_VARIABLES)  # type: ignore[arg-type]
+
+
+def kdf_seconds(variables: Mapping[str, str] | None = None, default: float = 0.5) -> float:
+    """How long a new passphrase slot's scrypt should take (``FLEECE_KDF_TIME``, milliseconds; like
+    cryptsetup's ``--iter-time``). 0 gives scrypt's floor (2^14), never less."""
+    env = os.environ if variables is None else variables
+    text = env.get("FLEECE_KDF_TIME")
+    if text is None or text == "":
+        return default
+    if not text.strip().isascii() or not text.strip().isdigit() or int(text) > 60000:
+        raise UsageError(f"FLEECE_KDF_TIME={text!r} must be whole milliseconds from 0 to 60000")
+    return int(text) / 1000
