@@ -17,6 +17,7 @@ from fleece.repository.manifest import check_vm_name
 from fleece.repository.ratelimit import parse_rate
 
 from .output import BackupProgress, Progress, emit_json, human_bytes
+from .passwords import add_credential_args, credential_source
 
 DEFAULT_LEVEL = RepoConfig().compression["level"]
 
@@ -30,6 +31,7 @@ def add_repo(p: argparse.ArgumentParser) -> None:
                    help="repository: a path, file://PATH or s3://BUCKET[/PREFIX]")
     p.add_argument("--s3-endpoint", metavar="URL", default=None, type=endpoint_url,
                    help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
+    add_credential_args(p)
 
 
 def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -79,8 +81,21 @@ endpoint_url = arg_type(_check_endpoint)
 
 
 def open_repo(args: argparse.Namespace, create: bool = False, **options: Any) -> Repository:
+    """Open (with *create*: make) the repository of *args*; a new one is encrypted unless a config
+    says otherwise, unlocked with :func:`credential_source` (asked for only when encrypted)."""
+    if create:
+        options.setdefault("config", RepoConfig.encrypted())
     return Repository.open(args.repo, create=create, endpoint=args.s3_endpoint,
-                           create_bucket=getattr(args, "create_bucket", False), **options)
+                           create_bucket=getattr(args, "create_bucket", False),
+                           credential=credential_source(args, new=create), **options)
+
+
+#: --kdf-time: milliseconds a new passphrase slot's scrypt takes here (like cryptsetup's --iter-time)
+kdf_ms = whole_number(0, 60000)
+
+
+def kdf_seconds_arg(args: argparse.Namespace) -> float | None:
+    return None if args.kdf_time is None else args.kdf_time / 1000
 
 
 # -- init -----------------------------------------------------------------------------------------------
@@ -91,20 +106,34 @@ def _init_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression-level", type=whole_number(MIN_LEVEL, MAX_LEVEL), default=DEFAULT_LEVEL, metavar="N",
                    help=f"zstd level of a new repository, {MIN_LEVEL}-{MAX_LEVEL} (default {DEFAULT_LEVEL}); "
                         "higher stores less and costs more CPU, lower suits fast links and slow CPUs")
+    p.add_argument("--no-encryption", action="store_true",
+                   help="store plaintext (format 1): anyone who can read the bucket reads the disks")
+    p.add_argument("--kdf-time", type=kdf_ms, metavar="MS",
+                   help="milliseconds the password's scrypt takes on this machine (default FLEECE_KDF_TIME or "
+                        "500; 0 = scrypt's floor, for automation)")
 
 
 def _init(args: argparse.Namespace) -> int:
-    config = RepoConfig(compression={"algorithm": "zstd", "level": args.compression_level})
-    with open_repo(args, create=True, config=config) as repo:
-        if repo.config.compression != config.compression:
+    compression = {"algorithm": "zstd", "level": args.compression_level}
+    config = (RepoConfig(compression=compression) if args.no_encryption
+              else RepoConfig.encrypted(compression=compression))
+    with open_repo(args, create=True, config=config, kdf_time=kdf_seconds_arg(args)) as repo:
+        if not repo.created and repo.config.compression != config.compression:
             print(f"note: {repo.url} already exists with compression {repo.config.compression}; kept it",
+                  file=sys.stderr)
+        if not repo.created and repo.encrypted != (not args.no_encryption):
+            print(f"note: {repo.url} already exists {'en' if repo.encrypted else 'un'}encrypted; kept it",
                   file=sys.stderr)
         cfg = repo.config
         if args.json:
             emit_json({"repo": repo.url, "id": cfg.id, "format": cfg.format, "chunk_size": cfg.chunk_size,
-                       "pack_target": cfg.pack_target, "compression": cfg.compression})
+                       "pack_target": cfg.pack_target, "compression": cfg.compression, "encrypted": repo.encrypted,
+                       "created": repo.created, "key_slot": repo.slot.id if repo.slot else None})
         else:
-            print(f"repository {repo.url} ready (id {cfg.id}, format {cfg.format})")
+            state = "encrypted" if repo.encrypted else "NOT encrypted"
+            print(f"repository {repo.url} ready (id {cfg.id}, format {cfg.format}, {state})")
+            if repo.created and repo.encrypted:
+                print("keep its password safe: without it (or 'fleece key export --paper') nothing can be restored")
     return 0
 
 
@@ -118,7 +147,7 @@ def _list_args(p: argparse.ArgumentParser) -> None:
 def _list(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
         vms = [args.vm] if args.vm else repo.vms()
-        points, damaged = [], {}
+        points, damaged = [], {} if args.vm else dict(repo.unnamed_vms())
         for vm in vms:
             scan = repo.scan(vm)
             points.extend(m.summary() for m in scan.points)
@@ -366,4 +395,13 @@ COMMANDS: dict[str, Command] = {
     "verify": ("check that every point can be restored", _verify_args, _verify),
     "rebuild-index": ("regenerate the index from the packs' own tables", _rebuild_args, _rebuild),
 }
+
+
+def _register_key() -> None:
+    from .keycmd import key_args, key_run
+
+    COMMANDS["key"] = ("manage the passwords and key files of an encrypted repository", key_args, key_run)
+
+
+_register_key()
 

@@ -25,6 +25,7 @@ from .errors import UsageError
 
 PASSPHRASE = "passphrase"
 KEYFILE = "keyfile"
+PAPER = "paper"  # the master key as ``fleece key export --paper`` printed it: recovery only
 
 PASSWORD_VARIABLES = ("FLEECE_PASSWORD", "FLEECE_PASSWORD_FILE", "FLEECE_PASSWORD_COMMAND")
 COMMAND_TIMEOUT = 120.0
@@ -35,7 +36,7 @@ MAX_SECRET = 1 << 20  # a passphrase or key file larger than this is a wrong pat
 class Credential:
     """A secret and where it came from (for messages: the secret itself is never shown)."""
 
-    kind: str  # PASSPHRASE | KEYFILE
+    kind: str  # PASSPHRASE | KEYFILE | PAPER
     secret: bytes = field(repr=False)
     source: str = ""
 

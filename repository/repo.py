@@ -21,8 +21,8 @@ from .backends import layer as backend_layer
 from .chain import Piece, resolve
 from .codec import CodecPool
 from .config import CONFIG_NAME, RepoConfig
-from .credentials import Credential, from_environment, kdf_seconds
-from .crypto import FULL, KeySlot, Keys, MasterKey, new_slot, tune_scrypt, unlock
+from .credentials import PAPER, Credential, from_environment, kdf_seconds
+from .crypto import FULL, KeySlot, Keys, MasterKey, import_paper, new_slot, tune_scrypt, unlock
 from .envelope import Envelope
 from .errors import IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
 from .index import Index, Location, decode_index, encode_index
@@ -196,6 +196,12 @@ class Repository:
         given = _credential(credential)
         if given is None:
             raise WrongKeyError(f"{backend.location} is encrypted: {NO_CREDENTIAL}", object=backend.location)
+        if given.kind == PAPER:  # the recovery export: the master secret itself, checked against the config
+            keys, slot = import_paper(given.secret.decode(errors="replace")), None
+            if keys.mac("config", config.canonical()) != config.auth:
+                raise WrongKeyError(f"the paper key ({given.source}) is not the key of {backend.location}",
+                                    object=backend.location)
+            return cls(backend, config, url, keys, slot)
         keys, slot = unlock(slots, given.secret, backend.location, given.kind, given.source)
         if keys.mac("config", config.canonical()) != config.auth:
             raise IntegrityError(f"the config of {backend.location} fails authentication with its key: it was "

@@ -15,6 +15,13 @@ from fleece.repository.backends import Backend, LocalBackend
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/vm.py and friends
 
+# New repositories are encrypted by default, so every `fleece` the suite runs unlocks with this password
+# (the default a user gets is what the suite exercises; format 1 is tested with `init --no-encryption`).
+# Its slots use scrypt's floor (FLEECE_KDF_TIME=0: ~50 ms) instead of the 0.5 s a real password gets.
+TEST_PASSWORD = "fleece test suite password"
+os.environ.setdefault("FLEECE_PASSWORD", TEST_PASSWORD)
+os.environ.setdefault("FLEECE_KDF_TIME", "0")
+
 
 # -- S3: a real Ceph RGW, started once per session -------------------------------------------------------
 
