@@ -89,6 +89,8 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
     if read_data:
         repo.envelope.require_read("verify --read-data")
     vms = [vm] if vm else repo.vms()
+    # format 2: VMs none of whose manifests opens (their names are unknown): listed with the manifests
+    unnamed = [] if vm else [f"{key}: no manifest can be read ({why})" for key, why in repo.unnamed_vms().items()]
     manifests: dict[tuple[str, str], Manifest] = {}
     own: dict[tuple[str, str], list[str]] = {}
     for v in vms:
@@ -142,9 +144,7 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
     index, damaged_indexes = repo.load_index_report(keep_tables=True)
     repo._index = index  # reads below use what is readable; the damage is reported
     report = VerifyReport([], [f"{name}: {exc}" for name, exc in damaged_indexes.items()])
-    if vm is None:  # format 2: VMs none of whose manifests opens (their names are unknown)
-        report.repository_problems.extend(f"{key}: no manifest can be read ({why})"
-                                          for key, why in repo.unnamed_vms().items())
+    report.repository_problems.extend(unnamed)
     # 3. the packs, after the index: every pack the index names was durable before it
     packs = {info.name: info.size for info in repo.backend.list("data/")}
     uses: dict[tuple[str, str], dict[str, set[str]]] = {}  # point -> pack id it reads -> disks reading it

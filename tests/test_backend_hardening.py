@@ -364,7 +364,10 @@ def test_commands_fail_when_part_of_the_repository_is_unreadable(two_points: Pat
     out = shared_repo / f"out-{hidden.replace('/', '-')}"
     out.mkdir(mode=0o777)
     out.chmod(0o777)
-    (two_points / hidden).chmod(0o700)
+    # the VM's directory: points/testvm in format 1, points/<keyed token> in an encrypted repository
+    vm_dir = "points/" + Repository.open(repo).envelope.vm_key("testvm")
+    hidden_path = vm_dir if hidden == "points/testvm" else hidden
+    (two_points / hidden_path).chmod(0o700)
     try:
         for args in (["verify", "--repo", repo], ["list", "--repo", repo], ["list", "--repo", repo, "--vm", "testvm"],
                      ["restore", "--repo", repo, "--vm", "testvm", "--out", str(out)]):
@@ -376,7 +379,7 @@ def test_commands_fail_when_part_of_the_repository_is_unreadable(two_points: Pat
             j = as_nobody(*args, "--json")
             err = json.loads(j.stdout)["error"]
             assert (j.returncode, err["code"]) == (1, "EACCES"), (args, j.stdout)
-            assert err["object"] in ({hidden} if hidden == "points/testvm" else {"points", "points/testvm"}), err
+            assert err["object"] in ({hidden_path} if hidden == "points/testvm" else {"points", vm_dir}), err
     finally:
-        (two_points / hidden).chmod(0o755)
+        (two_points / hidden_path).chmod(0o755)
     assert not list(out.iterdir())

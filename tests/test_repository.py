@@ -144,7 +144,7 @@ def test_unknown_format_version(repo: Repository) -> None:
     cfg = json.loads(repo.backend.get("config"))
     cfg["format"] = 99
     repo.backend.put("config", json.dumps(cfg).encode())
-    with pytest.raises(RepositoryError, match="format 99.*knows format 1"):
+    with pytest.raises(RepositoryError, match="format 99.*knows formats 1, 2"):
         Repository.open(repo.url)
 
 

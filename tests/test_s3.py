@@ -42,10 +42,13 @@ def test_disaster_recovery_from_the_bucket_alone(make_vm, s3_bucket, rgw, tmp_pa
         assert doc["backend_requests"]["PUT"] >= 2  # packs, index, manifest went over S3
     vm.kill()  # the host is gone
 
-    # A new host: empty HOME, no cache, nothing of the old host's files; just the bucket and the keys.
+    # A new host: empty HOME, no cache, nothing of the old host's files; just the bucket, its S3 keys and
+    # the repository's password (the repository is encrypted, as every new one is by default).
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "newhost"),
            "AWS_ACCESS_KEY_ID": rgw["access_key"], "AWS_SECRET_ACCESS_KEY": rgw["secret_key"],
-           "AWS_ENDPOINT_URL_S3": rgw["endpoint"]}
+           "AWS_ENDPOINT_URL_S3": rgw["endpoint"], "FLEECE_PASSWORD": os.environ["FLEECE_PASSWORD"]}
+    no_key = fleece("list", "--repo", url, "--json", env={k: v for k, v in env.items() if k != "FLEECE_PASSWORD"})
+    assert no_key.returncode == 1 and json.loads(no_key.stdout)["error"]["kind"] == "key", no_key.stdout
     listing = fleece("list", "--repo", url, "--json", env=env)
     assert listing.returncode == 0, listing.stderr
     assert [p["id"] for p in json.loads(listing.stdout)["points"]] == ids
@@ -184,4 +187,4 @@ def test_bad_credentials_and_missing_bucket_fail_before_any_work(make_vm, s3_buc
     assert fleece_bitmaps(vm.guest) == {"vda": [], "vdb": []}
     p = fleece("init", "--repo", "s3://brand-new-bucket/repo", "--create-bucket", "--json")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["format"] == 1
+    assert (json.loads(p.stdout)["format"], json.loads(p.stdout)["encrypted"]) == (2, True)

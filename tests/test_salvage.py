@@ -139,7 +139,8 @@ def entries_of(root: Path, pack: str) -> list[PackEntry]:
 def _index_tables(repo: Repository) -> list[tuple[str, list[PackEntry]]]:
     out = []
     for info in repo.backend.list("index/"):
-        out.extend(decode_index(info.name.split("/", 1)[1], repo.backend.get(info.name)))
+        out.extend((pack, entries) for pack, entries, _ in decode_index(info.name.split("/", 1)[1],
+                                                                         repo.backend.get(info.name)))
     return out
 
 

@@ -4,17 +4,32 @@ Cases (each repetition interleaves all of them on a fresh copy of the cached dis
 
 * ``nbdcopy``        — nbdcopy of the whole live disk to ``null:`` (what reading the disk costs)
 * ``zstd-limit``     — the full's data cells compressed by one zstd compressor per core (the CPU limit)
-* ``fleece-full``    — ``fleece backup`` (full) to a local repository
-* ``fleece-inc``     — ``fleece backup`` after the ~3 % change
+* ``fleece-full``    — ``fleece backup`` (full) to a local repository, encrypted (format 2, the default — fair
+  against restic, which encrypts too)
+* ``fleece-full-plain`` — the same full of the same disk state, right after, to a second local repository
+  made with ``fleece init --no-encryption`` (format 1): the twin that prices encryption
+* ``fleece-inc``     — ``fleece backup`` after the ~3 % change (encrypted repository)
+* ``fleece-inc-plain`` — the incremental of that same change to the plaintext repository, right after.
+  The VM's dirty bitmaps belong to one repository each, so the two repositories keep their own chains;
+  each takes an incremental after every change (``fleece-inc-more`` / ``fleece-inc-more-plain`` for the
+  later ones), so both cover the same changes and both last points hold the same disk
 * ``plain-read``     — libnbd reading exactly the incremental's data extents (no hashing, no compression)
 * ``fleece-restore-chain`` / ``fleece-restore-flat`` — restore of the last point of a 1 full + 5
-  incrementals chain
+  incrementals chain (encrypted); ``fleece-restore-flat-plain`` — the flat restore of the plaintext
+  repository's last point (same disk, same chain length)
 * ``qemu-img-convert`` — ``qemu-img convert -O qcow2`` of that chain from local qcow2 files
 * ``sha256-limit``   — the same cells hashed by one SHA-256 per core
 * with a Ceph RGW (started here, bluestore): ``fleece-full-s3``, ``fleece-inc-s3``, ``fleece-restore-flat-s3``
+  (encrypted)
 * peers, on the raw twin of the disk (they back up files): ``restic-full``/``restic-inc`` (local repository,
   restic's defaults: compression auto, AES), ``restic-*-s3`` (same RGW), ``borg-full``/``borg-inc``
   (``--encryption=none --compression zstd,3``)
+
+Every fleece command gets ``FLEECE_PASSWORD=bench`` and ``FLEECE_KDF_TIME=0`` (:data:`FLEECE_ENV`): the
+encrypted repositories are created with scrypt's floor (~50 ms to unlock) instead of the default 500 ms
+slot. Unlocking is a fixed cost per command, not per byte — with a real 500 ms slot every encrypted backup
+and restore below would take ~0.5 s longer — so it is kept out of what the encryption rows measure
+(the cost of sealing and opening the data). The plaintext repository never unlocks.
 
 S3 request counts are read from RGW's own access log, the same way for fleece and restic.
 
@@ -48,11 +63,29 @@ import zstandard  # noqa: E402
 from benchlib.corpus import CACHE  # noqa: E402
 from benchlib.disk import apply_raw, build_disk, change  # noqa: E402
 from benchlib.vm import BenchVM  # noqa: E402
-from fleece.repository import RepoConfig, Repository  # noqa: E402
+from fleece.repository import KIND_FULL, KIND_INCREMENTAL, RepoConfig, Repository  # noqa: E402
+from fleece.repository.credentials import PASSPHRASE, PASSWORD_VARIABLES, Credential  # noqa: E402
 
 FLEECE = str(ROOT / ".venv" / "bin" / "fleece")
 MiB = 1 << 20
 CHUNK = 4 * MiB
+
+#: What every fleece command of the benchmark runs with: the encrypted repositories' password, and new
+#: password slots at scrypt's floor (FLEECE_KDF_TIME=0) so that unlocking — a fixed ~0.5 s per command
+#: with the default slot, whatever the data size — stays out of the per-byte measurements.
+BENCH_PASSWORD = "bench"
+FLEECE_ENV = {"FLEECE_PASSWORD": BENCH_PASSWORD, "FLEECE_KDF_TIME": "0"}
+#: The same password for ``Repository.open`` inside this process (no environment lookup).
+BENCH_CREDENTIAL = Credential(PASSPHRASE, BENCH_PASSWORD.encode(), "bench")
+
+
+def fleece_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """*base* (default: this process's environment) with :data:`FLEECE_ENV`, and without the other
+    credential variables a user's shell may carry — fleece refuses two password sources at once."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in PASSWORD_VARIABLES and k != "FLEECE_KEY_FILE"}
+    env.update(FLEECE_ENV)
+    return env
 
 
 @dataclass
@@ -221,8 +254,9 @@ def plain_read(uri: str, extents: list[tuple[int, int]], workers: int = 4) -> Re
 
 
 def fleece_json(args: list[str], env: dict[str, str] | None = None) -> tuple[dict, dict]:
-    """Run ``fleece ARGS --json`` under /usr/bin/time: its JSON document and the timings."""
-    p, t = timed([FLEECE, *args, "--json"], env=env)
+    """Run ``fleece ARGS --json`` under /usr/bin/time (with :func:`fleece_env` over *env*): its JSON
+    document and the timings."""
+    p, t = timed([FLEECE, *args, "--json"], env=fleece_env(env))
     return json.loads(p.stdout), t
 
 
@@ -248,7 +282,8 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
     subprocess.run(["cp", "--sparse=always", str(raw), str(twin)], check=True)
     size = os.path.getsize(raw)
     level = RepoConfig().compression["level"]
-    repo = work / "repo"
+    repo = work / "repo"  # encrypted (format 2): what `fleece backup` makes on first use
+    plain_repo = work / "repo-plain"  # plaintext (format 1) twin, from `fleece init --no-encryption`
     s3repo = f"s3://bench-{rep}-{os.getpid()}/fleece"
     restic_local = work / "restic"
     borg_repo = work / "borg"
@@ -256,9 +291,11 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
     penv = dict(rgw.env if rgw else os.environ, RESTIC_PASSWORD="bench", BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
                 RESTIC_CACHE_DIR=str(work / "restic-cache"), BORG_BASE_DIR=str(work / "borg-home"))
 
-    def fleece_backup(case: str, target: str, env: dict[str, str] | None = None) -> dict:
+    def fleece_backup(case: str, target: str, kind: str, env: dict[str, str] | None = None) -> dict:
+        """One timed ``fleece backup`` to *target*; fails unless the point (and its disk) is a *kind* —
+        a full where an incremental was meant would measure the wrong thing silently."""
         def stored() -> int:
-            return rgw.bucket_bytes(target[5:].split("/")[0]) if target.startswith("s3://") else du(repo)
+            return rgw.bucket_bytes(target[5:].split("/")[0]) if target.startswith("s3://") else du(Path(target))
 
         before = stored()
         if rgw is not None:
@@ -266,6 +303,9 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
         doc, t = fleece_json(["backup", "--qmp", vm.qmp, "--repo", target, "--scratch", str(work)], env)
         after = stored()
         st = doc["disks"]["vda"]
+        if doc["kind"] != kind or st["kind"] != kind:
+            raise RuntimeError(f"{case}: expected a {kind} backup of {target}, got point {doc['kind']} / "
+                               f"disk vda {st['kind']}")
         r = Result(case, rep, **t, bytes_in=st["read_bytes"], bytes_stored=after - before,
                    bytes_sent=doc["uploaded_bytes"],
                    extra={"pause_ms": doc["pause_ms"], "dirty_bytes": st["dirty_bytes"], "zero_bytes": st["zero_bytes"],
@@ -298,6 +338,8 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
 
     if rgw is not None:
         rgw.create_bucket(s3repo[5:].split("/")[0])
+    subprocess.run([FLEECE, "init", "--no-encryption", "--repo", str(plain_repo)], env=fleece_env(), check=True,
+                   capture_output=True)
     vm = BenchVM(work, {"vda": disk})
     try:
         with vm.live_export("vda") as uri:
@@ -311,21 +353,39 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
         r.rep = rep
         out.append(r)
 
-        doc = fleece_backup("fleece-full", str(repo))
+        doc = fleece_backup("fleece-full", str(repo), KIND_FULL)
         points = [doc["id"]]
+        # Nothing writes to the disk between these fulls: both repositories start from the same state.
+        doc = fleece_backup("fleece-full-plain", str(plain_repo), KIND_FULL)
+        plain_points = [doc["id"]]
+        with Repository.open(str(repo), credential=BENCH_CREDENTIAL) as r_enc, \
+                Repository.open(str(plain_repo)) as r_plain:
+            if not r_enc.encrypted or r_plain.encrypted:  # the twins must differ in exactly this
+                raise RuntimeError(f"{repo} should be encrypted and {plain_repo} not: got "
+                                   f"{r_enc.encrypted} / {r_plain.encrypted}")
         if rgw is not None:
-            fleece_backup("fleece-full-s3", s3repo, rgw.env)
+            fleece_backup("fleece-full-s3", s3repo, KIND_FULL, rgw.env)
         peers_backup("full")
         for i in range(incs):
             ops = change(qcow2, seed=1000 * rep + i)  # layout of the pristine image (not in use)
             vm.apply("vda", ops)
             apply_raw(twin, ops)
-            doc = fleece_backup("fleece-inc" if i == 0 else "fleece-inc-more", str(repo))
+            doc = fleece_backup("fleece-inc" if i == 0 else "fleece-inc-more", str(repo), KIND_INCREMENTAL)
             points.append(doc["id"])
+            # The plaintext chain follows every change too (its own bitmap, since its own full): its
+            # incremental covers the same change, and its last point is the same disk as the encrypted one's.
+            plain = fleece_backup("fleece-inc-plain" if i == 0 else "fleece-inc-more-plain", str(plain_repo),
+                                  KIND_INCREMENTAL)
+            plain_points.append(plain["id"])
+            if plain["disks"]["vda"]["dirty_bytes"] != doc["disks"]["vda"]["dirty_bytes"]:
+                raise RuntimeError(f"change {i}: the plaintext incremental saw {plain['disks']['vda']['dirty_bytes']} "
+                                   f"dirty bytes, the encrypted one {doc['disks']['vda']['dirty_bytes']}: they "
+                                   "do not cover the same change")
             if i == 0:
                 if rgw is not None:
-                    fleece_backup("fleece-inc-s3", s3repo, rgw.env)
-                m = Repository.open(str(repo)).manifest("benchvm", doc["id"])
+                    fleece_backup("fleece-inc-s3", s3repo, KIND_INCREMENTAL, rgw.env)
+                with Repository.open(str(repo), credential=BENCH_CREDENTIAL) as r_enc:
+                    m = r_enc.manifest("benchvm", doc["id"])
                 extents = [(o, n) for o, n, b in m.disks["vda"].extents if b is not None]
                 with vm.live_export("vda") as uri:
                     r = plain_read(uri, extents)
@@ -345,6 +405,10 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
         doc, t = fleece_json(["restore", "--repo", str(repo), "--vm", "benchvm", "--out", str(dst), *extra])
         out.append(Result(f"fleece-restore-{mode}", rep, **t, bytes_in=doc["disks"]["vda"]["data_bytes"],
                           extra={"layers": len(points)}))
+    plain_flat = work / "restore-flat-plain"
+    doc, t = fleece_json(["restore", "--repo", str(plain_repo), "--vm", "benchvm", "--out", str(plain_flat), "--flat"])
+    out.append(Result("fleece-restore-flat-plain", rep, **t, bytes_in=doc["disks"]["vda"]["data_bytes"],
+                      extra={"layers": len(plain_points)}))
     if rgw is not None:
         dst = work / "restore-s3"
         rgw.requests()
@@ -353,8 +417,8 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
                           requests=sum(rgw.requests().values()), extra={"layers": 2}))
         shutil.rmtree(dst)
     chain_top = work / "restore-chain" / "vda.qcow2"
-    if rep == 0:  # correctness of the benchmark itself: both restores equal the VM's disk
-        for img in (chain_top, work / "restore-flat" / "vda.qcow2"):
+    if rep == 0:  # correctness of the benchmark itself: every local restore equals the VM's disk
+        for img in (chain_top, work / "restore-flat" / "vda.qcow2", plain_flat / "vda.qcow2"):
             cmp = subprocess.run(["qemu-img", "compare", "-F", "raw", str(img), str(twin)], capture_output=True,
                                  text=True)
             if cmp.returncode != 0:
@@ -405,6 +469,19 @@ def report(results: list[Result], reps: int) -> str:
                        "≤ 1.00"))
         checks.append(("chain restore / qemu-img convert of the chain",
                        m("fleece-restore-chain") / m("qemu-img-convert"), "(info)"))
+    # Encryption's price: each encrypted case against its plaintext twin of the same repetition (same
+    # disk state, same change, same chain length; unlocking at scrypt's floor, see the module docstring).
+    for what, enc in (("full", "fleece-full"), ("incremental", "fleece-inc"), ("flat restore", "fleece-restore-flat")):
+        if m(enc) and m(f"{enc}-plain"):
+            checks.append((f"encryption cost: {what} encrypted / plaintext wall", m(enc) / m(f"{enc}-plain"),
+                           "≤ 1.05"))
+    for what, enc in (("full", "fleece-full"), ("incremental", "fleece-inc"), ("flat restore", "fleece-restore-flat")):
+        if m(enc, "cpu_s") and m(f"{enc}-plain", "cpu_s"):
+            checks.append((f"encryption cost: {what} encrypted / plaintext CPU seconds",
+                           m(enc, "cpu_s") / m(f"{enc}-plain", "cpu_s"), "(info)"))
+    if m("fleece-full", "bytes_stored") and m("fleece-full-plain", "bytes_stored"):
+        checks.append(("encryption cost: full stored encrypted / plaintext",
+                       m("fleece-full", "bytes_stored") / m("fleece-full-plain", "bytes_stored"), "(info)"))
     for peer_name in ("restic", "restic-s3", "borg"):
         suffix = "-s3" if peer_name.endswith("-s3") else ""
         base = peer_name.replace("-s3", "")
