@@ -506,6 +506,33 @@ def test_format1_config_over_an_encrypted_repository_is_refused(world: World, co
     assert_clean(world.vm.guest)
 
 
+def test_format1_config_and_keys_deleted_never_leads_to_plaintext(make_vm, world: World, copy: Path,
+                                                                   tmp_path: Path, scratch: Path) -> None:
+    """The same downgrade by someone who also deletes ``keys/``: the packs, index objects and manifests
+    are still format 2, so the repository must still refuse plaintext — also when the user follows the
+    advice fleece prints ("fleece rebuild-index") and backs up again."""
+    plain = tmp_path / "plain"
+    ok(run("init", "--repo", str(plain), "--no-encryption", "--json"))
+    shutil.copyfile(plain / "config", copy / "config")
+    shutil.rmtree(copy / "keys")
+    sealed = {k: v for k, v in state(copy).items() if k != "config"}
+    vm = make_vm({"vda": 8 * MiB})
+    marker = f"FLEECE-PLAINTEXT-after-downgrade-{secrets.token_hex(4)}|".encode()
+    vm.write("vda", 0, stamped_random(65536, 11, marker))
+    backup = ["backup", "--qmp", vm.qmp_path, "--repo", str(copy), "--scratch", str(scratch), "--json"]
+    failure(run(*backup), "integrity")
+    rebuild = run("rebuild-index", "--repo", str(copy), "--json")
+    assert rebuild.returncode != 0, rebuild.stdout
+    again = run(*backup)
+    leaked = [name for name, data in local_objects(copy).items() if marker in data or b"testvm" in name.encode()]
+    after = state(copy)
+    gone = sorted(k for k in sealed if after.get(k) != sealed[k])
+    assert not gone and not leaked and again.returncode != 0, (
+        f"format 2 objects deleted or changed: {gone}; plaintext stored: {leaked}; second backup exit "
+        f"{again.returncode}; rebuild-index said {rebuild.stdout[:400]}")
+    assert_clean(vm.guest)
+
+
 # -- 9: where the password comes from ------------------------------------------------------------------------
 
 def test_password_file_and_command(world: World, tmp_path: Path) -> None:

@@ -80,6 +80,14 @@ def main() -> int:
     repo = work / "repository"
     vm = None
     ok = True
+    if not any(os.environ.get(v) for v in ("FLEECE_PASSWORD", "FLEECE_PASSWORD_FILE", "FLEECE_PASSWORD_COMMAND",
+                                           "FLEECE_KEY_FILE")):
+        # New repositories are encrypted: the demo's gets a random password, in a file only we can read.
+        password = work / "password"
+        fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, os.urandom(18).hex().encode() + b"\n")
+        os.close(fd)
+        os.environ["FLEECE_PASSWORD_FILE"] = str(password)
     try:
         print(f"1. starting a throw-away VM 'demo-vm' with a {mib(DISK)} qcow2 disk (work dir {work})")
         vm = TestVM(work / "vm", {"vda": DISK}, name="demo-vm")
@@ -123,6 +131,10 @@ def main() -> int:
         ok &= verify["ok"]
 
         stored = sum(f.stat().st_size for f in repo.rglob("*") if f.is_file())
+        # Encrypted at rest: no object holds a line of the guest's files, nor the VM's name.
+        needles = [data[i:i + 48] for i in range(0, len(data), MiB) if len(set(data[i:i + 48])) > 8] + [b"demo-vm"]
+        leaks = [f for f in repo.rglob("*") if f.is_file() and any(n in f.read_bytes() for n in needles)]
+        ok &= not leaks
         print("\nsummary")
         print(f"  full:        {full_s:5.2f} s, changed {mib(full['disks']['vda']['dirty_bytes'])}, "
               f"stored {mib(full['disks']['vda']['stored_bytes'])}, guest paused {full['pause_ms']:.1f} ms")
@@ -131,6 +143,8 @@ def main() -> int:
               f"stored {mib(inc['disks']['vda']['stored_bytes'])}")
         print(f"  repository:  {mib(stored)} on disk for 2 points of a {mib(DISK)} disk; verify --read-data: "
               f"{'ok' if verify['ok'] else 'DAMAGED'}")
+        print(f"  encryption:  {'no object holds guest data or the VM name' if not leaks else f'LEAK in {leaks[0]}'}"
+              f" (password from {os.environ.get('FLEECE_PASSWORD_FILE', 'your FLEECE_* variables')})")
         print(f"  restores:    {'all 4 identical to the ground truth' if ok else 'MISMATCH'}")
         return 0 if ok else 1
     finally:
