@@ -87,7 +87,7 @@ def open_repo(args: argparse.Namespace, create: bool = False, **options: Any) ->
         options.setdefault("config", RepoConfig.encrypted())
     return Repository.open(args.repo, create=create, endpoint=args.s3_endpoint,
                            create_bucket=getattr(args, "create_bucket", False),
-                           credential=credential_source(args, new=create), **options)
+                           credential=credential_source(args), **options)
 
 
 #: --kdf-time: milliseconds a new passphrase slot's scrypt takes here (like cryptsetup's --iter-time)

@@ -100,7 +100,8 @@ def key_run(args: argparse.Namespace) -> int:
                       else repo.slot.access)  # type: ignore[union-attr]
             label = args.label or (repo.slot.label if action == "passwd" and repo.slot else "")
             slot = repo.add_key(new_credential(args), access=access, label=label, kdf_time=kdf_seconds_arg(args))
-            removed = repo.remove_key(repo.slot.id).id if action == "passwd" else None  # type: ignore[union-attr]
+            removed = (repo.remove_key(repo.slot.id, current=True).id  # type: ignore[union-attr]
+                       if action == "passwd" else None)
             if args.json:
                 emit_json({"repo": args.repo, "slot": _slot_doc(slot, None), "removed": removed})
             else:

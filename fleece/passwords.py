@@ -32,11 +32,11 @@ def interactive() -> bool:
     return sys.stdin.isatty() and sys.stderr.isatty()
 
 
-def credential_source(args: argparse.Namespace, new: bool = False) -> Callable[[], Credential | None]:
-    """What opens the repository of *args*, asked for only if it is encrypted. With *new* (a repository
-    being created) a prompt asks twice."""
+def credential_source(args: argparse.Namespace) -> Callable[[bool], Credential | None]:
+    """What opens the repository of *args*, asked for only if it is encrypted. For a repository being
+    created (*new*) a prompt asks twice."""
 
-    def get() -> Credential | None:
+    def get(new: bool) -> Credential | None:
         paper = getattr(args, "paper_key_file", None)
         given = [flag for flag, value in (("--password-file", args.password_file), ("--key-file", args.key_file),
                                           ("--paper-key-file", paper)) if value is not None]

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 KEYS_PREFIX = "keys/"
 
 #: what opens an encrypted repository: a credential, a function asked only when one is needed (the CLI's
-#: prompt), or ``None`` for the environment (``credentials.from_environment``)
-CredentialSource = Credential | Callable[[], Credential | None] | None
+#: prompt; its argument says whether the repository is being created, so a prompt can ask twice), or
+#: ``None`` for the environment (``credentials.from_environment``)
+CredentialSource = Credential | Callable[[bool], Credential | None] | None
 
 NO_CREDENTIAL = ("set FLEECE_PASSWORD, FLEECE_PASSWORD_FILE, FLEECE_PASSWORD_COMMAND or FLEECE_KEY_FILE "
                  "(or run on a terminal to be asked)")
@@ -168,7 +169,7 @@ class Repository:
         keys: MasterKey | None = None
         slot: KeySlot | None = None
         if fresh.format == 2:
-            given = _credential(credential)
+            given = _credential(credential, new=True)
             if given is None:
                 raise UsageError(f"a new repository at {backend.location} is encrypted: {NO_CREDENTIAL}, or create "
                                  f"it unencrypted with 'fleece init --no-encryption --repo {url}'")
@@ -193,7 +194,7 @@ class Repository:
                                      "put back the original config", object=CONFIG_NAME)
             return cls(backend, config, url)
         slots = read_slots(backend)
-        given = _credential(credential)
+        given = _credential(credential, new=False)
         if given is None:
             raise WrongKeyError(f"{backend.location} is encrypted: {NO_CREDENTIAL}", object=backend.location)
         if given.kind == PAPER:  # the recovery export: the master secret itself, checked against the config
@@ -268,10 +269,14 @@ class Repository:
             raise RepositoryError(f"key slot {slot.id} already exists (a one in 4 billion collision): run again")
         return slot
 
-    def remove_key(self, slot_id: str) -> KeySlot:
+    def remove_key(self, slot_id: str, *, current: bool = False) -> KeySlot:
         """Delete one key slot. The last full-access slot is refused: without it nobody could restore.
 
-        A write-only key may remove only write-only slots (it could not add back what it removes).
+        The slot this handle was unlocked with is refused too unless *current* (``key passwd``, which
+        has just added its replacement): removing the password one is typing is rarely what was meant.
+        A write-only key may remove only write-only slots (it could not add back what it removes). Two
+        removals racing for the last two full slots: each checks again after deleting and puts its slot
+        back if no full slot is left.
         """
         keys = self._require_keys()
         slots = self.key_slots()
@@ -283,10 +288,17 @@ class Repository:
         (slot,) = matches
         if slot.access == FULL and not keys.can_read:
             raise KeyAccessError(f"a write-only key cannot remove full key slot {slot.id}: use a full key")
+        if self.slot is not None and slot.id == self.slot.id and not current:
+            raise UsageError(f"key slot {slot.id} is the one this command was unlocked with: replace it with "
+                             "'fleece key passwd', or unlock with another key to remove it")
+        last = (f"key slot {slot.id} is the last full-access key of {self.url}: without it nothing could be "
+                "restored; add another ('fleece key add') before removing it")
         if slot.access == FULL and sum(s.access == FULL for s in slots) == 1:
-            raise UsageError(f"key slot {slot.id} is the last full-access key of {self.url}: without it nothing "
-                             "could be restored; add another ('fleece key add') before removing it")
+            raise UsageError(last)
         self.backend.delete(f"{KEYS_PREFIX}{slot.id}")
+        if slot.access == FULL and not any(s.access == FULL for s in self.key_slots()):
+            self.backend.put(f"{KEYS_PREFIX}{slot.id}", _slot_bytes(slot))  # a concurrent removal took the other
+            raise UsageError(last)
         return slot
 
     def _require_keys(self) -> Keys:
@@ -779,12 +791,12 @@ def _slot_bytes(slot: KeySlot) -> bytes:
     return (json.dumps(slot.to_json(), indent=1, sort_keys=True) + "\n").encode()
 
 
-def _credential(source: CredentialSource) -> Credential | None:
+def _credential(source: CredentialSource, new: bool) -> Credential | None:
     if source is None:
         return from_environment()
     if isinstance(source, Credential):
         return source
-    return source()
+    return source(new)
 
 
 def _make_slot(keys: Keys, credential: Credential, repo_id: str, access: str, kdf_time: float | None,
