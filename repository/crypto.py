@@ -107,12 +107,13 @@ class Sealer:
         except InvalidTag:
             return None
 
-    def open(self, sealed: bytes | memoryview, ad: bytes, what: str) -> bytes:
-        """The plaintext, or an :class:`IntegrityError` naming *what* (tampered, truncated, other key)."""
+    def open(self, sealed: bytes | memoryview, ad: bytes, what: str, obj: str | None = None) -> bytes:
+        """The plaintext, or an :class:`IntegrityError` saying *what* failed and naming the object *obj*
+        (default: *what*) — tampered, truncated, moved from another object, or another key's."""
         plaintext = self.try_open(sealed, ad)
         if plaintext is None:
             raise IntegrityError(f"{what} fails authentication: it was altered, truncated, moved from another "
-                                 "object, or sealed with another repository's key", object=what)
+                                 "object, or sealed with another repository's key", object=obj or what)
         return plaintext
 
 
@@ -184,7 +185,7 @@ class Keys:
         except ValueError:
             raise IntegrityError(f"{where} has a damaged pack key header", object=where) from None
         kek = _derive(shared, "pack-key", salt=epub + self.public)
-        key = Sealer(kek).open(header[KEY_SIZE:], b"fleece pack key " + epub, f"the pack key of {where}")
+        key = Sealer(kek).open(header[KEY_SIZE:], b"fleece pack key " + epub, f"the pack key of {where}", where)
         sealer = Sealer(key)
         with self._lock:
             if len(self._pack_keys) > 4096:

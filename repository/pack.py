@@ -269,7 +269,8 @@ class SealedPacks:
         return key.seal_into(payload, b"blob " + blob, out)
 
     def open(self, header: bytes, blob: bytes, payload: bytes | memoryview, where: str) -> bytes | memoryview:
-        return self.keys.pack_key(header, where).open(payload, b"blob " + blob, f"blob {blob.hex()} in {where}")
+        return self.keys.pack_key(header, where).open(payload, b"blob " + blob, f"blob {blob.hex()} in pack {where}",
+                                                      where)
 
     def span(self, count: int) -> int:
         return PACK_HEADER_SIZE + count * ENTRY_SIZE + OVERHEAD + _FOOTER2.size
@@ -299,7 +300,7 @@ class SealedPacks:
                                  object=name)
         header = bytes(trailer[:PACK_HEADER_SIZE])
         table = self.keys.meta.open(trailer[PACK_HEADER_SIZE:span - _FOOTER2.size], b"pack table " + header,
-                                    f"the blob table of pack {name}")
+                                    f"the blob table of pack {name}", name)
         if len(table) != count * ENTRY_SIZE:
             raise IntegrityError(f"pack {name}: its blob table holds {len(table)} bytes, not {count} entries",
                                  object=name)

@@ -730,7 +730,7 @@ class Repository:
     def decode(self, blob: bytes, loc: Location, payload: bytes | memoryview) -> bytes:
         """Open (format 2), decompress and verify one blob's payload."""
         where = f"pack {loc.pack} at offset {loc.offset}"
-        opened = self.envelope.packs.open(loc.header, blob, payload, f"pack {pack_name(loc.pack)}")
+        opened = self.envelope.packs.open(loc.header, blob, payload, pack_name(loc.pack))
         return self._codecs.get().decode(opened, loc.raw_length, loc.encoding, blob, where)
 
     def read_blob(self, blob: bytes) -> bytes:

@@ -96,7 +96,7 @@ def test_payloads_are_bound_to_blob_id_and_pack(master: MasterKey) -> None:
     e0, e1 = entries_a[0], entries_a[1]
     payload = raw_a[e0.offset:e0.offset + e0.length]
     assert layout.open(header_a, e0.id, payload, "a")  # as written
-    with pytest.raises(IntegrityError, match=f"blob {e1.id.hex()} in a .*authentication"):
+    with pytest.raises(IntegrityError, match=f"blob {e1.id.hex()} in pack a .*authentication"):
         layout.open(header_a, e1.id, payload, "a")  # the entry of another blob pointed at this payload
     with pytest.raises(IntegrityError, match="authentication"):
         layout.open(header_b, e0.id, payload, "b")  # the payload moved to another pack
@@ -262,13 +262,24 @@ def test_wrong_or_missing_credential_fails_before_any_work(repo_path: Path) -> N
     with pytest.raises(WrongKeyError, match="wrong password") as info:
         reopen(repo_path, Credential("passphrase", b"not the password", "test"))
     assert not isinstance(info.value, KeyAccessError)
+    asked: list[bool] = []
+
+    def nobody(new: bool) -> None:
+        asked.append(new)
+        return None
+
     with pytest.raises(WrongKeyError, match="is encrypted: set FLEECE_PASSWORD"):
-        reopen(repo_path, lambda: None)
+        reopen(repo_path, nobody)
+    assert asked == [False]  # asked once, for an existing repository
     with pytest.raises(WrongKeyError, match="no key file key slot"):
         reopen(repo_path, Credential("keyfile", os.urandom(32), "test"))
     with pytest.raises(UsageError, match="is encrypted: set FLEECE_PASSWORD"):
-        create(repo_path.parent / "other", lambda: None)  # type: ignore[arg-type]
-    assert not (repo_path.parent / "other").exists()
+        create(repo_path.parent / "other", nobody)  # type: ignore[arg-type]
+    assert asked == [False, True] and not (repo_path.parent / "other").exists()
+    # a function is asked only when a key is needed: an unencrypted repository never asks
+    plain = repo_path.parent / "plain"
+    Repository.open(str(plain), create=True, config=RepoConfig(), credential=nobody).close()
+    assert not Repository.open(str(plain), credential=nobody).encrypted and asked == [False, True]
 
 
 def test_write_only_slot_adds_and_dedups_but_cannot_read(repo_path: Path) -> None:
@@ -309,22 +320,27 @@ def test_key_slots_add_and_remove(repo_path: Path) -> None:
     first = repo.slot
     assert first is not None
     wo = repo.add_key(Credential("passphrase", b"write only", "test"), access=WRITE_ONLY, kdf_time=0)
+    with pytest.raises(UsageError, match="the one this command was unlocked with"):
+        repo.remove_key(first.id)
     with pytest.raises(UsageError, match="last full-access key"):
-        repo.remove_key(first.id)  # a write-only slot does not count: it could restore nothing
+        repo.remove_key(first.id, current=True)  # a write-only slot does not count: it could restore nothing
+    assert {s.id for s in repo.key_slots()} == {first.id, wo.id}
     key_file = os.urandom(32)
     second = repo.add_key(Credential("keyfile", key_file, "test"), label="ops", kdf_time=0)
     with pytest.raises(UsageError, match="no single key slot"):
         repo.remove_key("")
     with pytest.raises(UsageError, match="no single key slot"):
         repo.remove_key("nonexistent")
-    assert repo.remove_key(first.id[:4]).id == first.id  # a unique prefix names a slot
+    assert reopen(repo_path).remove_key(second.id[:4]).id == second.id  # a unique prefix names a slot
+    second = repo.add_key(Credential("keyfile", key_file, "test"), label="ops", kdf_time=0)
+    assert repo.remove_key(first.id, current=True).id == first.id  # 'key passwd': its replacement exists
     with pytest.raises(WrongKeyError):
         reopen(repo_path)  # the old password opens nothing now
     by_file = reopen(repo_path, Credential("keyfile", key_file, "test"))
     assert by_file.keys is not None and by_file.keys.can_read and by_file.slot.id == second.id
     assert {s.id for s in by_file.key_slots()} == {second.id, wo.id}
     with pytest.raises(UsageError, match="last full-access key"):
-        by_file.remove_key(second.id)
+        by_file.remove_key(second.id, current=True)
     assert by_file.remove_key(wo.id).id == wo.id
 
 
