@@ -11,6 +11,7 @@ from typing import Any
 
 from fleece.repository import Repository
 from fleece.repository.config import MAX_LEVEL, MIN_LEVEL, RepoConfig
+from fleece.repository.credentials import configured
 from fleece.repository.errors import UsageError
 from fleece.exporter.backup import MAX_WORKERS
 from fleece.repository.manifest import check_vm_name
@@ -243,6 +244,13 @@ def _backup(args: argparse.Namespace) -> int:
     from fleece.exporter.backup import BackupRequest, run_backup
 
     with open_repo(args, create=True, workers=args.workers, bwlimit=args.bwlimit) as repo:
+        given = configured() + [f for f, v in (("--password-file", args.password_file),
+                                               ("--key-file", args.key_file)) if v]
+        if not repo.encrypted and given:
+            # The variables are ignored, as promised; but a config swapped for an unencrypted one (keys/
+            # deleted too) would otherwise turn backups into plaintext without a word.
+            log.warning("%s is set but %s is NOT encrypted (format 1, made with --no-encryption): this backup is "
+                        "stored in plaintext", " and ".join(given), repo.url)
         bar = BackupProgress("backup")  # committed bytes of the planned total; silent unless stderr is a TTY
         try:
             result = run_backup(repo, BackupRequest(qmp=args.qmp, vm=args.vm, disks=args.disk,

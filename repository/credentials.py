@@ -117,6 +117,13 @@ def from_environment(variables: Mapping[str, str] | None = None) -> Credential |
     return passphrase_from(env, PASSWORD_VARIABLES)  # type: ignore[arg-type]
 
 
+def configured(variables: Mapping[str, str] | None = None) -> list[str]:
+    """The credential variables that are set (for the warning a plaintext repository's backup gives when
+    the user evidently expects encryption)."""
+    env = os.environ if variables is None else variables
+    return [name for name in ("FLEECE_KEY_FILE", *PASSWORD_VARIABLES) if env.get(name)]
+
+
 def kdf_seconds(variables: Mapping[str, str] | None = None, default: float = 0.5) -> float:
     """How long a new passphrase slot's scrypt should take (``FLEECE_KDF_TIME``, milliseconds; like
     cryptsetup's ``--iter-time``). 0 gives scrypt's floor (2^14), never less."""
