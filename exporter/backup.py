@@ -175,6 +175,9 @@ class _Run:
         if not vm:
             raise UsageError("the VM has no name (-name); pass --vm NAME to say which name its points carry")
         self.vm = check_vm_name(vm)
+        # The index before QEMU is touched: a damaged index, or one of the other format (a replaced config),
+        # fails the backup here rather than after the freeze. The writer dedups against this load.
+        self.repo.load_index()
         self.machine = Machine.of(self.mon, info)
         self._check_identity(vm)
         info = self._recover(vm, info)

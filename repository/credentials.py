@@ -103,14 +103,18 @@ def passphrase_from(variables: Mapping[str, str], names: tuple[str, str, str]) -
             raise UsageError(f"{name} is set but empty: an empty passphrase cannot protect a repository")
         return Credential(PASSPHRASE, value.encode(), name)
     if name == names[1]:
-        return Credential(PASSPHRASE, read_secret_file(value, name), f"{name} {value}")
-    return Credential(PASSPHRASE, run_password_command(value, name), name)
+        secret, source = read_secret_file(value, name), f"{name} {value}"
+    else:
+        secret, source = run_password_command(value, name), name
+    if not secret:  # as FLEECE_PASSWORD="": never an empty passphrase (a wrong-password error would mislead)
+        raise UsageError(f"{source} gives an empty password: an empty passphrase cannot protect a repository")
+    return Credential(PASSPHRASE, secret, source)
 
 
 def from_environment(variables: Mapping[str, str] | None = None) -> Credential | None:
     """The credential the environment gives (module docstring), or ``None`` when it gives none."""
     env = os.environ if variables is None else variables
-    if env.get("FLEECE_KEY_FILE"):
+    if env.get("FLEECE_KEY_FILE") is not None:
         if any(env.get(name) is not None for name in PASSWORD_VARIABLES):
             raise UsageError("FLEECE_KEY_FILE and a FLEECE_PASSWORD* variable are both set: keep one of them")
         return key_file(env["FLEECE_KEY_FILE"], "FLEECE_KEY_FILE")

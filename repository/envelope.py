@@ -13,7 +13,7 @@ import hashlib
 from urllib.parse import quote, unquote
 
 from .crypto import Keys, Sealer
-from .errors import IntegrityError, KeyAccessError
+from .errors import FormatMismatch, IntegrityError, KeyAccessError
 from .manifest import check_vm_name
 from .pack import PLAIN, PackLayout, SealedPacks
 
@@ -77,7 +77,9 @@ class Envelope:
     def open_manifest(self, name: str, stored: bytes) -> bytes:
         if self.meta is None:
             if stored.startswith(MANIFEST_MAGIC):
-                raise IntegrityError(f"{name} is an encrypted manifest in an unencrypted repository", object=name)
+                raise FormatMismatch(f"{name} is an encrypted manifest but the config says the repository is "
+                                     "unencrypted: the config was replaced; put back the original config (and "
+                                     "keys/)", object=name)
             return stored
         if not stored.startswith(MANIFEST_MAGIC):
             raise IntegrityError(f"{name} is not an encrypted manifest: in an encrypted repository it cannot be "

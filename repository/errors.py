@@ -10,6 +10,7 @@
      ├── InternalError               kind "internal"     exit 1   a bug: reported as one line, traceback with -v
      ├── RepositoryError             kind "repository"   exit 1   missing, unknown format, unreadable
      │    ├── IntegrityError         kind "integrity"    exit 1   stored bytes break the format's promises
+     │    │    └── FormatMismatch    kind "integrity"             objects of the other format: config replaced
      │    └── BackendError           kind "backend"      exit 1   (code, status): the storage said no
      │         ├── ObjectNotFound    kind "not-found"
      │         ├── TransientBackendError  kind "transient"   retrying may help (timeouts, 5xx, throttling)
@@ -105,6 +106,12 @@ class IntegrityError(RepositoryError):
     """Stored data does not match what the repository format promises (truncated, garbled, wrong hash)."""
 
     kind = "integrity"
+
+
+class FormatMismatch(IntegrityError):
+    """An object of the other repository format (an encrypted pack, index or manifest where the config
+    says plaintext, or the reverse): the config was replaced. Never repaired, never skipped — rebuilding
+    or writing on would turn an encrypted repository into a plaintext one."""
 
 
 class BackendError(RepositoryError):

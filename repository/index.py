@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import zstandard
 
 from .crypto import PACK_HEADER_SIZE, Sealer
-from .errors import IntegrityError
+from .errors import FormatMismatch, IntegrityError
 from .pack import ENTRY_SIZE, PackEntry
 
 MAGIC = b"FLCIDX1\n"
@@ -82,6 +82,12 @@ def decode_index(index_id: str, data: bytes, meta: Sealer | None = None) -> list
     if hashlib.sha256(data).hexdigest() != index_id:
         raise IntegrityError(f"{where} does not match its name (truncated or garbled)", object=where)
     magic = MAGIC if meta is None else MAGIC2
+    if data.startswith(MAGIC2 if meta is None else MAGIC):
+        found, config = ("encrypted (format 2)", "unencrypted") if meta is None else ("plaintext (format 1)",
+                                                                                     "encrypted")
+        raise FormatMismatch(f"{where} is a {found} index but the config says the repository is {config}: the "
+                             "config was replaced; put back the original config (and keys/) — fleece will not "
+                             "write on or repair this repository", object=where)
     if not data.startswith(magic):
         other = "an encrypted (format 2)" if data.startswith(MAGIC2) else "a plaintext (format 1)"
         raise IntegrityError(f"{where} is not a fleece index of this repository's format"

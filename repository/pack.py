@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from .codec import ID_SIZE, Encoded
 from .crypto import OVERHEAD, PACK_HEADER_SIZE, Sealer
-from .errors import IntegrityError
+from .errors import FormatMismatch, IntegrityError
 
 if TYPE_CHECKING:
     from .crypto import Keys
@@ -140,6 +140,8 @@ def table_span(count: int) -> int:
 
 def parse_footer(footer: bytes, pack_size: int, name: str) -> int:
     """Validate a pack footer and return the number of entries in its table."""
+    if footer[-len(MAGIC2):] == MAGIC2:
+        raise _mismatch(name, "an encrypted (format 2) pack", "unencrypted (format 1)")
     if len(footer) != FOOTER_SIZE or footer[-len(MAGIC):] != MAGIC:
         raise IntegrityError(f"pack {name} has no valid footer (truncated or not a fleece pack)")
     count, _, _ = _FOOTER.unpack(footer)
@@ -206,6 +208,15 @@ def verify_pack_bytes(pack_id: str, data: bytes) -> list[PackEntry]:
     return verify_trailer(pack_id, data, len(data))
 
 
+def _mismatch(name: str, found: str, config: str) -> FormatMismatch:
+    return FormatMismatch(f"pack {name} is {found} but the config says the repository is {config}: the config was "
+                          "replaced; put back the original config (and keys/) — fleece will not write on or "
+                          "repair this repository", object=name)
+
+
+MAGIC2 = b"FLCPACK2"
+
+
 class PlainPacks:
     """Format 1 packs: payloads as they are, a plaintext table checked by SHA-256."""
 
@@ -242,7 +253,6 @@ class PlainPacks:
         return pack_size(entries)
 
 
-MAGIC2 = b"FLCPACK2"
 _FOOTER2 = struct.Struct("<I8s")
 
 
@@ -276,6 +286,8 @@ class SealedPacks:
         return PACK_HEADER_SIZE + count * ENTRY_SIZE + OVERHEAD + _FOOTER2.size
 
     def count(self, footer: bytes, pack_size: int, name: str) -> int:
+        if footer[-len(MAGIC):] == MAGIC:
+            raise _mismatch(name, "a plaintext (format 1) pack", "encrypted (format 2)")
         if len(footer) != _FOOTER2.size or footer[-len(MAGIC2):] != MAGIC2:
             raise IntegrityError(f"pack {name} has no valid footer (truncated or not a fleece format 2 pack)",
                                  object=name)

@@ -24,7 +24,7 @@ from .config import CONFIG_NAME, RepoConfig
 from .credentials import PAPER, Credential, from_environment, kdf_seconds
 from .crypto import FULL, KeySlot, Keys, MasterKey, import_paper, new_slot, tune_scrypt, unlock
 from .envelope import Envelope
-from .errors import IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
+from .errors import FormatMismatch, IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
 from .index import Index, Location, decode_index, encode_index
 from .manifest import KIND_FULL, Manifest
 from .pack import PackEntry, is_pack_id, pack_name
@@ -335,6 +335,8 @@ class Repository:
                 for pack_id, entries, header in decode_index(name.split("/", 1)[1], self.backend.get(name),
                                                              self.envelope.meta):
                     index.add_pack(pack_id, entries, name, header)
+            except FormatMismatch:
+                raise  # not damage: the config was replaced (verify, rebuild-index and backups stop here)
             except IntegrityError as exc:
                 damaged[name] = exc
         return index, damaged
@@ -398,6 +400,8 @@ class Repository:
             try:
                 entries, header = self.pack_trailer(pack_id, info.size)
                 return pack_id, entries, "", header
+            except FormatMismatch:
+                raise  # stops the rebuild before anything is written or deleted
             except IntegrityError as exc:
                 return pack_id, None, str(exc), b""
 
