@@ -83,15 +83,13 @@ def decode_index(index_id: str, data: bytes, meta: Sealer | None = None) -> list
         raise IntegrityError(f"{where} does not match its name (truncated or garbled)", object=where)
     magic = MAGIC if meta is None else MAGIC2
     if data.startswith(MAGIC2 if meta is None else MAGIC):
-        found, config = ("encrypted (format 2)", "unencrypted") if meta is None else ("plaintext (format 1)",
-                                                                                     "encrypted")
-        raise FormatMismatch(f"{where} is a {found} index but the config says the repository is {config}: the "
+        found, config = (("an encrypted (format 2)", "unencrypted") if meta is None
+                         else ("a plaintext (format 1)", "encrypted"))
+        raise FormatMismatch(f"{where} is {found} index but the config says the repository is {config}: the "
                              "config was replaced; put back the original config (and keys/) — fleece will not "
                              "write on or repair this repository", object=where)
     if not data.startswith(magic):
-        other = "an encrypted (format 2)" if data.startswith(MAGIC2) else "a plaintext (format 1)"
-        raise IntegrityError(f"{where} is not a fleece index of this repository's format"
-                             + (f" (it is {other} index)" if data.startswith((MAGIC, MAGIC2)) else ""), object=where)
+        raise IntegrityError(f"{where} is not a fleece index", object=where)
     sealed = data[len(magic):]
     if meta is not None:
         sealed = meta.open(sealed, _AD, where)

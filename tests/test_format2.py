@@ -18,7 +18,7 @@ from fleece.repository.check import verify
 from fleece.repository.codec import Codec, Encoded
 from fleece.repository.credentials import Credential
 from fleece.repository.crypto import PACK_HEADER_SIZE, WRITE_ONLY, MasterKey
-from fleece.repository.errors import KeyAccessError, WrongKeyError
+from fleece.repository.errors import FormatMismatch, KeyAccessError, WrongKeyError
 from fleece.repository.index import MAGIC, MAGIC2, decode_index, encode_index
 from fleece.repository.pack import PackBuilder, PackEntry, PlainPacks, SealedPacks, pack_id_of, pack_name
 
@@ -180,9 +180,9 @@ def test_index_of_the_other_format_or_key_is_refused(master: MasterKey) -> None:
     packs = records(master)
     id2, data2 = encode_index(packs, master.meta)
     id1, data1 = encode_index([(p, e) for p, e, _ in packs])
-    with pytest.raises(IntegrityError, match="not a fleece index of this repository's format .*plaintext"):
+    with pytest.raises(FormatMismatch, match=r"is a plaintext \(format 1\) index but the config says .*encrypted"):
         decode_index(id1, data1, master.meta)  # a format 1 index planted in a format 2 repository
-    with pytest.raises(IntegrityError, match="not a fleece index of this repository's format .*encrypted"):
+    with pytest.raises(FormatMismatch, match=r"is an encrypted \(format 2\) index but the config says .*unencrypted"):
         decode_index(id2, data2)  # and the other way round
     with pytest.raises(IntegrityError, match=f"index/{id2} fails authentication"):
         decode_index(id2, data2, MasterKey.generate().meta)
@@ -380,7 +380,7 @@ def test_a_format_1_index_planted_in_a_format_2_repository_is_refused(repo_path:
     write_point(repo, chunks())
     index_id, data = encode_index([("ab" * 32, [])])
     repo.backend.put(f"index/{index_id}", data)
-    with pytest.raises(IntegrityError, match=f"index/{index_id} is not a fleece index .*plaintext"):
+    with pytest.raises(FormatMismatch, match=f"index/{index_id} is a plaintext .*config was replaced"):
         reopen(repo_path).load_index()
 
 
