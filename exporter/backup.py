@@ -178,6 +178,7 @@ class _Run:
         # The index before QEMU is touched: a damaged index, or one of the other format (a replaced config),
         # fails the backup here rather than after the freeze. The writer dedups against this load.
         self.repo.load_index()
+        self.repo.check_not_downgraded()
         self.machine = Machine.of(self.mon, info)
         self._check_identity(vm)
         info = self._recover(vm, info)

@@ -210,6 +210,14 @@ def _check_packs(repo: Repository, index: Index, pack_ids: list[str], packs: dic
                 problems.append(f"pack {name} is {size} bytes, but the index says it holds {len(entries)} blobs "
                                 f"in {want} bytes ({'truncated' if size < want else 'bytes appended'})")
                 break
+        header = index.headers.get(pack_id, b"")
+        if header and repo.keys is not None and repo.keys.can_read:
+            # one X25519 exchange per pack: a pack whose key is sealed to another public key (a write-only
+            # host misled by a planted slot) is unrestorable, and is said so here, not at restore time
+            try:
+                repo.keys.pack_key(header, name)
+            except IntegrityError as exc:
+                problems.append(f"{exc} (its pack key is not sealed to this repository's key)")
         if read_data:
             hint = len(next(iter(variants))) if variants else None
             try:

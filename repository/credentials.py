@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import IO
 
 from .errors import UsageError
 
@@ -63,7 +65,11 @@ def read_secret_file(path: str, source: str, *, strip: bool = True) -> bytes:
 
 
 def run_password_command(command: str, source: str) -> bytes:
-    """The standard output of *command* (one trailing newline dropped); its failure is a usage error."""
+    """The standard output of *command* (one trailing newline dropped); its failure is a usage error.
+
+    Output is read as it comes and capped: a command that prints megabytes (or never stops: ``yes``) is
+    killed and refused, never collected into memory.
+    """
     try:
         argv = shlex.split(command)
     except ValueError as exc:
@@ -71,18 +77,54 @@ def run_password_command(command: str, source: str) -> bytes:
     if not argv:
         raise UsageError(f"{source} is empty: give a command that prints the password")
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=COMMAND_TIMEOUT, check=False)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise UsageError(f"{source}: command {argv[0]!r} not found") from None
     except OSError as exc:
         raise UsageError(f"{source}: cannot run {argv[0]!r} ({exc.strerror or exc})") from None
-    except subprocess.TimeoutExpired:
-        raise UsageError(f"{source}: {argv[0]!r} did not finish within {COMMAND_TIMEOUT:.0f} s") from None
-    if done.returncode != 0:
-        why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        raise UsageError(f"{source}: {argv[0]!r} failed: {why[0][:200]}")
-    return _strip_newline(done.stdout[:MAX_SECRET])
+    errors: list[bytes] = []
+    drain = threading.Thread(target=lambda: errors.append(_read_capped(proc.stderr, 64 << 10)), daemon=True)
+    drain.start()
+    try:
+        timer = threading.Timer(COMMAND_TIMEOUT, proc.kill)
+        timer.start()
+        try:
+            out = _read_capped(proc.stdout, MAX_SECRET + 1)
+            if len(out) > MAX_SECRET:
+                proc.kill()
+                raise UsageError(f"{source}: {argv[0]!r} printed more than {MAX_SECRET} bytes: that is not a password")
+            code = proc.wait()
+        finally:
+            timed_out = not timer.is_alive() and proc.returncode is not None and proc.returncode < 0
+            timer.cancel()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        drain.join(timeout=5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    if timed_out:
+        raise UsageError(f"{source}: {argv[0]!r} did not finish within {COMMAND_TIMEOUT:.0f} s")
+    if code != 0:
+        text = (errors[0] if errors else b"").decode(errors="replace").strip().splitlines()[-1:]
+        raise UsageError(f"{source}: {argv[0]!r} failed: {(text or [f'exit status {code}'])[0][:200]}")
+    return _strip_newline(out)
+
+
+def _read_capped(stream: IO[bytes] | None, limit: int) -> bytes:
+    """Up to *limit* bytes of *stream* (what is left unread stays in the pipe)."""
+    if stream is None:
+        return b""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = stream.read1(min(65536, limit - size)) if hasattr(stream, "read1") else stream.read(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def key_file(path: str, source: str) -> Credential:
@@ -101,7 +143,7 @@ def passphrase_from(variables: Mapping[str, str], names: tuple[str, str, str]) -
     if name == names[0]:
         if not value:
             raise UsageError(f"{name} is set but empty: an empty passphrase cannot protect a repository")
-        return Credential(PASSPHRASE, value.encode(), name)
+        return Credential(PASSPHRASE, os.fsencode(value), name)  # the bytes the user set, UTF-8 or not
     if name == names[1]:
         secret, source = read_secret_file(value, name), f"{name} {value}"
     else:

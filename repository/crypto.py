@@ -39,10 +39,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .errors import IntegrityError, KeyAccessError, UsageError, WrongKeyError
+
+log = logging.getLogger(__name__)
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -69,8 +73,12 @@ ACCESS = (FULL, WRITE_ONLY)
 
 #: scrypt's floor: parameters below this are refused when a slot is read (a tampered, weakened slot)
 MIN_SCRYPT_N = 1 << 14
+#: the most a slot may cost (and what tuning stops at): n=2^20 with r=8 is 1 GiB and ~3 s here. A slot
+#: asking more is refused as tampered: a planted slot must not make every unlock allocate gigabytes.
+MAX_SCRYPT_N = 1 << 20
 SCRYPT_R = 8
 SCRYPT_P = 1
+KINDS = {"passphrase": "scrypt", "keyfile": "hkdf"}  # each kind has exactly one KDF
 
 
 def _derive(secret: bytes, purpose: str, salt: bytes | None = None) -> bytes:
@@ -247,38 +255,49 @@ class KeySlot:
                 "wrapped": self.wrapped, "created": self.created, "label": self.label}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> KeySlot:
+    def from_json(cls, doc: Any, where: str = "key slot") -> KeySlot:
+        """A slot from its JSON document; :class:`IntegrityError` naming *where* if it is not one. A slot of
+        a kind or access this fleece does not know is returned (listed, removable) but never unlocks."""
+        if not isinstance(doc, dict):
+            raise IntegrityError(f"{where} is damaged (not a JSON object): remove it, or put back a copy",
+                                 object=where)
         try:
             slot = cls(str(doc["id"]), str(doc["kind"]), dict(doc["kdf"]), str(doc["wrapped"]),
                        str(doc.get("created", "")), str(doc.get("label", "")), str(doc.get("access", FULL)),
                        str(doc.get("repo", "")))
         except (KeyError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"key slot is damaged ({exc})") from None
-        if slot.kind not in ("passphrase", "keyfile"):
-            raise IntegrityError(f"key slot {slot.id} has an unknown kind {slot.kind!r}: use a newer fleece")
-        if slot.access not in ACCESS:
-            raise IntegrityError(f"key slot {slot.id} has an unknown access {slot.access!r}: use a newer fleece")
+            raise IntegrityError(f"{where} is damaged ({type(exc).__name__}: {exc}): remove it, or put back a copy",
+                                 object=where) from None
         return slot
+
+    @property
+    def supported(self) -> bool:
+        """Whether this fleece knows the slot's kind and access (a newer fleece's slot is skipped)."""
+        return self.kind in KINDS and self.access in ACCESS
 
     def _ad(self) -> bytes:
         return f"fleece key slot {self.repo} {self.id} {self.kind} {self.access}".encode()
 
     def _kek(self, secret: bytes) -> bytes:
+        where = f"keys/{self.id}"
         try:
             salt = base64.b64decode(self.kdf["salt"])
             name = self.kdf.get("name")
             if name == "scrypt":
                 n, r, p = int(self.kdf["n"]), int(self.kdf["r"]), int(self.kdf["p"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"key slot {self.id} has damaged KDF parameters ({exc})") from None
+            raise IntegrityError(f"key slot {where} has damaged KDF parameters ({exc})", object=where) from None
+        if name != KINDS.get(self.kind):  # e.g. a passphrase slot "stretched" by HKDF: no stretching at all
+            raise IntegrityError(f"key slot {where} is a {self.kind} slot with KDF {name!r} (fleece writes "
+                                 f"{KINDS.get(self.kind)!r}): refusing it as tampered", object=where)
         if name == "scrypt":
-            if n < MIN_SCRYPT_N or n & (n - 1) or n > 1 << 24 or not 1 <= r <= 32 or not 1 <= p <= 16:
-                raise IntegrityError(f"key slot {self.id} has weakened or invalid scrypt parameters "
-                                     f"(n={n}, r={r}, p={p}): refusing to use it")
-            return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=256 * n * r + (64 << 20), dklen=KEY_SIZE)
-        if name == "hkdf":
-            return _derive(secret, "key-file", salt)
-        raise IntegrityError(f"key slot {self.id} uses an unknown KDF {name!r}: use a newer fleece")
+            if n < MIN_SCRYPT_N or n & (n - 1) or n > MAX_SCRYPT_N or r != SCRYPT_R or p != SCRYPT_P:
+                raise IntegrityError(f"key slot {where} has scrypt parameters fleece never writes (n={n}, r={r}, "
+                                     f"p={p}; fleece: n from 2^14 to 2^20, r=8, p=1): refusing it as tampered",
+                                     object=where)
+            return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=128 * r * (n + p + 2) + (16 << 20),
+                                  dklen=KEY_SIZE)
+        return _derive(secret, "key-file", salt)
 
     def unwrap(self, secret: bytes) -> Keys | None:
         """The keys if *secret* (passphrase or key-file bytes) opens this slot, else ``None``."""
@@ -296,7 +315,7 @@ class KeySlot:
         raise IntegrityError(f"key slot {self.id} wraps {len(material)} bytes, not a {self.access} key")
 
 
-def tune_scrypt(target_seconds: float = 0.5, *, floor: int = MIN_SCRYPT_N, ceiling: int = 1 << 20) -> int:
+def tune_scrypt(target_seconds: float = 0.5, *, floor: int = MIN_SCRYPT_N, ceiling: int = MAX_SCRYPT_N) -> int:
     """The scrypt ``n`` (a power of two) that takes about *target_seconds* on this machine.
 
     Measured, not guessed: one derivation at *floor*, then scaled (scrypt's cost is linear in n). A
@@ -306,8 +325,8 @@ def tune_scrypt(target_seconds: float = 0.5, *, floor: int = MIN_SCRYPT_N, ceili
         return floor
     salt = secrets.token_bytes(16)
     started = time.perf_counter()
-    hashlib.scrypt(b"tuning", salt=salt, n=floor, r=SCRYPT_R, p=SCRYPT_P, maxmem=256 * floor * SCRYPT_R + (64 << 20),
-                   dklen=KEY_SIZE)
+    hashlib.scrypt(b"tuning", salt=salt, n=floor, r=SCRYPT_R, p=SCRYPT_P,
+                   maxmem=128 * SCRYPT_R * (floor + SCRYPT_P + 2) + (16 << 20), dklen=KEY_SIZE)
     took = max(time.perf_counter() - started, 1e-6)
     n = floor
     while n < ceiling and took * (n * 2 / floor) <= target_seconds * 1.41:
@@ -346,24 +365,53 @@ def new_slot(keys: Keys, secret: bytes, *, repo: str, kind: str = "passphrase", 
     return slot
 
 
-def unlock(slots: list[KeySlot], secret: bytes, where: str, kind: str = "passphrase",
-           source: str = "") -> tuple[Keys, KeySlot]:
-    """The keys from the first slot of *kind* that *secret* opens, and that slot; else a
-    :class:`WrongKeyError`, before any work."""
+def unlock(slots: list[KeySlot], secret: bytes, where: str, kind: str = "passphrase", source: str = "", *,
+           repo: str = "", accept: Callable[[Keys, KeySlot], bool] | None = None) -> tuple[Keys, KeySlot]:
+    """The keys from the first slot of *kind* that *secret* opens and *accept* takes, and that slot; else
+    a :class:`WrongKeyError`, before any work.
+
+    Slots another bucket writer may have planted must not lock the genuine one out: slots of another
+    repository (*repo*), of kinds or KDF parameters fleece never writes, and slots whose keys *accept*
+    refuses (they do not authenticate the config) are skipped with a warning, and the next one is tried.
+    """
     if not slots:
         raise IntegrityError(f"{where} is encrypted but has no key slots left: it cannot be opened", object="keys/")
-    tried = [slot for slot in slots if slot.kind == kind]
+    tried = [slot for slot in slots if slot.kind == kind and slot.supported]
+    skipped: list[str] = []
+    opened = 0
     for slot in tried:
-        keys = slot.unwrap(secret)
-        if keys is not None:
-            return keys, slot
+        if repo and slot.repo != repo:
+            skipped.append(f"keys/{slot.id} belongs to repository {slot.repo or '?'}")
+            continue
+        try:
+            keys = slot.unwrap(secret)
+        except IntegrityError as exc:
+            skipped.append(str(exc))
+            continue
+        if keys is None:
+            continue
+        opened += 1
+        if accept is not None and not accept(keys, slot):
+            skipped.append(f"keys/{slot.id} opens with this {kind} but its key does not match the repository")
+            continue
+        for why in skipped:
+            log.warning("skipped key slot: %s", why)
+        return keys, slot
     what = "password" if kind == "passphrase" else "key file"
     hint = (f" (from {source})" if source else "")
+    note = f"; skipped: {'; '.join(skipped)}" if skipped else ""
+    if opened:
+        raise IntegrityError(f"the config of {where} fails authentication with its key (the {what}{hint} opens "
+                             f"{opened} key slot(s), none of whose keys authenticates the config): the config was "
+                             f"edited or replaced, or those slots were planted; put back the original config{note}",
+                             object="config")
+    if tried and len(skipped) == len(tried):  # every candidate was damaged or foreign: that is the news
+        raise IntegrityError(f"no usable {what} key slot in {where}: {'; '.join(skipped)}", object="keys/")
     if not tried:
         raise WrongKeyError(f"{where} has no {what} key slot: its {len(slots)} slot(s) open with a "
                             f"{'key file' if kind == 'passphrase' else 'password'}", object=where)
     raise WrongKeyError(f"wrong {what}{hint} for {where} (tried {len(tried)} key slot(s)): check FLEECE_PASSWORD / "
-                        "FLEECE_PASSWORD_FILE / FLEECE_PASSWORD_COMMAND / FLEECE_KEY_FILE", object=where)
+                        f"FLEECE_PASSWORD_FILE / FLEECE_PASSWORD_COMMAND / FLEECE_KEY_FILE{note}", object=where)
 
 
 # -- paper export ---------------------------------------------------------------------------------------

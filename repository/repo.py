@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +24,8 @@ from .codec import CodecPool
 from .config import CONFIG_NAME, RepoConfig
 from .credentials import PAPER, Credential, from_environment, kdf_seconds
 from .crypto import FULL, KeySlot, Keys, MasterKey, import_paper, new_slot, tune_scrypt, unlock
-from .envelope import Envelope
+from . import pins
+from .envelope import MANIFEST_MAGIC, Envelope
 from .errors import FormatMismatch, IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
 from .index import Index, Location, decode_index, encode_index
 from .manifest import KIND_FULL, Manifest
@@ -34,6 +36,7 @@ from .writer import BlobWriter, Committed
 log = logging.getLogger(__name__)
 
 KEYS_PREFIX = "keys/"
+_TOKEN = re.compile(r"[0-9a-f]{32}")  # a format 2 VM directory (Keys.name_token)
 
 #: what opens an encrypted repository: a credential, a function asked only when one is needed (the CLI's
 #: prompt; its argument says whether the repository is being created, so a prompt can ask twice), or
@@ -203,10 +206,21 @@ class Repository:
                 raise WrongKeyError(f"the paper key ({given.source}) is not the key of {backend.location}",
                                     object=backend.location)
             return cls(backend, config, url, keys, slot)
-        keys, slot = unlock(slots, given.secret, backend.location, given.kind, given.source)
-        if keys.mac("config", config.canonical()) != config.auth:
-            raise IntegrityError(f"the config of {backend.location} fails authentication with its key: it was "
-                                 "edited or replaced; put back the original config object", object=CONFIG_NAME)
+
+        def genuine(keys: Keys, slot: KeySlot) -> bool:
+            if keys.mac("config", config.canonical()) != config.auth:
+                return False  # a slot planted for a guessed password, or a copy from another repository
+            if not keys.can_read and not pins.matches(config.id, keys.public):
+                log.error("key slot %s opens with this write-only key but names another repository public key "
+                          "than the one this host pinned (%s): someone who holds a copy of the key planted it to "
+                          "read this host's backups; remove keys/%s", slot.id, pins.state_dir(), slot.id)
+                return False
+            return True
+
+        keys, slot = unlock(slots, given.secret, backend.location, given.kind, given.source, repo=config.id,
+                            accept=genuine)
+        if not keys.can_read:
+            pins.pin(config.id, keys.public)
         return cls(backend, config, url, keys, slot)
 
     def discard_if_new(self) -> bool:
@@ -300,6 +314,33 @@ class Repository:
             self.backend.put(f"{KEYS_PREFIX}{slot.id}", _slot_bytes(slot))  # a concurrent removal took the other
             raise UsageError(last)
         return slot
+
+    def check_not_downgraded(self) -> None:
+        """Before writing into a plaintext repository: refuse one that shows it was encrypted.
+
+        Opening already refuses a format 1 config next to key slots, and the index loads refuse encrypted
+        index objects; someone who deleted ``keys/`` and ``index/`` as well still leaves the sealed
+        manifests under ``points/<32 hex token>/``. One listing of ``points/`` and, per token-like
+        directory (normally none), the first bytes of one manifest: a :class:`FormatMismatch` before the
+        backup touches QEMU, instead of a plaintext backup into what was an encrypted repository.
+        """
+        if self.encrypted:
+            return
+        seen: set[str] = set()
+        for info in self.backend.list("points/"):
+            parts = info.name.split("/")
+            if len(parts) != 3 or parts[1] in seen or not _TOKEN.fullmatch(parts[1]):
+                continue
+            seen.add(parts[1])
+            try:
+                head = self.backend.get(info.name, 0, len(MANIFEST_MAGIC))
+            except ObjectNotFound:
+                continue
+            if head == MANIFEST_MAGIC:
+                raise FormatMismatch(f"{info.name} is an encrypted manifest but the config says {self.url} is "
+                                     "unencrypted: the config was replaced (and its key slots deleted); fleece "
+                                     "will not store plaintext into an encrypted repository — put back the "
+                                     "original config and keys/", object=info.name)
 
     def _require_keys(self) -> Keys:
         if self.keys is None:
@@ -774,17 +815,24 @@ class Repository:
             yield from self.read_blobs(rng)
 
 
+#: a slot is a few hundred bytes; a bigger ``keys/`` object is damage, named without being read whole
+MAX_SLOT_BYTES = 64 << 10
+
+
 def read_slots(backend: Backend) -> list[KeySlot]:
     """Every key slot of an encrypted repository; a damaged slot object is an error naming it."""
     slots = []
     for info in backend.list(KEYS_PREFIX):
+        if info.size > MAX_SLOT_BYTES:
+            raise IntegrityError(f"key slot {info.name} is {info.size} bytes, not a key slot (a few hundred): "
+                                 "remove it, or put back a copy", object=info.name)
         try:
-            slot = KeySlot.from_json(json.loads(backend.get(info.name)))
+            slot = KeySlot.from_json(json.loads(backend.get(info.name, 0, MAX_SLOT_BYTES)), info.name)
         except ObjectNotFound:
             continue  # removed while listed
-        except (ValueError, TypeError) as exc:
-            raise IntegrityError(f"key slot {info.name} is not readable JSON ({exc}): remove it, or put back a "
-                                 "copy", object=info.name) from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise IntegrityError(f"key slot {info.name} is not readable JSON ({type(exc).__name__}): remove it, or "
+                                 "put back a copy", object=info.name) from None
         if f"{KEYS_PREFIX}{slot.id}" != info.name:
             raise IntegrityError(f"{info.name} holds key slot {slot.id}: it was renamed", object=info.name)
         slots.append(slot)

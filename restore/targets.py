@@ -167,7 +167,8 @@ class NbdWriter:
                 self.h.connect_unix(socket_path)
                 return
             except nbd.Error as exc:
-                if exc.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
+                # python3-libnbd's Error.errno is the symbol's *name* ("ECONNREFUSED"); errnum is the number
+                if exc.errnum != errno.ECONNREFUSED or time.monotonic() > deadline:
                     raise
                 del self.h
                 time.sleep(0.02)

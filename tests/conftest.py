@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import secrets
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/vm.py and frie
 TEST_PASSWORD = "fleece test suite password"
 os.environ.setdefault("FLEECE_PASSWORD", TEST_PASSWORD)
 os.environ.setdefault("FLEECE_KDF_TIME", "0")
+# write-only hosts pin the repository's public key (repository/pins.py): keep the suite's pins out of ~
+os.environ.setdefault("FLEECE_STATE_DIR", tempfile.mkdtemp(prefix="fleece-test-state-"))
 
 
 # -- S3: a real Ceph RGW, started once per session -------------------------------------------------------

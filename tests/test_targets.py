@@ -57,3 +57,50 @@ def test_qemu_nbd_target_with_and_without_direct_io(tmp_path: Path, tmpfs, where
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
     got = raw.read_bytes()
     assert got[5:5 + 4096 + 17] == data[:4096 + 17] and got[2 << 20:3 << 20] == data
+
+
+def test_writer_retries_a_socket_that_is_bound_but_not_yet_listening(tmp_path: Path) -> None:
+    """qemu-nbd binds its socket a moment before it listens: a connect in between is refused and must be
+    retried (libnbd's Error.errno is the errno's *name*; comparing it with the number never matched, and a
+    restore died with "internal error: ... Connection refused"). A real nbdkit serves behind the socket
+    once it starts listening."""
+    import socket
+    import threading
+    import time
+
+    real = tmp_path / "nbdkit.sock"
+    server = subprocess.Popen(["nbdkit", "-f", "-U", str(real), "memory", "1M"])
+    try:
+        deadline = time.monotonic() + 10
+        while not real.exists():
+            assert time.monotonic() < deadline, "nbdkit did not start"
+            time.sleep(0.02)
+        late = tmp_path / "late.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(late))  # bound, not listening: connects are refused
+
+        def listen_later() -> None:
+            time.sleep(0.3)
+            listener.listen(1)
+            conn, _ = listener.accept()
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(real))
+
+            def pump(a: socket.socket, b: socket.socket) -> None:
+                while data := a.recv(65536):
+                    b.sendall(data)
+                b.shutdown(socket.SHUT_WR)
+
+            threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+            pump(conn, upstream)
+
+        threading.Thread(target=listen_later, daemon=True).start()
+        started = time.monotonic()
+        w = targets.NbdWriter(str(late))
+        assert time.monotonic() - started >= 0.25  # it really was refused first, and retried
+        w.pwrite(b"x" * 4096, 8192)
+        assert w.h.pread(4096, 8192) == b"x" * 4096
+        w.h.shutdown()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
