@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,34 @@ FLEECE = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "fleece"
 def fleece(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the installed ``fleece`` command as a user would (output captured, never raising)."""
     return subprocess.run([FLEECE, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+#: every variable that gives fleece a secret (tests that choose the secret remove them all first)
+PASSWORD_VARS = ("FLEECE_PASSWORD", "FLEECE_PASSWORD_FILE", "FLEECE_PASSWORD_COMMAND", "FLEECE_KEY_FILE",
+                 "FLEECE_NEW_PASSWORD", "FLEECE_NEW_PASSWORD_FILE", "FLEECE_NEW_PASSWORD_COMMAND")
+
+
+SUITE_PASSWORD = object()  # env_with's default: the password tests/conftest.py gives the whole suite
+
+
+def env_with(password: str | bytes | None | object = SUITE_PASSWORD, **extra: str | bytes) -> dict[str, str | bytes]:
+    """The test environment without any FLEECE credential variable, then *password* (as FLEECE_PASSWORD;
+    default: the suite's; ``None``: none) and *extra* set: each call says exactly which secret it gives."""
+    if password is SUITE_PASSWORD:
+        from conftest import TEST_PASSWORD
+
+        password = TEST_PASSWORD
+    env: dict[str, str | bytes] = {k: v for k, v in os.environ.items() if k not in PASSWORD_VARS}
+    if password is not None:
+        env["FLEECE_PASSWORD"] = password  # type: ignore[assignment]
+    env.update(extra)
+    return env
+
+
+def ok(p: subprocess.CompletedProcess[str]) -> dict:
+    """The JSON document of a run that must have succeeded."""
+    assert p.returncode == 0, f"exit {p.returncode}: {p.stdout[-800:]} {p.stderr[-1500:]}"
+    return json.loads(p.stdout)
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from checks import FLEECE, assert_clean, fleece_bitmaps, identical
+from checks import FLEECE, assert_clean, env_with, fleece_bitmaps, identical, ok
 from conftest import ODD_SIZE, TEST_PASSWORD, MiB, s3_url
 from fleece.repository.crypto import OVERHEAD, PACK_HEADER_SIZE
 from fleece.repository.pack import ENTRY_SIZE
@@ -42,8 +42,6 @@ from vm import TestVM, random_bytes, text_bytes
 #: needles shorter than this are skipped: random ciphertext contains a 4-byte string with probability
 #: ~2^-32 per position (a few in a thousand for a repository of a few MiB), a 2-byte one many times
 MIN_NEEDLE = 5
-PASSWORD_VARS = ("FLEECE_PASSWORD", "FLEECE_PASSWORD_FILE", "FLEECE_PASSWORD_COMMAND", "FLEECE_KEY_FILE",
-                 "FLEECE_NEW_PASSWORD", "FLEECE_NEW_PASSWORD_FILE", "FLEECE_NEW_PASSWORD_COMMAND")
 
 
 # -- running fleece ------------------------------------------------------------------------------------------
@@ -54,20 +52,8 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
                           stdin=subprocess.DEVNULL)
 
 
-def env_with(password: str | None = TEST_PASSWORD, **extra: str) -> dict[str, str]:
-    """The test environment with every FLEECE credential variable removed, then *password* (as
-    FLEECE_PASSWORD, ``None``: none) and *extra* set: each call says exactly which secret it gives."""
-    env = {k: v for k, v in os.environ.items() if k not in PASSWORD_VARS}
-    if password is not None:
-        env["FLEECE_PASSWORD"] = password
-    env.update(extra)
-    return env
 
 
-def ok(p: subprocess.CompletedProcess[str]) -> dict:
-    """The JSON document of a run that must have succeeded."""
-    assert p.returncode == 0, f"exit {p.returncode}: {p.stderr}"
-    return json.loads(p.stdout)
 
 
 def failure(p: subprocess.CompletedProcess[str], kind: str, exit_code: int = 1) -> dict:

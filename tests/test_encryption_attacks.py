@@ -38,14 +38,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from checks import FLEECE, assert_clean
+from checks import FLEECE, assert_clean, env_with, ok
 from conftest import TEST_PASSWORD, MiB
 from fleece.repository.crypto import Keys
 from fleece.repository.pack import SealedPacks
 from vm import TestVM, random_bytes
 
-PASSWORD_VARS = ("FLEECE_PASSWORD", "FLEECE_PASSWORD_FILE", "FLEECE_PASSWORD_COMMAND", "FLEECE_KEY_FILE",
-                 "FLEECE_NEW_PASSWORD", "FLEECE_NEW_PASSWORD_FILE", "FLEECE_NEW_PASSWORD_COMMAND")
 FIRST = "00000000"  #: a planted slot id that every listing returns before the genuine slot (tried first)
 
 
@@ -68,18 +66,8 @@ def run(*args: str, env: dict[str, str | bytes] | None = None, timeout: float = 
                           stdin=subprocess.DEVNULL, preexec_fn=limit_memory(memory) if memory else None)
 
 
-def env_with(password: str | bytes | None = TEST_PASSWORD, **extra: str | bytes) -> dict[str, str | bytes]:
-    """The test environment without any FLEECE credential variable, then *password* and *extra*."""
-    env: dict[str, str | bytes] = {k: v for k, v in os.environ.items() if k not in PASSWORD_VARS}
-    if password is not None:
-        env["FLEECE_PASSWORD"] = password
-    env.update(extra)
-    return env
 
 
-def ok(p: subprocess.CompletedProcess[str]) -> dict:
-    assert p.returncode == 0, f"exit {p.returncode}: {p.stdout[-800:]} {p.stderr[-1500:]}"
-    return json.loads(p.stdout)
 
 
 def error(p: subprocess.CompletedProcess[str]) -> dict:
