@@ -134,6 +134,7 @@ INTERRUPTED = {
     "backup": "interrupted; everything was rolled back (the VM keeps running, no point was written)",
     "restore": "interrupted; the images this restore had begun were removed",
     "init": "interrupted",
+    "key": "interrupted; a key slot already added stays ('fleece key list' shows the slots)",
 }
 
 

@@ -1,4 +1,5 @@
-"""fleece's repository: format v1 (config, packs, index, manifests), codec, and storage backends.
+"""fleece's repository: formats 1 (plaintext) and 2 (encrypted) — config, key slots, packs, index,
+manifests —, codec, encryption, and storage backends.
 
 See ``docs/FORMAT.md`` for the byte layout and DESIGN.md §4 for the invariants.
 """

@@ -38,6 +38,7 @@ _COUNT = struct.Struct("<I")
 _PACK = struct.Struct("<32sI")
 _PACK2 = struct.Struct(f"<32s{PACK_HEADER_SIZE}sI")
 _AD = b"index"
+MAX_INDEX_BODY = 1 << 30
 
 #: one pack's part of an index: (pack id, its table, its sealed key — empty in format 1)
 PackRecord = tuple[str, list[PackEntry], bytes]
@@ -94,7 +95,12 @@ def decode_index(index_id: str, data: bytes, meta: Sealer | None = None) -> list
     if meta is not None:
         sealed = meta.open(sealed, _AD, where)
     try:
-        body = zstandard.ZstdDecompressor().decompress(sealed)
+        # the frame says how big it decompresses to, and zstandard allocates that at once: a planted frame
+        # claiming terabytes must be damage, not a MemoryError (an index of 20 million blobs is ~1 GiB)
+        claimed = zstandard.frame_content_size(sealed)
+        if claimed > MAX_INDEX_BODY:
+            raise IntegrityError(f"{where} claims {claimed} bytes of tables (at most {MAX_INDEX_BODY})", object=where)
+        body = zstandard.ZstdDecompressor().decompress(sealed, max_output_size=MAX_INDEX_BODY)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{where} does not decompress ({exc})", object=where) from None
     record = _PACK if meta is None else _PACK2

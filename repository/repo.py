@@ -382,18 +382,15 @@ class Repository:
                 damaged[name] = exc
         return index, damaged
 
-    def pack_table(self, pack_id: str, size: int | None = None, count_hint: int | None = None) -> list[PackEntry]:
-        """Read a pack's own blob table and check it against the pack's name (its id is the trailer's hash).
+    def pack_trailer(self, pack_id: str, size: int | None = None,
+                     count_hint: int | None = None) -> tuple[list[PackEntry], bytes]:
+        """Read a pack's own blob table and header (its sealed key in format 2, else empty), checked
+        against the pack's name (its id is the trailer's hash).
 
         One range read when *count_hint* (the number of blobs the index says the pack holds) is right,
         two otherwise; *size* saves a ``head`` when a listing already gave it. Every failure is an
         :class:`IntegrityError` naming the pack (a missing pack too); only backend trouble passes through.
         """
-        return self.pack_trailer(pack_id, size, count_hint)[0]
-
-    def pack_trailer(self, pack_id: str, size: int | None = None,
-                     count_hint: int | None = None) -> tuple[list[PackEntry], bytes]:
-        """:meth:`pack_table` and the pack's header (its sealed key in format 2, else empty)."""
         name = pack_name(pack_id)
         layout = self.envelope.packs
         if not is_pack_id(pack_id):

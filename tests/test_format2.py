@@ -466,3 +466,17 @@ def test_discard_if_new_removes_an_encrypted_repository_entirely(tmp_path: Path)
     write_point(kept, chunks()[2:])
     assert not kept.discard_if_new()
     assert any((tmp_path / "kept" / "keys").iterdir()) and reopen(tmp_path / "kept").vms() == ["db01"]
+
+
+def test_an_index_claiming_more_tables_than_any_repository_has_is_damage(master: MasterKey,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """zstandard allocates what a frame's header claims: a planted index claiming terabytes must be an
+    integrity error naming it, not a MemoryError (the bound is lowered here to make a real index exceed it)."""
+    from fleece.repository import index as index_module
+
+    index_id, data = encode_index(records(master), master.meta)
+    assert decode_index(index_id, data, master.meta)
+    monkeypatch.setattr(index_module, "MAX_INDEX_BODY", 64)
+    with pytest.raises(IntegrityError, match=f"index/{index_id} claims .* bytes of tables") as info:
+        decode_index(index_id, data, master.meta)
+    assert info.value.object == f"index/{index_id}"
