@@ -15,7 +15,8 @@ the freeze (and, for incrementals, was dirty, so the plan must decide about it):
 * ``committing``: everything durable, the manifest about to be written.
 
 Every point is compared byte for byte with the ground truth copied at the freeze; the next incremental
-must then hold every change (and the image itself must agree with the ground truth model).
+must then hold every change (and the image itself must agree with the ground truth model). Each window
+runs in both formats: plaintext (1) and encrypted (2, the default).
 """
 
 from __future__ import annotations
@@ -135,15 +136,19 @@ def _backup(vm: TestVM, repo: Repository, scratch: Path, hook: Attacker | None, 
     return result
 
 
+@pytest.mark.parametrize("fmt", [1, 2], ids=["plaintext", "encrypted"])
 @pytest.mark.parametrize("level", ["full", "incremental"])
 @pytest.mark.parametrize("window", WINDOWS)
-def test_guest_attacks_in_every_window(integrity_vm: TestVM, tmp_path: Path, window: str, level: str,
+def test_guest_attacks_in_every_window(integrity_vm: TestVM, tmp_path: Path, window: str, level: str, fmt: int,
                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Both formats: the encrypted one seals, ids blobs by HMAC and audits by those ids on the same path."""
     caplog.set_level(logging.INFO)
     vm = integrity_vm
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    repo = Repository.open(str(tmp_path / "repo"), create=True, config=RepoConfig(pack_target=MiB))
+    config = RepoConfig(pack_target=MiB) if fmt == 1 else RepoConfig.encrypted(pack_target=MiB)
+    repo = Repository.open(str(tmp_path / "repo"), create=True, config=config, kdf_time=0)  # password: conftest
+    assert repo.encrypted == (fmt == 2)
     refill(vm, 1)
     first = _backup(vm, repo, scratch, None)
     refill(vm, 2)  # dirty data at the next freeze
