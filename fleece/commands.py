@@ -147,8 +147,8 @@ def _list_args(p: argparse.ArgumentParser) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     with open_repo(args) as repo:
-        vms = [args.vm] if args.vm else repo.vms()
-        points, damaged = [], {} if args.vm else dict(repo.unnamed_vms())
+        vms, damaged = ([args.vm], {}) if args.vm else repo.vm_listing()
+        points = []
         for vm in vms:
             scan = repo.scan(vm)
             points.extend(m.summary() for m in scan.points)

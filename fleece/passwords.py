@@ -13,8 +13,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from fleece.repository.credentials import (KEYFILE, PAPER, PASSPHRASE, Credential, from_environment, key_file,
-                                           passphrase_from, read_secret_file)
+from fleece.repository.credentials import (KEYFILE, PAPER, Credential, from_environment, key_file, passphrase,
+                                           passphrase_from, password_file, read_secret_file)
 from fleece.repository.errors import UsageError
 
 NEW_PASSWORD_VARIABLES = ("FLEECE_NEW_PASSWORD", "FLEECE_NEW_PASSWORD_FILE", "FLEECE_NEW_PASSWORD_COMMAND")
@@ -45,25 +45,22 @@ def credential_source(args: argparse.Namespace) -> Callable[[bool], Credential |
         if args.key_file is not None:
             return key_file(args.key_file, "--key-file")
         if args.password_file is not None:
-            return Credential(PASSPHRASE, read_secret_file(args.password_file, "--password-file"),
-                              f"--password-file {args.password_file}")
+            return password_file(args.password_file, "--password-file")
         if paper is not None:
             return Credential(PAPER, read_secret_file(paper, "--paper-key-file"), f"--paper-key-file {paper}")
         found = from_environment()
         if found is not None or not interactive():
             return found
         if new:
-            return Credential(PASSPHRASE, ask_twice(f"new password for {args.repo}: "), "prompt")
-        return Credential(PASSPHRASE, ask(f"password for {args.repo}: "), "prompt")
+            return passphrase(ask_twice(f"new password for {args.repo}: "), "prompt")
+        return passphrase(ask(f"password for {args.repo}: "), "prompt")
 
     return get
 
 
 def ask(prompt: str) -> bytes:
-    text = getpass.getpass(prompt, stream=sys.stderr)
-    if not text:
-        raise UsageError("an empty password cannot open or protect a repository")
-    return text.encode()
+    """What the person types (no echo); :func:`passphrase` refuses it if empty."""
+    return getpass.getpass(prompt, stream=sys.stderr).encode()
 
 
 def ask_twice(prompt: str) -> bytes:
@@ -84,8 +81,7 @@ def new_credential(args: argparse.Namespace) -> Credential:
             make_key_file(path)
         return key_file(path, "--new-key-file")
     if args.new_password_file is not None:
-        return Credential(PASSPHRASE, read_secret_file(args.new_password_file, "--new-password-file"),
-                          f"--new-password-file {args.new_password_file}")
+        return password_file(args.new_password_file, "--new-password-file")
     found = passphrase_from(os.environ, NEW_PASSWORD_VARIABLES)  # type: ignore[arg-type]
     if found is not None:
         return found
@@ -93,7 +89,7 @@ def new_credential(args: argparse.Namespace) -> Credential:
         raise UsageError("no new password given: set FLEECE_NEW_PASSWORD (or FLEECE_NEW_PASSWORD_FILE / "
                          "FLEECE_NEW_PASSWORD_COMMAND), pass --new-password-file or --new-key-file, or run on a "
                          "terminal to be asked")
-    return Credential(PASSPHRASE, ask_twice("new password: "), "prompt")
+    return passphrase(ask_twice("new password: "), "prompt")
 
 
 def make_key_file(path: str) -> None:

@@ -88,9 +88,9 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
     # resolved — before 2. the index, before 3. the packs.
     if read_data:
         repo.envelope.require_read("verify --read-data")
-    vms = [vm] if vm else repo.vms()
-    # format 2: VMs none of whose manifests opens (their names are unknown): listed with the manifests
-    unnamed = [] if vm else [f"{key}: no manifest can be read ({why})" for key, why in repo.unnamed_vms().items()]
+    # format 2: VMs none of whose manifests opens (their names are unknown), from the same listing
+    vms, unknown = ([vm], {}) if vm else repo.vm_listing()
+    unnamed = [f"{key}: no manifest can be read ({why})" for key, why in unknown.items()]
     manifests: dict[tuple[str, str], Manifest] = {}
     own: dict[tuple[str, str], list[str]] = {}
     for v in vms:

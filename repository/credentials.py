@@ -131,6 +131,20 @@ def key_file(path: str, source: str) -> Credential:
     return Credential(KEYFILE, read_secret_file(path, source, strip=False), f"{source} {path}")
 
 
+def passphrase(secret: bytes, source: str) -> Credential:
+    """A passphrase credential — never an empty one, whatever it came from (a variable, a file, a
+    command, a flag): an empty passphrase protects nothing, and taking it would surface later as a
+    misleading "wrong password"."""
+    if not secret:
+        raise UsageError(f"{source} gives an empty password: an empty passphrase cannot protect a repository")
+    return Credential(PASSPHRASE, secret, source)
+
+
+def password_file(path: str, source: str) -> Credential:
+    """The passphrase in file *path* (one trailing newline dropped)."""
+    return passphrase(read_secret_file(path, source), f"{source} {path}")
+
+
 def passphrase_from(variables: Mapping[str, str], names: tuple[str, str, str]) -> Credential | None:
     """The passphrase the variables *names* (value, file, command) give, or ``None``."""
     given = [name for name in names if variables.get(name) is not None]
@@ -143,14 +157,10 @@ def passphrase_from(variables: Mapping[str, str], names: tuple[str, str, str]) -
     if name == names[0]:
         if not value:
             raise UsageError(f"{name} is set but empty: an empty passphrase cannot protect a repository")
-        return Credential(PASSPHRASE, os.fsencode(value), name)  # the bytes the user set, UTF-8 or not
+        return passphrase(os.fsencode(value), name)  # the bytes the user set, UTF-8 or not
     if name == names[1]:
-        secret, source = read_secret_file(value, name), f"{name} {value}"
-    else:
-        secret, source = run_password_command(value, name), name
-    if not secret:  # as FLEECE_PASSWORD="": never an empty passphrase (a wrong-password error would mislead)
-        raise UsageError(f"{source} gives an empty password: an empty passphrase cannot protect a repository")
-    return Credential(PASSPHRASE, secret, source)
+        return password_file(value, name)
+    return passphrase(run_password_command(value, name), name)
 
 
 def from_environment(variables: Mapping[str, str] | None = None) -> Credential | None:

@@ -9,9 +9,9 @@ sealed with its identity bound as associated data. The rest of the repository as
 
 from __future__ import annotations
 
-import hashlib
 from urllib.parse import quote, unquote
 
+from .codec import blob_id as codec_blob_id
 from .crypto import Keys, Sealer
 from .errors import FormatMismatch, IntegrityError, KeyAccessError
 from .manifest import check_vm_name
@@ -52,7 +52,7 @@ class Envelope:
 
     def blob_id(self, data: bytes | bytearray | memoryview) -> bytes:
         """A blob's id: SHA-256 of the plaintext (format 1), HMAC-SHA256 under the repository key (2)."""
-        return hashlib.sha256(data).digest() if self.keys is None else self.keys.blob_id(data)
+        return codec_blob_id(data) if self.keys is None else self.keys.blob_id(data)
 
     def vm_key(self, vm: str) -> str:
         """The ``points/<key>/`` part for *vm*: reversible in format 1, a keyed token in format 2."""

@@ -28,7 +28,7 @@ import hashlib
 import mmap
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -159,14 +159,22 @@ def parse_table(tail: bytes, pack_size: int, name: str) -> list[PackEntry]:
     _, digest, _ = _FOOTER.unpack(tail[-FOOTER_SIZE:])
     if hashlib.sha256(table).digest() != digest:
         raise IntegrityError(f"pack {name}: its blob table is garbled (checksum mismatch)")
-    payload_end = pack_size - table_span(count)
+    return decode_table(table, count, pack_size - table_span(count), name)
+
+
+def decode_table(table: bytes | memoryview, count: int, payload_end: int, name: str) -> list[PackEntry]:
+    """The *count* entries of a (plaintext) blob table, each checked to lie within the pack's payloads."""
     entries = []
     for i in range(count):
         e = PackEntry.decode(table, i * ENTRY_SIZE)
         if e.offset + e.length > payload_end:
-            raise IntegrityError(f"pack {name}: blob {e.id.hex()} lies outside the pack's data")
+            raise IntegrityError(f"pack {name}: blob {e.id.hex()} lies outside the pack's data", object=name)
         entries.append(e)
     return entries
+
+
+def encode_table(entries: Sequence[PackEntry]) -> bytes:
+    return b"".join(e.encode() for e in entries)
 
 
 def verify_trailer(pack_id: str, tail: bytes, pack_size: int, name: str | None = None) -> list[PackEntry]:
@@ -187,13 +195,14 @@ def verify_trailer(pack_id: str, tail: bytes, pack_size: int, name: str | None =
     return entries
 
 
-def pack_size(entries: Sequence[PackEntry]) -> int:
-    """The exact size of a pack holding *entries*: payloads back to back from offset 0, then the trailer.
+def pack_size(entries: Sequence[PackEntry], span: Callable[[int], int] = table_span) -> int:
+    """The exact size of a pack holding *entries*: payloads back to back from offset 0, then the trailer
+    (*span*: its size for a number of entries, the layout's own; format 1 by default).
 
     A pack of any other size (listed by the backend) is truncated or has bytes appended — detectable from
     a listing and an index alone, without reading the pack.
     """
-    return max((e.offset + e.length for e in entries), default=0) + table_span(len(entries))
+    return max((e.offset + e.length for e in entries), default=0) + span(len(entries))
 
 
 def is_pack_id(text: str) -> bool:
@@ -241,7 +250,7 @@ class PlainPacks:
         return parse_footer(footer, pack_size, name)
 
     def trailer(self, entries: Sequence[PackEntry], header: bytes) -> bytes:
-        table = b"".join(e.encode() for e in entries)
+        table = encode_table(entries)
         return table + _FOOTER.pack(len(entries), hashlib.sha256(table).digest(), MAGIC)
 
     def verify(self, pack_id: str, tail: bytes, pack_size: int, name: str) -> tuple[list[PackEntry], bytes]:
@@ -250,7 +259,8 @@ class PlainPacks:
         return verify_trailer(pack_id, tail, pack_size, name), b""
 
     def size(self, entries: Sequence[PackEntry]) -> int:
-        return pack_size(entries)
+        """The exact size of a pack holding *entries* (see :func:`pack_size`)."""
+        return pack_size(entries, self.span)
 
 
 _FOOTER2 = struct.Struct("<I8s")
@@ -298,7 +308,7 @@ class SealedPacks:
         return count
 
     def trailer(self, entries: Sequence[PackEntry], header: bytes) -> bytes:
-        table = b"".join(e.encode() for e in entries)
+        table = encode_table(entries)
         return header + self.keys.meta.seal(table, b"pack table " + header) + _FOOTER2.pack(len(entries), MAGIC2)
 
     def verify(self, pack_id: str, tail: bytes, pack_size: int, name: str) -> tuple[list[PackEntry], bytes]:
@@ -316,17 +326,10 @@ class SealedPacks:
         if len(table) != count * ENTRY_SIZE:
             raise IntegrityError(f"pack {name}: its blob table holds {len(table)} bytes, not {count} entries",
                                  object=name)
-        payload_end = pack_size - span
-        entries = []
-        for i in range(count):
-            e = PackEntry.decode(table, i * ENTRY_SIZE)
-            if e.offset + e.length > payload_end:
-                raise IntegrityError(f"pack {name}: blob {e.id.hex()} lies outside the pack's data", object=name)
-            entries.append(e)
-        return entries, header
+        return decode_table(table, count, pack_size - span, name), header
 
     def size(self, entries: Sequence[PackEntry]) -> int:
-        return max((e.offset + e.length for e in entries), default=0) + self.span(len(entries))
+        return pack_size(entries, self.span)
 
 
 PackLayout = PlainPacks | SealedPacks

@@ -543,16 +543,17 @@ class Repository:
     # -- points -----------------------------------------------------------------------------------------
 
     def vms(self) -> list[str]:
-        """The names of the VMs with points. In format 2 the names are only inside the manifests: each
-        ``points/<token>/`` gives its name from its newest readable manifest; tokens none of whose
-        manifests can be read are :meth:`unnamed_vms`."""
-        return sorted(self._vm_keys()[0].values())
+        """The names of the VMs with points (see :meth:`vm_listing`)."""
+        return self.vm_listing()[0]
 
     def unnamed_vms(self) -> dict[str, str]:
         """Format 2: ``points/<token>/`` → why no manifest under it could be read (its VM name is unknown)."""
-        return self._vm_keys()[1]
+        return self.vm_listing()[1]
 
-    def _vm_keys(self) -> tuple[dict[str, str], dict[str, str]]:
+    def vm_listing(self) -> tuple[list[str], dict[str, str]]:
+        """The VMs with points, and (format 2) the ``points/<token>/`` whose VM is unknown, with why — from
+        one listing. In format 2 the names are only inside the manifests: each token gives its name from
+        its newest readable manifest."""
         by_key: dict[str, list[str]] = {}
         for info in self.backend.list("points/"):
             parts = info.name.split("/")
@@ -566,7 +567,7 @@ class Repository:
             for point_id in sorted(ids, reverse=True) if vm is None else ():
                 name = f"points/{key}/{point_id}"
                 try:
-                    m = self._read_manifest(name)
+                    m = self._read_manifest(name, f"{name} vanished while it was read")
                 except RepositoryError as exc:
                     why = str(exc)
                     continue
@@ -580,31 +581,27 @@ class Repository:
                 unnamed[f"points/{key}/"] = why
             else:
                 named[key] = vm
-        return named, unnamed
+        return sorted(named.values()), unnamed
 
     def point_ids(self, vm: str) -> list[str]:
         """Ids of the VM's committed points, oldest first (ids sort by creation time)."""
         prefix = f"points/{self.envelope.vm_key(vm)}/"
         return sorted(info.name[len(prefix):] for info in self.backend.list(prefix))
 
-    def _read_manifest(self, name: str) -> Manifest:
+    def _read_manifest(self, name: str, missing: str) -> Manifest:
+        """The manifest object *name*, opened and parsed; *missing* is the error if there is none."""
         try:
             data = self.backend.get(name)
         except ObjectNotFound:
-            raise RepositoryError(f"{name} vanished while it was read") from None
+            raise RepositoryError(missing) from None
         return Manifest.from_bytes(self.envelope.open_manifest(name, data), name)
 
     def manifest(self, vm: str, point_id: str) -> Manifest:
         key = (vm, point_id)
         if key not in self._manifests:
             name = self.envelope.manifest_name(vm, point_id)
-            try:
-                data = self.backend.get(name)
-            except ObjectNotFound:
-                raise RepositoryError(f"VM {vm!r} has no point {point_id!r} in {self.url}; "
-                                      f"'fleece list --repo {self.url} --vm {vm}' shows the points that exist"
-                                      ) from None
-            m = Manifest.from_bytes(self.envelope.open_manifest(name, data), name)
+            m = self._read_manifest(name, f"VM {vm!r} has no point {point_id!r} in {self.url}; 'fleece list --repo "
+                                          f"{self.url} --vm {vm}' shows the points that exist")
             if m.id != point_id or m.vm != vm:
                 raise IntegrityError(f"{name} describes point {m.id} of VM {m.vm}, not the point its name says")
             self._manifests[key] = m

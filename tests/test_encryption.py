@@ -19,6 +19,7 @@ tests that change a repository work on a copy of it, tests that need backups of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -140,6 +141,20 @@ def distinctive_vm(workdir: Path, token: str) -> TestVM:
     return vm
 
 
+@contextlib.contextmanager
+def running_vm(workdir: Path) -> Iterator[tuple[TestVM, Path, str]]:
+    """A started :func:`distinctive_vm`, its scratch directory and its token; cleaned up afterwards."""
+    token = secrets.token_hex(4)
+    vm = distinctive_vm(workdir / "vm", token)
+    vm.start()
+    try:
+        scratch = workdir / "scratch"
+        scratch.mkdir()
+        yield vm, scratch, token
+    finally:
+        vm.cleanup()
+
+
 def stamped_random(n: int, seed: int, marker: bytes) -> bytes:
     """Incompressible data with *marker* at every 4 KiB: stored raw or as zstd literals, so plaintext
     storage would show the marker verbatim."""
@@ -209,18 +224,11 @@ def check_restores(w: World, tmp: Path, env: dict[str, str] | None = None) -> No
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """The local encrypted repository (made by ``fleece init``) of a VM, shared read-only by the module."""
     work = tmp_path_factory.mktemp("enc")
-    token = secrets.token_hex(4)
-    vm = distinctive_vm(work / "vm", token)
-    vm.start()
-    try:
-        scratch = work / "scratch"
-        scratch.mkdir()
+    with running_vm(work) as (vm, scratch, token):
         url = str(work / "repo")
         doc = ok(run("init", "--repo", url, "--json"))
         assert doc["format"] == 2 and doc["encrypted"] is True and doc["key_slot"]
         yield populate(vm, url, scratch, token)
-    finally:
-        vm.cleanup()
 
 
 @pytest.fixture
@@ -250,12 +258,7 @@ def test_local_repository_holds_no_plaintext_and_restores(world: World, tmp_path
 
 @pytest.mark.s3
 def test_s3_bucket_holds_no_plaintext_and_restores(s3_bucket: str, rgw: dict, tmp_path: Path) -> None:
-    token = secrets.token_hex(4)
-    vm = distinctive_vm(tmp_path / "vm", token)
-    vm.start()
-    try:
-        scratch = tmp_path / "scratch"
-        scratch.mkdir()
+    with running_vm(tmp_path) as (vm, scratch, token):
         url = s3_url(s3_bucket)
         w = populate(vm, url, scratch, token)  # no init: the first backup creates the repository, encrypted
         objects = s3_objects(rgw, url)
@@ -263,8 +266,6 @@ def test_s3_bucket_holds_no_plaintext_and_restores(s3_bucket: str, rgw: dict, tm
         assert any(k.startswith("keys/") for k in objects) and any(k.startswith("data/") for k in objects)
         assert not find_needles(objects, w.needles)
         check_restores(w, tmp_path)
-    finally:
-        vm.cleanup()
 
 
 # -- 3: wrong keys fail before any work, tampering is an integrity error ------------------------------------
@@ -448,12 +449,7 @@ def test_paper_key_recovers_a_repository(world: World, copy: Path, tmp_path: Pat
 # -- 7, 8: format 1, and a downgrade attempt -----------------------------------------------------------------
 
 def test_format1_still_works_and_ignores_passwords(tmp_path: Path) -> None:
-    token = secrets.token_hex(4)
-    vm = distinctive_vm(tmp_path / "vm", token)
-    vm.start()
-    try:
-        scratch = tmp_path / "scratch"
-        scratch.mkdir()
+    with running_vm(tmp_path) as (vm, scratch, token):
         url = str(tmp_path / "plain")
         doc = ok(run("init", "--repo", url, "--no-encryption", "--json"))
         assert doc["format"] == 1 and doc["encrypted"] is False and doc["key_slot"] is None
@@ -471,8 +467,6 @@ def test_format1_still_works_and_ignores_passwords(tmp_path: Path) -> None:
             assert [p["id"] for p in ok(run("list", "--repo", url, "--json", env=env))["points"]] == w.ids
         check_restores(w, tmp_path, env_with(None))
         failure(run("key", "list", "--repo", url, "--json"), "usage", 2)
-    finally:
-        vm.cleanup()
 
 
 def test_format1_config_over_an_encrypted_repository_is_refused(world: World, copy: Path, tmp_path: Path) -> None:
