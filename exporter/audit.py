@@ -94,7 +94,7 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
     for i, entries in enumerate(layers):
         for e in entries:
             age.setdefault(e, i)
-    pieces = resolve(layers)
+    pieces = resolve(layers, [m.disks[disk].skips for m in chain])
     clean = [p for p in _clean(pieces, dirty) if p.blob is not None]
     whole = [p for p in clean if p.skip == 0 and (p.offset, p.length, p.blob) in age]
     whole_set = set(whole)

@@ -34,8 +34,8 @@ import nbd
 from fleece import __version__
 from fleece.repository import Repository
 from fleece.repository.errors import UsageError
-from fleece.repository.manifest import (KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, check_vm_name,
-                                       new_point_id)
+from fleece.repository.manifest import (KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, annotation_fields,
+                                       check_vm_name, new_point_id)
 
 from . import bitmaps, graph
 from fleece.repository.errors import ExportReadError, QemuError
@@ -73,6 +73,8 @@ class BackupRequest:
     scratch: str | None = None
     audit_sample: int = DEFAULT_SAMPLE  # clean blobs re-read per incremental disk to check the bitmap (0 = off)
     adopt: bool = False  # continue the history of a VM name recorded from another machine (identity.py)
+    tags: list[str] = field(default_factory=list)  # the point's tags (``forget --keep-tag``)
+    note: str | None = None  # a free text the point carries (``fleece list``)
     on_event: EventHook | None = None
     progress: Callable[[int], None] | None = None  # bytes read from the frozen view (job lengths)
     # (raw, stored) bytes as they become durable: packs uploaded, duplicates found, zero ranges recorded
@@ -359,7 +361,8 @@ class _Run:
                 parent=max((r.parent for r in records.values() if r.parent), default=None),
                 kind=kind, disks=records, consistency="crash", tool=TOOL,
                 extra={"host": socket.gethostname(), "machine": self.machine.to_json(), "pause_ms": stats["pause_ms"],
-                       "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers})
+                       "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers,
+                       **annotation_fields(self.req.tags, self.req.note)})
             self.event("committing", {"point": point_id})
             self._check_identity(vm)  # again: another machine may have taken the name during this run
             self.repo.commit(manifest)

@@ -135,6 +135,8 @@ INTERRUPTED = {
     "restore": "interrupted; the images this restore had begun were removed",
     "init": "interrupted",
     "key": "interrupted; a key slot already added stays ('fleece key list' shows the slots)",
+    "forget": "interrupted; the points already removed are gone, every other point is intact (run forget again)",
+    "prune": "interrupted; nothing a point needs was deleted (run prune again to finish)",
 }
 
 

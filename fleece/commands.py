@@ -14,7 +14,7 @@ from fleece.repository.config import MAX_LEVEL, MIN_LEVEL, RepoConfig
 from fleece.repository.credentials import configured
 from fleece.repository.errors import UsageError
 from fleece.exporter.backup import MAX_WORKERS
-from fleece.repository.manifest import check_vm_name
+from fleece.repository.manifest import check_note, check_tag, check_vm_name
 from fleece.repository.ratelimit import parse_rate
 
 from .output import BackupProgress, Progress, emit_json, human_bytes
@@ -163,7 +163,9 @@ def _list(args: argparse.Namespace) -> int:
             stored = sum(d.get("stored_bytes", 0) for d in p["disks"].values())
             print(f"{p['id']}  {p['vm']:<16} {p['kind']:<12} disks={','.join(p['disks']) or '-'} "
                   f"host={p.get('host') or '-'} changed={human_bytes(dirty)} stored={human_bytes(stored)}  "
-                  f"parent={p['parent'] or '-'}")
+                  f"parent={p['parent'] or '-'}"
+                  + (" PROTECTED" if p["protected"] else "") + (f" tags={','.join(p['tags'])}" if p["tags"] else "")
+                  + (f" note={p['note']!r}" if p["note"] else ""))
         for name, err in damaged.items():
             print(f"DAMAGED {name}: {err}")
     return 1 if damaged else 0
@@ -177,7 +179,7 @@ def _rebuild_args(p: argparse.ArgumentParser) -> None:
 
 def _rebuild(args: argparse.Namespace) -> int:
     """Salvage: index every intact pack, name every damaged one and the points that lose blobs (exit 1)."""
-    with open_repo(args) as repo:
+    with open_repo(args) as repo, repo.maintenance("rebuild-index"):
         report = repo.rebuild_index()
     if args.json:
         emit_json(report.as_dict())
@@ -225,6 +227,9 @@ def _backup_args(p: argparse.ArgumentParser) -> None:
                    help="per incremental disk, re-read N clean blobs (and N/4 zero ranges) and check them against "
                         "the parent point; a mismatch (the bitmap missed writes) makes that disk a verified full "
                         "(default 16, 0 = off)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG", type=arg_type(check_tag),
+                   help="tag the point (repeatable; 'forget --keep-tag' keeps tagged points)")
+    p.add_argument("--note", metavar="TEXT", type=arg_type(check_note), help="a note the point carries")
     p.add_argument("--adopt", action="store_true",
                    help="continue the history of --vm even though it was recorded from another machine "
                         "(the same VM moved to a new host, or given a new UUID or new disk files)")
@@ -256,7 +261,7 @@ def _backup(args: argparse.Namespace) -> int:
             result = run_backup(repo, BackupRequest(qmp=args.qmp, vm=args.vm, disks=args.disk,
                                                     full=full_disks(args.full), workers=args.workers,
                                                     scratch=args.scratch, adopt=args.adopt,
-                                                    audit_sample=args.audit_sample,
+                                                    audit_sample=args.audit_sample, tags=args.tag, note=args.note,
                                                     on_event=bar.event, progress=bar.read,
                                                     on_committed=bar.committed))
         except BaseException:
@@ -407,8 +412,14 @@ COMMANDS: dict[str, Command] = {
 
 def _register_key() -> None:
     from .keycmd import key_args, key_run
+    from . import maintcmd as m
 
     COMMANDS["key"] = ("manage the passwords and key files of an encrypted repository", key_args, key_run)
+    COMMANDS["forget"] = ("remove points by a retention policy (kept points stay restorable)", m.forget_args,
+                          m.forget_run)
+    COMMANDS["prune"] = ("delete the data no point needs (safe while backups run)", m.prune_args, m.prune_run)
+    COMMANDS["protect"] = ("protect a point from forget (and set its note and tags)", m.protect_args, m.protect_run)
+    COMMANDS["unprotect"] = ("let forget remove a point again", m.protect_args, m.unprotect_run)
 
 
 _register_key()

@@ -11,6 +11,7 @@ incrementals over a huge disk resolves in milliseconds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from . import extents as ex
@@ -27,18 +28,20 @@ class Piece:
     skip: int = 0
 
 
-def resolve(layers: list[list[Extent]]) -> list[Piece]:
+def resolve(layers: Sequence[list[Extent]], skips: Sequence[Mapping[int, int]] | None = None) -> list[Piece]:
     """Merge extent maps given newest first; the last layer must be a full. Result sorted by offset.
 
-    ZERO entries are kept (as pieces with ``blob=None``) because a writer into a non-empty target needs
-    them; a writer into a fresh, zero-filled image may skip them.
+    *skips* (one mapping per layer, as :attr:`~.manifest.DiskRecord.skips`) say where a merged layer's
+    entries start inside their blobs. ZERO entries are kept (as pieces with ``blob=None``) because a
+    writer into a non-empty target needs them; a writer into a fresh, zero-filled image may skip them.
     """
     covered: ex.RangeList = []
     out: list[Piece] = []
-    for entries in layers:
+    for i, entries in enumerate(layers):
         ordered = sorted(entries)
+        base = skips[i] if skips else {}
         # the parts of this layer no newer layer covers; skip = where the part starts inside the blob
-        out.extend(Piece(pos, length, blob, pos - off)
+        out.extend(Piece(pos, length, blob, pos - off + base.get(off, 0))
                    for (off, _, blob), pos, length in ex.subtract(ordered, covered))
         covered = ex.union(covered, ex.normalize((off, length) for off, length, _ in ordered))
     out.sort(key=lambda p: p.offset)

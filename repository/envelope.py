@@ -9,6 +9,9 @@ sealed with its identity bound as associated data. The rest of the repository as
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any
 from urllib.parse import quote, unquote
 
 from .codec import blob_id as codec_blob_id
@@ -85,3 +88,27 @@ class Envelope:
             raise IntegrityError(f"{name} is not an encrypted manifest: in an encrypted repository it cannot be "
                                  "trusted (replaced or planted)", object=name)
         return self.meta.open(memoryview(stored)[len(MANIFEST_MAGIC):], name.encode(), name)
+
+    # -- maintenance records (condemned/, locks/) -------------------------------------------------------
+
+    def seal_record(self, name: str, doc: dict[str, object]) -> bytes:
+        """A small JSON document of prune's (``condemned/``, ``locks/``): with a checksum in format 1,
+        sealed to its name in format 2 (pack ids and times are not secret, but a planted record must not
+        make backups refuse or prune delete)."""
+        body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        data = json.dumps({"record": doc, "sha256": hashlib.sha256(body.encode()).hexdigest()},
+                          sort_keys=True).encode()
+        return data if self.meta is None else self.meta.seal(data, b"fleece record " + name.encode())
+
+    def open_record(self, name: str, stored: bytes) -> dict[str, Any]:
+        data = stored if self.meta is None else self.meta.open(stored, b"fleece record " + name.encode(), name)
+        try:
+            outer = json.loads(data)
+            doc = outer["record"]
+            body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+            ok = isinstance(doc, dict) and hashlib.sha256(body.encode()).hexdigest() == outer["sha256"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            ok = False
+        if not ok:
+            raise IntegrityError(f"{name} is not a readable record (garbled or planted): remove it", object=name)
+        return doc

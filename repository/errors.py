@@ -11,6 +11,8 @@
      ├── RepositoryError             kind "repository"   exit 1   missing, unknown format, unreadable
      │    ├── IntegrityError         kind "integrity"    exit 1   stored bytes break the format's promises
      │    │    └── FormatMismatch    kind "integrity"             objects of the other format: config replaced
+     │    ├── LockedError            kind "locked"       exit 1   (holder): another prune/forget holds locks/
+     │    ├── PruneConflict          kind "prune-conflict" exit 1 a pack the run needs is condemned: not committed
      │    └── BackendError           kind "backend"      exit 1   (code, status): the storage said no
      │         ├── ObjectNotFound    kind "not-found"
      │         ├── TransientBackendError  kind "transient"   retrying may help (timeouts, 5xx, throttling)
@@ -112,6 +114,29 @@ class FormatMismatch(IntegrityError):
     """An object of the other repository format (an encrypted pack, index or manifest where the config
     says plaintext, or the reverse): the config was replaced. Never repaired, never skipped — rebuilding
     or writing on would turn an encrypted repository into a plaintext one."""
+
+
+class LockedError(RepositoryError):
+    """Maintenance (forget, prune, rebuild-index, protect) is exclusive: another one holds the lock.
+
+    :param holder: who holds it (``purpose on host pid N since T``).
+    """
+
+    kind = "locked"
+
+    def __init__(self, message: str, *, holder: str, object: str | None = None) -> None:  # noqa: A002
+        super().__init__(message, object=object)
+        self.holder = holder
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "holder": self.holder}
+
+
+class PruneConflict(RepositoryError):
+    """A backup would reference a pack a prune condemned and may delete before the point is seen (the
+    run outlived the prune's grace): the point is not committed, the VM's bitmap keeps every change."""
+
+    kind = "prune-conflict"
 
 
 class BackendError(RepositoryError):

@@ -134,6 +134,9 @@ class Index:
         self.tables: dict[str, dict[tuple[PackEntry, ...], list[str]]] | None = {} if keep_tables else None
         #: with *keep_tables*: pack id → the sealed key the index objects give for it (format 2)
         self.headers: dict[str, bytes] = {}
+        #: packs a prune condemned (``repository.gc``): a blob located in one of them moves to any other
+        #: pack that holds it, so reads and backups prefer copies that are not about to be deleted
+        self.condemned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -149,9 +152,13 @@ class Index:
             self.tables.setdefault(pack_id, {}).setdefault(entries, []).append(source)
             self.headers.setdefault(pack_id, header)
         self.packs.add(pack_id)
+        demoted = pack_id in self.condemned
         for e in entries:
-            # First writer wins: a blob present in two packs (two concurrent runs) is equally good in both.
-            self._blobs.setdefault(e.id, Location(pack_id, e.offset, e.length, e.raw_length, e.encoding, header))
+            # First writer wins: a blob present in two packs (two concurrent runs) is equally good in both —
+            # unless the first is condemned and this one is not.
+            known = self._blobs.get(e.id)
+            if known is None or (not demoted and known.pack in self.condemned):
+                self._blobs[e.id] = Location(pack_id, e.offset, e.length, e.raw_length, e.encoding, header)
 
     def lookup(self, blob: bytes) -> Location | None:
         return self._blobs.get(blob)

@@ -12,6 +12,12 @@ entries, stored as a zstd-compressed binary table in base64 so that a map of a 2
 
 In a *full*, unlisted ranges read as zero. In an *incremental*, unlisted ranges are unchanged since the
 parent point, and ``ZERO`` entries are ranges the guest zeroed or discarded (they must mask older data).
+
+A *merged* layer (``fleece forget`` turning a point whose older layers go into a self-contained full,
+``repository.merge``) references parts of blobs: a newer layer had overwritten the rest. Its map has a
+fourth column, ``skip:u32`` (where the entry's bytes start inside the blob's plaintext), flagged by
+``"extent_layout": 2`` in the disk record; a manifest holding such a map has ``format`` 2, so that a
+fleece that predates it refuses the point instead of restoring the wrong bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ import zstandard
 from .errors import IntegrityError, UsageError
 
 FORMAT = 1
+#: manifests with a merged layer whose map has a skip column (see the module docstring)
+FORMAT_SKIPS = 2
+FORMATS = (FORMAT, FORMAT_SKIPS)
 ZERO_REF = 0xFFFFFFFF
 _ENTRY = struct.Struct("<QQI")
+_ENTRY2 = struct.Struct("<QQII")
 _COUNT = struct.Struct("<I")
 
 # (offset, length, blob id or None for ZERO)
@@ -64,8 +74,37 @@ def check_vm_name(vm: str) -> str:
     return vm
 
 
-def encode_extents(extents: list[Extent]) -> str:
-    """Binary, compressed, base64 form of an extent map (see module docstring)."""
+MAX_NOTE = 1000
+
+
+def check_tag(tag: str) -> str:
+    """A point's tag: a short printable word (``forget --keep-tag`` matches it exactly)."""
+    if not tag or len(tag) > 100 or any(not ch.isprintable() or ch.isspace() or ch == "," for ch in tag):
+        raise UsageError(f"tag {tag!r} cannot be used: tags are 1-100 printable characters without spaces or commas")
+    return tag
+
+
+def check_note(note: str) -> str:
+    if len(note) > MAX_NOTE or any(not ch.isprintable() for ch in note):
+        raise UsageError(f"a note is at most {MAX_NOTE} printable characters on one line")
+    return note
+
+
+def annotation_fields(tags: list[str], note: str | None, protected: bool = False) -> dict[str, Any]:
+    """The manifest ``extra`` fields of a point's tags, note and protection (absent when unset)."""
+    out: dict[str, Any] = {}
+    if tags:
+        out["tags"] = sorted({check_tag(t) for t in tags})
+    if note:
+        out["note"] = check_note(note)
+    if protected:
+        out["protected"] = True
+    return out
+
+
+def encode_extents(extents: list[Extent], skips: dict[int, int] | None = None) -> str:
+    """Binary, compressed, base64 form of an extent map (see module docstring); with *skips* (entry
+    offset → where its bytes start inside its blob) the four-column layout."""
     ids: dict[bytes, int] = {}
     rows = []
     for off, length, blob in extents:
@@ -73,26 +112,38 @@ def encode_extents(extents: list[Extent]) -> str:
             ref = ZERO_REF
         else:
             ref = ids.setdefault(blob, len(ids))
-        rows.append(_ENTRY.pack(off, length, ref))
+        rows.append(_ENTRY2.pack(off, length, ref, skips.get(off, 0)) if skips else _ENTRY.pack(off, length, ref))
     body = _COUNT.pack(len(ids)) + b"".join(ids) + b"".join(rows)
     return base64.b64encode(zstandard.ZstdCompressor(level=9).compress(body)).decode()
 
 
-def decode_extents(text: str, where: str) -> list[Extent]:
+def decode_extents(text: str, where: str, layout: int = 1) -> tuple[list[Extent], dict[int, int]]:
+    """An extent map and its skips (empty for the three-column layout 1)."""
+    entry = _ENTRY2 if layout == 2 else _ENTRY
     try:
+        if layout not in (1, 2):
+            raise ValueError(f"unknown extent layout {layout!r}")
         body = zstandard.ZstdDecompressor().decompress(base64.b64decode(text, validate=True))
         (nids,) = _COUNT.unpack_from(body, 0)
         pos = _COUNT.size
         ids = [body[pos + 32 * i: pos + 32 * (i + 1)] for i in range(nids)]
         pos += 32 * nids
-        if (len(body) - pos) % _ENTRY.size:
+        if (len(body) - pos) % entry.size:
             raise ValueError("ragged entry table")
         out: list[Extent] = []
-        for off, length, ref in _ENTRY.iter_unpack(body[pos:]):
+        skips: dict[int, int] = {}
+        for row in entry.iter_unpack(body[pos:]):
+            off, length, ref = row[0], row[1], row[2]
+            if ref != ZERO_REF and ref >= nids:
+                raise ValueError(f"entry at {off} names blob {ref} of {nids}")
             out.append((off, length, None if ref == ZERO_REF else ids[ref]))
-    except (ValueError, IndexError, struct.error, zstandard.ZstdError) as exc:
+            if layout == 2 and row[3]:
+                if ref == ZERO_REF:
+                    raise ValueError(f"ZERO entry at {off} has a skip")
+                skips[off] = row[3]
+    except (ValueError, IndexError, struct.error, zstandard.ZstdError, TypeError) as exc:
         raise IntegrityError(f"{where}: extent map is damaged ({exc})") from None
-    return out
+    return out, skips
 
 
 @dataclass
@@ -110,23 +161,27 @@ class DiskRecord:
     # (``--disk``) leaves the others' layers in older points, so each disk names its own; manifests
     # written without it mean the point's parent.
     parent: str | None = None
+    #: entry offset → where the entry's bytes start inside its blob (merged layers only; see the docstring)
+    skips: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         obj = {"kind": self.kind, "virtual_size": self.virtual_size, "granularity": self.granularity,
                "qcow2": self.qcow2, "bitmap": self.bitmap, "stats": self.stats,
-               "extent_count": len(self.extents), "extents": encode_extents(self.extents)}
+               "extent_count": len(self.extents), "extents": encode_extents(self.extents, self.skips)}
+        if self.skips:
+            obj["extent_layout"] = 2
         if self.parent is not None:
             obj["parent"] = self.parent
         return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> DiskRecord:
-        extents = decode_extents(obj["extents"], where)
+        extents, skips = decode_extents(obj["extents"], where, obj.get("extent_layout", 1))
         if len(extents) != obj.get("extent_count", len(extents)):
             raise IntegrityError(f"{where}: extent map has {len(extents)} entries, expected {obj['extent_count']}")
         return cls(kind=obj["kind"], virtual_size=obj["virtual_size"], extents=extents,
                    granularity=obj.get("granularity", 65536), qcow2=obj.get("qcow2", {}),
-                   bitmap=obj.get("bitmap"), stats=obj.get("stats", {}), parent=obj.get("parent"))
+                   bitmap=obj.get("bitmap"), stats=obj.get("stats", {}), parent=obj.get("parent"), skips=skips)
 
 
 @dataclass
@@ -144,7 +199,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        body = {"format": FORMAT, "id": self.id, "vm": self.vm, "created": self.created, "parent": self.parent,
+        body = {"format": FORMAT_SKIPS if any(d.skips for d in self.disks.values()) else FORMAT, "id": self.id, "vm": self.vm, "created": self.created, "parent": self.parent,
                 "kind": self.kind, "consistency": self.consistency, "tool": self.tool, "extra": self.extra,
                 "disks": {name: disk.to_json() for name, disk in self.disks.items()}}
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
@@ -162,9 +217,9 @@ class Manifest:
             raise IntegrityError(f"{where} is not a readable manifest ({exc})") from None
         if hashlib.sha256(canonical.encode()).hexdigest() != digest:
             raise IntegrityError(f"{where} is garbled (checksum mismatch)")
-        if body.get("format") != FORMAT:
+        if body.get("format") not in FORMATS:
             raise IntegrityError(f"{where} has manifest format {body.get('format')!r}; this fleece reads "
-                                 f"format {FORMAT}: upgrade fleece")
+                                 f"formats {', '.join(map(str, FORMATS))}: upgrade fleece")
         try:
             disks = {name: DiskRecord.from_json(d, f"{where} disk {name}") for name, d in body["disks"].items()}
             return cls(id=body["id"], vm=body["vm"], created=body["created"], parent=body["parent"],
@@ -188,6 +243,8 @@ class Manifest:
         host = host if host is not None else self.extra.get("host")
         return {"id": self.id, "vm": self.vm, "kind": self.kind, "parent": self.parent, "created": self.created,
                 "consistency": self.consistency, "host": None if host is None else str(host),
+                "tags": list(self.extra.get("tags") or []), "note": self.extra.get("note"),
+                "protected": bool(self.extra.get("protected")),
                 "disks": {name: {"kind": d.kind, "virtual_size": d.virtual_size, "parent": self.disk_parent(name),
                                  **d.stats}
                           for name, d in self.disks.items()}}

@@ -26,6 +26,8 @@ from .credentials import PAPER, Credential, from_environment, kdf_seconds
 from .crypto import FULL, KeySlot, Keys, MasterKey, import_paper, new_slot, tune_scrypt, unlock
 from . import pins
 from .envelope import MANIFEST_MAGIC, Envelope
+from .gc import CommitGuard
+from .locks import MaintenanceLock
 from .errors import FormatMismatch, IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
 from .index import Index, Location, decode_index, encode_index
 from .manifest import KIND_FULL, Manifest
@@ -111,6 +113,8 @@ class Repository:
         #: this handle wrote the config: the repository is new (see :meth:`discard_if_new`)
         self.created = False
         self._index: Index | None = None
+        #: prune's records as of the index load (``repository.gc``); ``None`` until the index is loaded
+        self.guard: CommitGuard | None = None
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._vm_names: dict[str, str] = {}  # format 2: points/<token>/ → VM name, learnt from manifests
         self._codecs = CodecPool(config.compression.get("level", 3), self.envelope.blob_id)
@@ -350,9 +354,14 @@ class Repository:
     # -- index ------------------------------------------------------------------------------------------
 
     def load_index(self, refresh: bool = False) -> Index:
-        """Merge every ``index/*`` object (cached). A damaged index object is an error, never skipped."""
+        """Merge every ``index/*`` object (cached). A damaged index object is an error, never skipped.
+
+        Prune's records are read first (:class:`~.gc.CommitGuard`): a backup never deduplicates against
+        a pack condemned before its index was loaded, and :meth:`commit` checks the others.
+        """
         if self._index is not None and not refresh:
             return self._index
+        self.guard = CommitGuard(self.backend, self.envelope)
         index, damaged = self.load_index_report()
         if damaged:
             raise IntegrityError(f"{next(iter(damaged.values()))} (to repair it: fleece rebuild-index --repo "
@@ -370,6 +379,7 @@ class Repository:
 
     def _read_indexes(self, names: Iterable[str], keep_tables: bool) -> tuple[Index, dict[str, IntegrityError]]:
         index = Index(keep_tables)
+        index.condemned = set(self.guard.excluded) if self.guard is not None else set()
         damaged: dict[str, IntegrityError] = {}
         for name in names:
             try:
@@ -520,11 +530,24 @@ class Repository:
 
     def writer(self, *, on_committed: Committed | None = None, **options: int | None) -> BlobWriter:
         """A :class:`BlobWriter` for one run (deduplicating against everything already indexed)."""
-        return BlobWriter(self.backend, self.config, self.load_index(), on_committed=on_committed,
-                          envelope=self.envelope, **options)
+        index = self.load_index()
+        return BlobWriter(self.backend, self.config, index, on_committed=on_committed, envelope=self.envelope,
+                          exclude=self.guard.excluded if self.guard is not None else None, **options)
+
+    def needed_packs(self, manifest: Manifest) -> set[str]:
+        """The packs that hold *manifest*'s blobs (by the loaded index)."""
+        return {self.locate(b).pack for rec in manifest.disks.values() for _, _, b in rec.extents if b is not None}
 
     def commit(self, manifest: Manifest) -> None:
-        """Write *manifest* — the commit point. Only call after the run's writer has flushed."""
+        """Write *manifest* — the commit point. Only call after the run's writer has flushed.
+
+        First the prune check (:meth:`.gc.CommitGuard.check`): a point that needs a pack a prune may be
+        deleting is not committed (:class:`~.errors.PruneConflict`).
+        """
+        if self.guard is None:
+            self.load_index()
+        assert self.guard is not None
+        self.guard.check(self.needed_packs(manifest))
         name = self.envelope.manifest_name(manifest.vm, manifest.id)
         data = self.envelope.seal_manifest(name, manifest.to_bytes())
         if not self.backend.put_if_absent(name, data):
@@ -539,6 +562,31 @@ class Repository:
             log.warning("the config of %s had vanished (a failed first backup into the new repository took it "
                         "back while this one ran); wrote it again", self.url)
         self._manifests[(manifest.vm, manifest.id)] = manifest
+
+    def maintenance(self, purpose: str) -> MaintenanceLock:
+        """The maintenance lock (``with repo.maintenance("prune"):``): forget, prune, rebuild-index and
+        protect exclude each other; backups never wait for it."""
+        return MaintenanceLock(self.backend, self.envelope, purpose)
+
+    def replace_manifest(self, manifest: Manifest) -> None:
+        """Rewrite an existing point's manifest in place (maintenance only, under the lock).
+
+        The one exception to "objects are never modified": ``forget`` merging a kept point's layers and
+        ``protect`` changing its annotations. The new manifest describes the same point — same id, the
+        same bytes of every disk — so a reader that sees either version restores the same disks, and a
+        whole-object PUT is atomic (temp file + rename locally, one PUT in S3).
+        """
+        name = self.envelope.manifest_name(manifest.vm, manifest.id)
+        if not self.backend.exists(name):
+            raise RepositoryError(f"point {manifest.id} of VM {manifest.vm} vanished from {self.url} (removed by "
+                                  "someone else?): nothing was changed")
+        self.backend.put(name, self.envelope.seal_manifest(name, manifest.to_bytes()))
+        self._manifests[(manifest.vm, manifest.id)] = manifest
+
+    def forget_manifest(self, vm: str, point_id: str) -> None:
+        """Delete a point's manifest (``forget``; its packs stay until ``prune``)."""
+        self.backend.delete(self.envelope.manifest_name(vm, point_id))
+        self._manifests.pop((vm, point_id), None)
 
     # -- points -----------------------------------------------------------------------------------------
 
@@ -715,7 +763,22 @@ class Repository:
         return self.manifest(vm, point)
 
     def disk_chain(self, manifest: Manifest, disk: str) -> list[Manifest]:
-        """The points holding layers of *disk*, from *manifest* back to its full (newest first)."""
+        """The points holding layers of *disk*, from *manifest* back to its full (newest first).
+
+        A ``fleece forget`` running meanwhile merges kept points into self-contained layers *before* it
+        deletes what they replace: a parent that vanished under a chain read earlier is therefore looked
+        for once more, from freshly read manifests, before the chain is called broken.
+        """
+        try:
+            return self._disk_chain(manifest, disk)
+        except IntegrityError as exc:
+            if not getattr(exc, "vanished", False):
+                raise
+            for key in [k for k in self._manifests if k[0] == manifest.vm]:
+                del self._manifests[key]
+            return self._disk_chain(self.manifest(manifest.vm, manifest.id), disk)
+
+    def _disk_chain(self, manifest: Manifest, disk: str) -> list[Manifest]:
         chain = [manifest]
         seen = {manifest.id}
         while True:
@@ -736,14 +799,17 @@ class Repository:
             except IntegrityError:
                 raise
             except RepositoryError:
-                raise IntegrityError(f"the chain of point {manifest.id} (VM {manifest.vm}) is broken: parent point "
-                                     f"{previous} of {current.id} is missing") from None
+                broken = IntegrityError(f"the chain of point {manifest.id} (VM {manifest.vm}) is broken: parent "
+                                        f"point {previous} of {current.id} is missing")
+                broken.vanished = True  # type: ignore[attr-defined]
+                raise broken from None
             seen.add(parent.id)
             chain.append(parent)
 
     def resolve(self, manifest: Manifest, disk: str) -> list[Piece]:
         """The flat view of *disk* at *manifest*: what every byte is (newest layer wins)."""
-        return resolve([m.disks[disk].extents for m in self.disk_chain(manifest, disk)])
+        chain = self.disk_chain(manifest, disk)
+        return resolve([m.disks[disk].extents for m in chain], [m.disks[disk].skips for m in chain])
 
     # -- reading blobs ----------------------------------------------------------------------------------
 

@@ -62,10 +62,12 @@ class BlobWriter:
 
     def __init__(self, backend: Backend, config: RepoConfig, index: Index, *, threads: int | None = None,
                  uploads: int | None = None, pending: int | None = None, on_committed: Committed | None = None,
-                 envelope: Envelope | None = None) -> None:
+                 envelope: Envelope | None = None, exclude: set[str] | None = None) -> None:
         self.backend = backend
         self.config = config
         self.index = index
+        #: packs never deduplicated against (condemned by a prune: ``repository.gc``)
+        self._exclude = exclude or set()
         self.envelope = envelope or Envelope()
         self.stats = WriterStats()
         self._on_committed = on_committed
@@ -146,6 +148,11 @@ class BlobWriter:
                 self.index.add_pack(pack_id, entries, header=header)
         return self.stats
 
+    def written(self) -> list[tuple[str, list[PackEntry], bytes]]:
+        """The packs this writer stored: ``(pack id, table, header)`` each (complete after :meth:`flush`)."""
+        with self._lock:
+            return list(self._written)
+
     def abort(self) -> None:
         """Stop as soon as possible; what was uploaded stays unreferenced (garbage for GC)."""
         self._closed = True
@@ -187,7 +194,8 @@ class BlobWriter:
         ident = self.envelope.blob_id(data)
         with self._lock:
             self.stats.raw_bytes += len(data)
-            duplicate = ident in self.index or ident in self._pending_ids
+            known = self.index.lookup(ident)
+            duplicate = (known is not None and known.pack not in self._exclude) or ident in self._pending_ids
             if duplicate:
                 self.stats.dedup_blobs += 1
                 self.stats.dedup_bytes += len(data)

@@ -209,7 +209,7 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
                          mode=_file_mode(req))
             target = QemuNbdTarget(image, run_dir, req.workers)
             try:
-                pieces = [Piece(off, length, blob) for off, length, blob in rec.extents]
+                pieces = [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
                 _stats(total, fill(repo, target, pieces, mask=i > 0, workers=req.workers, progress=req.progress,
                                    where=f"restore of VM {manifest.vm} point {point.id} disk {disk}"))
             finally:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 _NAME = re.compile(r"^[A-Za-z0-9._%-]+(/[A-Za-z0-9._%-]+)*$")
@@ -92,6 +92,15 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, name: str) -> None:
         """Remove an object; removing a missing object is not an error."""
+
+    def delete_many(self, names: Sequence[str]) -> None:
+        """Remove objects (missing ones are not an error), as few requests as the storage allows.
+
+        Prune deletes thousands of packs: S3 takes 1000 names per ``DeleteObjects`` request. The default
+        deletes one by one. A failure raises; names before it may be gone, names after it are not.
+        """
+        for name in names:
+            self.delete(name)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default does nothing."""

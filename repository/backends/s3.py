@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -354,6 +354,20 @@ class S3Backend(Backend):
             self._call("DELETE", name, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
         except ObjectNotFound:
             pass
+
+    def delete_many(self, names: Sequence[str]) -> None:
+        """``DeleteObjects`` in batches of 1000 (quiet mode: the reply lists only failures)."""
+        for i in range(0, len(names), 1000):
+            part = names[i:i + 1000]
+            request = {"Objects": [{"Key": self._key(n)} for n in part], "Quiet": True}
+            reply = self._call("DELETE", part[0], lambda r=request: self.client.delete_objects(
+                Bucket=self.bucket, Delete=r))
+            failed = [e for e in reply.get("Errors", []) if e.get("Code") not in ("NoSuchKey",)]
+            if failed:
+                first = failed[0]
+                raise self._error(ClientError({"Error": {"Code": first.get("Code"), "Message": first.get("Message")},
+                                               "ResponseMetadata": {}}, "DeleteObjects"),
+                                  "DELETE", str(first.get("Key", ""))[len(self.prefix):])
 
     def close(self) -> None:
         self.client.close()

@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..errors import TransientBackendError
@@ -70,6 +70,9 @@ class BackendWrapper(Backend):
 
     def delete(self, name: str) -> None:
         self.inner.delete(name)
+
+    def delete_many(self, names: Sequence[str]) -> None:
+        self.inner.delete_many(names)
 
     def close(self) -> None:
         self.inner.close()
@@ -222,6 +225,10 @@ class Retrying(BackendWrapper):
     def delete(self, name: str) -> None:
         self.call("delete", name, lambda: self.inner.delete(name))
 
+    def delete_many(self, names: Sequence[str]) -> None:
+        if names:  # deleting is idempotent: a retried batch whose first attempt landed is no harm
+            self.call("delete", names[0], lambda: self.inner.delete_many(names))
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         seen: set[str] = set()
         started = self._start()
@@ -272,6 +279,16 @@ class RateLimited(BackendWrapper):
 
 #: The request each operation is, named as S3 names it (and as ``backend_requests`` in ``--json`` reports).
 VERBS = {"put": "PUT", "put_if_absent": "PUT", "get": "GET", "head": "HEAD", "list": "LIST", "delete": "DELETE"}
+
+
+#: the most names one ``delete_many`` request carries (S3's DeleteObjects limit)
+BATCH = 1000
+
+
+def _innermost(backend: Backend) -> Backend:
+    while isinstance(backend, BackendWrapper):
+        backend = backend.inner
+    return backend
 
 
 class Counting(BackendWrapper):
@@ -349,6 +366,13 @@ class Counting(BackendWrapper):
 
     def delete(self, name: str) -> None:
         self._counted("delete", lambda: self.inner.delete(name))
+
+    def delete_many(self, names: Sequence[str]) -> None:
+        # a batch is one request where the storage takes batches (S3), else one per name
+        batched = type(_innermost(self.inner)).delete_many is not Backend.delete_many
+        for i in range(0, len(names), BATCH if batched else 1):
+            part = names[i:i + (BATCH if batched else 1)]
+            self._counted("delete", lambda part=part: self.inner.delete_many(part))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         try:

@@ -1,0 +1,364 @@
+"""``fleece prune``: delete what no point needs, while backups keep committing — without their locks.
+
+One run, under the maintenance lock (``locks``), in this order:
+
+1. **Scan**: read prune's records (``gc``), then every manifest of every VM (a damaged one stops the
+   run: it may need any pack), then the index objects, then list the packs — the read ordering of
+   docs/FORMAT.md. Packs no index object names (runs that failed before their index, or are still
+   running) have their own tables read.
+2. **Choose**: for every blob a point needs, one pack to keep it in (never a condemned one when another
+   holds it). Packs chosen for no blob are unused.
+3. **Repack** the used packs that are mostly unused (``max_unused``): their needed blobs are read,
+   checked and written again into new packs with their own index object; the old packs become unused.
+4. **Condemn** the unused packs that no earlier prune condemned: one record, ``condemned/…``, with the
+   time and the grace. Nothing is deleted yet: a backup may be about to commit a point that needs them.
+5. **Delete** the packs of every record whose grace is over: the manifests are listed *again*, now;
+   a pack holding a blob a point committed since needs (and no other pack holds) is rescued. The
+   index is consolidated into one object without the deleted packs (written before the index objects
+   it replaces are deleted, and before any pack is deleted: an index never names a deleted pack), the
+   packs are deleted in batches, and the record is marked done (kept a while: ``gc.KEEP_DONE``).
+
+A kill anywhere leaves a repository whose every point restores: nothing a listed manifest needs is
+deleted, index objects go only after their replacement is durable, and a half-done step is redone by
+the next run. ``grace=0`` deletes in the same run: only for a repository nobody else writes to.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import gc
+from .errors import FormatMismatch, IntegrityError, ObjectNotFound, RepositoryError
+from .index import Index, Location, PackRecord, decode_index, encode_index
+from .pack import PackEntry, pack_name
+from .repo import Repository
+from .workers import map_all
+from .writer import BlobWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 24 * 3600.0
+#: repack while more than this fraction of the stored bytes are blobs no point needs (restic's default)
+DEFAULT_MAX_UNUSED = 0.05
+
+#: ``events(name, detail)`` at the moments tests act on: ``scanned``, ``repacked``, ``condemned``,
+#: ``rescanned``, ``indexed``, ``deleted``
+Events = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class PruneReport:
+    dry_run: bool
+    grace: float
+    packs: int = 0  #: packs listed
+    stored_bytes: int = 0  #: bytes in those packs
+    used_bytes: int = 0  #: payload bytes of blobs points need (one copy each)
+    unused_bytes: int = 0  #: payload bytes no point needs, before this run
+    condemned_packs: int = 0
+    condemned_bytes: int = 0
+    repacked_packs: int = 0
+    repacked_bytes: int = 0  #: bytes of blobs written again by the repack
+    deleted_packs: int = 0
+    deleted_bytes: int = 0
+    rescued_packs: int = 0
+    index_objects: int = 0  #: index objects replaced by the consolidated one
+    index: str = ""  #: the consolidated index object written
+    records_done: int = 0
+    records_removed: int = 0
+    #: pending records and when their packs may be deleted
+    waiting: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Scan:
+    records: list[gc.Condemnation]
+    needed: set[bytes]  #: blobs some point needs
+    packs: dict[str, int]  #: listed pack id → size
+    tables: dict[str, PackRecord]  #: pack id → (id, entries, header), from the index or the pack itself
+    index_names: list[str]  #: index objects listed
+    indexed: set[str]  #: packs those index objects name
+
+
+def prune(repo: Repository, *, grace: float = DEFAULT_GRACE, max_unused: float = DEFAULT_MAX_UNUSED,
+          dry_run: bool = False, workers: int | None = None, events: Events | None = None,
+          now: Callable[[], float] = time.time) -> PruneReport:
+    """See the module docstring. A write-only key cannot prune (it could delete what it cannot verify)."""
+    if grace < 0:
+        raise ValueError("grace must not be negative")
+    repo.envelope.require_read("prune")
+    with repo.maintenance("prune"):
+        return _Pruner(repo, grace, max_unused, dry_run, workers or repo.backend.parallelism, events, now).run()
+
+
+class _Pruner:
+    def __init__(self, repo: Repository, grace: float, max_unused: float, dry_run: bool, workers: int,
+                 events: Events | None, now: Callable[[], float]) -> None:
+        self.repo = repo
+        self.grace = grace
+        self.max_unused = max_unused
+        self.dry_run = dry_run
+        self.workers = max(1, workers)
+        self.emit = events or (lambda name, detail: None)
+        self.now = now
+        self.report = PruneReport(dry_run, grace)
+
+    def run(self) -> PruneReport:
+        scan = self._scan()
+        self.emit("scanned", {"packs": len(scan.packs)})
+        pending = gc.pending_packs(scan.records)
+        holder = self._choose(scan, pending)
+        repacked = self._repack(scan, holder)
+        used = set(holder.values())
+        fresh = sorted(set(scan.packs) - used - pending)
+        self.report.condemned_packs = len(fresh)
+        self.report.condemned_bytes = sum(scan.packs[p] for p in fresh)
+        records = list(scan.records)
+        if fresh and not self.dry_run:
+            record = gc.new_record(fresh, self.grace, socket.gethostname(), self.now())
+            gc.write_record(self.repo.backend, self.repo.envelope, record)
+            records.append(record)
+            self.emit("condemned", {"record": record.name, "packs": fresh})
+        self._delete_due(scan, records, repacked)
+        self._expire(records)
+        return self.report
+
+    # -- 1. scan ----------------------------------------------------------------------------------------
+
+    def _scan(self) -> _Scan:
+        repo = self.repo
+        records = gc.read_records(repo.backend, repo.envelope)
+        needed = self._needed()
+        index_names = sorted(info.name for info in repo.backend.list("index/"))
+        tables = self._tables(index_names)
+        indexed = set(tables)
+        packs = {info.name.rsplit("/", 1)[1]: info.size for info in repo.backend.list("data/")
+                 if info.name == pack_name(info.name.rsplit("/", 1)[1])}
+        orphans = sorted(set(packs) - set(tables))
+        for pack_id, got in zip(orphans, map_all(lambda p: self._own_table(p, packs[p]), orphans,
+                                                 workers=self.workers, name="fleece-prune-scan",
+                                                 on_close=repo.backend.cancel)):
+            if got is not None:
+                tables[pack_id] = got
+        held = {e.id for pack_id, (_, entries, _) in tables.items() if pack_id in packs for e in entries}
+        if lost := needed - held:
+            raise IntegrityError(f"{len(lost)} blob(s) that points need are in no pack (e.g. {next(iter(lost)).hex()}): "
+                                 "prune deletes nothing in a damaged repository; run 'fleece verify' and 'fleece "
+                                 "rebuild-index' first")
+        self.report.packs = len(packs)
+        self.report.stored_bytes = sum(packs.values())
+        return _Scan(records, needed, packs, tables, index_names, indexed)
+
+    def _needed(self) -> set[bytes]:
+        """Every blob any point of any VM needs; a manifest that cannot be read stops the prune."""
+        repo = self.repo
+        vms, unnamed = repo.vm_listing()
+        if unnamed:
+            where, why = next(iter(unnamed.items()))
+            raise IntegrityError(f"{where}: {why}; prune deletes nothing while a point cannot be read (it may need "
+                                 "any pack)", object=where)
+        needed: set[bytes] = set()
+        for vm in vms:
+            scan = repo.scan(vm)
+            if scan.damaged:
+                point, why = next(iter(scan.damaged.items()))
+                raise IntegrityError(f"point {point} of VM {vm} cannot be read ({why}): prune deletes nothing while a "
+                                     "point cannot be read (it may need any pack); 'fleece verify' shows the damage")
+            for m in scan.points:
+                needed.update(b for rec in m.disks.values() for _, _, b in rec.extents if b is not None)
+        return needed
+
+    def _tables(self, index_names: list[str]) -> dict[str, PackRecord]:
+        """Pack id → its record, from the index objects; a damaged one stops the prune."""
+        tables: dict[str, PackRecord] = {}
+        for name in index_names:
+            try:
+                records = decode_index(name.split("/", 1)[1], self.repo.backend.get(name), self.repo.envelope.meta)
+            except ObjectNotFound:
+                continue  # replaced by a rebuild-index meanwhile: the packs are listed anyway
+            except FormatMismatch:
+                raise
+            except IntegrityError as exc:
+                raise IntegrityError(f"{exc}: prune deletes nothing while an index object is damaged; run 'fleece "
+                                     "rebuild-index' first", object=name) from None
+            for record in records:
+                tables.setdefault(record[0], record)
+        return tables
+
+    def _own_table(self, pack_id: str, size: int) -> PackRecord | None:
+        """A pack no index names: its own table, or ``None`` when it is damaged (garbage either way)."""
+        try:
+            entries, header = self.repo.pack_trailer(pack_id, size)
+        except IntegrityError as exc:
+            log.warning("pack %s is in no index and damaged (%s): it is garbage", pack_name(pack_id), exc)
+            return None
+        return pack_id, entries, header
+
+    # -- 2. choose --------------------------------------------------------------------------------------
+
+    def _choose(self, scan: _Scan, pending: set[str]) -> dict[bytes, str]:
+        """Needed blob → the pack that keeps it: listed, not condemned when another holds it, and
+        otherwise the pack holding most needed bytes (so duplicates end up in few packs)."""
+        worth: dict[str, int] = {}
+        for pack_id, (_, entries, _) in scan.tables.items():
+            if pack_id in scan.packs:
+                worth[pack_id] = sum(e.length for e in entries if e.id in scan.needed)
+        holder: dict[bytes, str] = {}
+        for pack_id in sorted(worth, key=lambda p: (p in pending, -worth[p], p)):
+            for e in scan.tables[pack_id][1]:
+                if e.id in scan.needed:
+                    holder.setdefault(e.id, pack_id)
+        sizes = {e.id: e.length for p in set(holder.values()) for e in scan.tables[p][1]}
+        self.report.used_bytes = sum(sizes[b] for b in holder)
+        payload = sum(sum(e.length for e in scan.tables[p][1]) for p in scan.packs if p in scan.tables)
+        self.report.unused_bytes = payload - self.report.used_bytes
+        return holder
+
+    # -- 3. repack --------------------------------------------------------------------------------------
+
+    def _repack(self, scan: _Scan, holder: dict[bytes, str]) -> list[PackRecord]:
+        """Rewrite the needed blobs of the packs with most unused bytes until at most ``max_unused`` of
+        the used packs' payload is unused. Moves *holder* to the new packs; returns their records."""
+        by_pack: dict[str, list[PackEntry]] = {}
+        for pack_id, (_, entries, _) in scan.tables.items():
+            if pack_id in scan.packs:
+                by_pack[pack_id] = entries
+        used = set(holder.values())
+        unused = {p: sum(e.length for e in by_pack[p] if holder.get(e.id) != p) for p in used}
+        total = sum(sum(e.length for e in by_pack[p]) for p in used)
+        waste = sum(unused.values())
+        chosen = []
+        for pack_id in sorted(used, key=lambda p: (-unused[p] / max(1, scan.packs[p]), p)):
+            if total == 0 or waste / total <= self.max_unused or unused[pack_id] == 0:
+                break
+            chosen.append(pack_id)
+            kept = sum(e.length for e in by_pack[pack_id]) - unused[pack_id]
+            total -= unused[pack_id] + kept
+            waste -= unused[pack_id]
+        if not chosen:
+            return []
+        self.report.repacked_packs = len(chosen)
+        self.report.repacked_bytes = sum(e.raw_length for p in chosen for e in by_pack[p] if holder.get(e.id) == p)
+        if self.dry_run:
+            for p in chosen:  # counted as unused from here on, as they will be
+                for e in by_pack[p]:
+                    if holder.get(e.id) == p:
+                        holder[e.id] = ""
+            return []
+        repo = self.repo
+        writer = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
+        with writer:
+            for pack_id in chosen:
+                wanted = sorted((e for e in by_pack[pack_id] if holder.get(e.id) == pack_id), key=lambda e: e.offset)
+                start, end = wanted[0].offset, max(e.offset + e.length for e in wanted)
+                data = memoryview(repo.read_range(pack_id, start, end - start))
+                header = scan.tables[pack_id][2]
+                for e in wanted:
+                    loc = Location(pack_id, e.offset, e.length, e.raw_length, e.encoding, header)
+                    writer.add(repo.decode(e.id, loc, data[e.offset - start:e.offset - start + e.length]))
+            writer.flush()
+        written = writer.written()
+        for pack_id, entries, _ in written:
+            for e in entries:
+                holder[e.id] = pack_id
+            scan.tables[pack_id] = (pack_id, entries, _)
+            scan.packs[pack_id] = sum(e.length for e in entries)  # not listed: never condemned by this run
+        self.emit("repacked", {"packs": chosen, "new": [p for p, _, _ in written]})
+        return written
+
+    # -- 5. delete --------------------------------------------------------------------------------------
+
+    def _delete_due(self, scan: _Scan, records: list[gc.Condemnation], repacked: list[PackRecord]) -> None:
+        now = self.now()
+        due = [r for r in records if r.due(now)]
+        self.report.waiting = [{"record": r.name, "packs": len(r.packs), "deletable_from": r.deadline}
+                               for r in records if r.state == gc.PENDING and not r.due(now)]
+        if not due:
+            self._consolidate(scan, set(), only_if_many=True)
+            return
+        doomed = {p for r in due for p in r.packs}
+        # the manifests again, now that the grace is over: a point committed since may need a condemned pack
+        needed = self._needed()
+        self.emit("rescanned", {"due": [r.name for r in due]})
+        keeps: dict[bytes, bool] = {}
+        for pack_id, (_, entries, _) in scan.tables.items():
+            if pack_id not in doomed:
+                for e in entries:
+                    keeps[e.id] = True
+        rescued: set[str] = set()
+        for pack_id in sorted(doomed):
+            record = scan.tables.get(pack_id)
+            if record is None:
+                continue
+            if any(e.id in needed and not keeps.get(e.id) for e in record[1]):
+                rescued.add(pack_id)
+                for e in record[1]:
+                    keeps[e.id] = True
+        # blobs in packs written after the scan (new backups) are not in scan.tables: they are in no doomed pack
+        doomed -= rescued
+        present = sorted(p for p in doomed if p in scan.packs)
+        self.report.rescued_packs = len(rescued)
+        self.report.deleted_packs = len(present)
+        self.report.deleted_bytes = sum(scan.packs[p] for p in present)
+        if self.dry_run:
+            return
+        self._consolidate(scan, doomed, only_if_many=False)
+        self.repo.backend.delete_many([pack_name(p) for p in present])
+        self.emit("deleted", {"packs": present})
+        for r in due:
+            r.state, r.done_at = gc.DONE, self.now()
+            r.deleted = sorted(set(r.packs) & doomed)
+            r.rescued = sorted(set(r.packs) & rescued)
+            gc.write_record(self.repo.backend, self.repo.envelope, r)
+            self.report.records_done += 1
+
+    def _consolidate(self, scan: _Scan, doomed: set[str], only_if_many: bool) -> None:
+        """One index object for every indexed pack but *doomed*, then the listed ones go."""
+        if self.dry_run or (only_if_many and len(scan.index_names) < 2) or not scan.index_names:
+            return
+        indexed = {p: scan.tables[p] for p in scan.indexed if p not in doomed}
+        new_name = ""
+        if indexed:
+            index_id, data = encode_index([indexed[p] for p in sorted(indexed)], self.repo.envelope.meta)
+            new_name = f"index/{index_id}"
+            self.repo.backend.put(new_name, data)
+        old = [n for n in scan.index_names if n != new_name]
+        self.repo.backend.delete_many(old)
+        self.report.index = new_name
+        self.report.index_objects = len(old)
+        scan.index_names = [new_name] if new_name else []
+        self.emit("indexed", {"index": new_name, "replaced": old})
+        self.repo._index = None
+
+    def _expire(self, records: list[gc.Condemnation]) -> None:
+        if self.dry_run:
+            return
+        gone = [r.name for r in records if r.expired(self.now())]
+        if gone:
+            self.repo.backend.delete_many(gone)
+            self.report.records_removed = len(gone)
+
+
+def check_grace(text: str) -> float:
+    """``--grace`` in seconds from a duration like ``24h``, ``90m``, ``2d``, ``0``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    text = text.strip().lower()
+    try:
+        if text == "0":
+            return 0.0
+        if text and text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        value = -1
+    if value < 0 or value != value:
+        raise RepositoryError(f"--grace {text!r} is not a duration: use e.g. 24h, 90m, 2d, 30s or 0")
+    return value
