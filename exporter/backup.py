@@ -177,9 +177,6 @@ class _Run:
         if not vm:
             raise UsageError("the VM has no name (-name); pass --vm NAME to say which name its points carry")
         self.vm = check_vm_name(vm)
-        # The index before QEMU is touched: a damaged index, or one of the other format (a replaced config),
-        # fails the backup here rather than after the freeze. The writer dedups against this load.
-        self.repo.load_index()
         self.repo.check_not_downgraded()
         self.machine = Machine.of(self.mon, info)
         self._check_identity(vm)
@@ -188,6 +185,13 @@ class _Run:
         forced = self._forced_full(info, disks)
         bases = self.repo.latest_layers(vm, [d.id for d in disks])
         levels = {d.id: bitmaps.choose_level(d, bases[d.id], d.id in forced) for d in disks}
+        # Before QEMU is changed: a full loads the index (it dedups against every blob stored, and a damaged
+        # index, or one of the other format — a replaced config — fails it here rather than after the
+        # freeze); an incremental dedups against its parent chains only and reads no index at all, so its
+        # fixed cost does not grow with the repository's history.
+        self.known = self._known_blobs(levels)
+        if self.known is None:
+            self.repo.load_index()
         for d in disks:
             lv = levels[d.id]
             log.info("disk %s: %s backup (%s)", d.id, lv.kind, lv.reason)
@@ -338,7 +342,7 @@ class _Run:
                 graph.export_plan_sources(self.mon, f)
             self.event("exported", {"point": point_id, "disks": [f.disk.id for f in fleeces]})
 
-            writer = self.repo.writer(on_committed=self.req.on_committed)
+            writer = self.repo.writer(on_committed=self.req.on_committed, known=self.known)
             pending: dict[str, Callable[[], DiskRecord]] = {}
             # Enough buffers for every reader plus what the writer queues; reading outpaces compression.
             pool = BufferPool(self.req.workers + 4, self.repo.config.chunk_size)
@@ -365,7 +369,7 @@ class _Run:
                        **annotation_fields(self.req.tags, self.req.note)})
             self.event("committing", {"point": point_id})
             self._check_identity(vm)  # again: another machine may have taken the name during this run
-            self.repo.commit(manifest)
+            self.repo.commit(manifest, writer.packs_needed())
             committed = True
             log.info("committed point %s of VM %s", point_id, vm)
             return manifest, stats
@@ -443,6 +447,17 @@ class _Run:
                               parent=level.since if plan.kind == KIND_INCREMENTAL else None)
 
         return finish
+
+    def _known_blobs(self, levels: dict[str, bitmaps.Level]) -> set[bytes] | None:
+        """For a run of incrementals only: the blob ids of every parent chain (what it dedups against;
+        their points exist, so prune keeps them). ``None`` when a disk gets a full."""
+        if not levels or any(lv.kind != KIND_INCREMENTAL or lv.since is None for lv in levels.values()):
+            return None
+        known: set[bytes] = set()
+        for disk, lv in levels.items():
+            for m in self.repo.disk_chain(self.repo.manifest(self.vm, lv.since), disk):
+                known.update(b for _, _, b in m.disks[disk].extents if b is not None)
+        return known
 
     def _audit(self, f: graph.DiskFleece, level: bitmaps.Level, plan: DiskPlan, sock: str) -> AuditReport:
         """Re-read a sample of clean ranges and compare them with the parent point (see audit.py)."""

@@ -174,8 +174,8 @@ def _print_prune(r: PruneReport) -> None:
     for w in r.waiting:
         print(f"waiting: {w['packs']} pack(s) of {w['record']} may be deleted from "
               f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(w['deletable_from']))} by a later prune")
-    if r.index:
-        print(f"index consolidated into {r.index} ({r.index_objects} object(s) replaced)")
+    if r.index_objects:
+        print(f"index consolidated into {len(r.index)} object(s) ({r.index_objects} replaced)")
 
 
 def _span(seconds: float) -> str:

@@ -36,8 +36,11 @@ invariants keep such a race from being mistaken for damage:
   objects it listed, and only after its new index object is durable; an index object written by a
   concurrent backup after that listing survives.
 * A reader SHOULD treat a missing or unreadable object it was led to by an earlier listing as damage,
-  never retry it away: nothing in a repository is ever modified, and (until a prune exists) nothing
-  a committed point needs is ever deleted.
+  never retry it away: nothing a committed point needs is ever deleted (prune deletes only packs no
+  manifest listed after their grace needs, docs/FORMAT.md "garbage collection"). Packs named in a
+  prune's ``condemned/`` record are the exception: one that no checked point reads may vanish, and
+  its absence is not damage (the records are read after ``data/`` is listed, so a pack deleted
+  before that listing is in one).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import FleeceError, IntegrityError, RepositoryError, UsageError
+from .gc import read_records
 from .index import Index
 from .manifest import Manifest
 from .pack import PackEntry, pack_name
@@ -168,7 +172,10 @@ def verify(repo: Repository, vm: str | None = None, point: str | None = None, re
     # Packs: everything the index names (restricted: what the checked points read) must be as it says.
     to_check = {pack for used in uses.values() for pack in used}
     if vm is None and point is None:
-        to_check |= index.packs
+        # After the listing of data/: a pack a prune deleted before that listing is in a record by now.
+        # Condemned packs no checked point reads are prune's, and may vanish while verify runs.
+        condemned = {p for r in read_records(repo.backend, repo.envelope) for p in r.packs}
+        to_check |= index.packs - condemned
     damaged_packs = _check_packs(repo, index, sorted(to_check), packs, read_data, workers)
     for key, used in uses.items():
         for pack in sorted(used.keys() & damaged_packs.keys()):

@@ -49,6 +49,8 @@ def chain_of(top: Manifest, disk: str, by_id: dict[str, Manifest]) -> list[Manif
     chain = [top]
     while chain[-1].disks[disk].kind != KIND_FULL:
         parent = chain[-1].disk_parent(disk)
+        if parent is not None and parent not in by_id:
+            parent = layer_copy(by_id.values(), disk, parent)
         if parent is None or parent not in by_id or disk not in by_id[parent].disks or len(chain) > len(by_id):
             raise IntegrityError(f"the chain of disk {disk} of point {top.id} (VM {top.vm}) is broken at "
                                  f"{chain[-1].id}: run 'fleece verify'; nothing was forgotten")
@@ -56,12 +58,25 @@ def chain_of(top: Manifest, disk: str, by_id: dict[str, Manifest]) -> list[Manif
     return chain
 
 
+def layer_copy(points: Iterable[Manifest], disk: str, forgotten: str) -> str | None:
+    """The id of the point holding a merged copy of *disk* as of the *forgotten* point (``layer_of``):
+    an incremental committed by a backup that began before the forget names the forgotten point as its
+    parent (see ``Repository.disk_chain``)."""
+    for m in sorted(points, key=lambda p: p.id):
+        record = m.disks.get(disk)
+        if m.id > forgotten and record is not None and record.kind == KIND_FULL \
+                and record.stats.get("layer_of") == forgotten:
+            return m.id
+    return None
+
+
 def merged_record(chain: list[Manifest], disk: str) -> DiskRecord:
-    """*chain*'s layers of *disk* (newest first) as one self-contained full."""
+    """*chain*'s layers of *disk* (newest first) as one self-contained full. ``stats.layer_of`` names the
+    point whose state of the disk it is (kept through later copies), ``merged_from`` the layers merged."""
     pieces = resolve([m.disks[disk].extents for m in chain], [m.disks[disk].skips for m in chain])
     top = chain[0].disks[disk]
     kept = [p for p in pieces if p.blob is not None]  # a full's unlisted ranges read as zero
-    stats = {**top.stats, "merged_from": [m.id for m in chain]}
+    stats = {**top.stats, "merged_from": [m.id for m in chain], "layer_of": top.stats.get("layer_of", chain[0].id)}
     return DiskRecord(kind=KIND_FULL, virtual_size=top.virtual_size, extents=[(p.offset, p.length, p.blob) for p in kept],
                       granularity=top.granularity, qcow2=dict(top.qcow2), bitmap=top.bitmap, stats=stats, parent=None,
                       skips={p.offset: p.skip for p in kept if p.skip})

@@ -14,7 +14,7 @@ One run, under the maintenance lock (``locks``), in this order:
    time and the grace. Nothing is deleted yet: a backup may be about to commit a point that needs them.
 5. **Delete** the packs of every record whose grace is over: the manifests are listed *again*, now;
    a pack holding a blob a point committed since needs (and no other pack holds) is rescued. The
-   index is consolidated into one object without the deleted packs (written before the index objects
+   index is consolidated into bounded objects without the deleted packs (written before the index objects
    it replaces are deleted, and before any pack is deleted: an index never names a deleted pack), the
    packs are deleted in batches, and the record is marked done (kept a while: ``gc.KEEP_DONE``).
 
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 DEFAULT_GRACE = 24 * 3600.0
 #: repack while more than this fraction of the stored bytes are blobs no point needs (restic's default)
 DEFAULT_MAX_UNUSED = 0.05
+#: entries per consolidated index object (~5 MiB of tables): whoever reads one holds it whole in memory
+INDEX_ENTRIES = 100_000
 
 #: ``events(name, detail)`` at the moments tests act on: ``scanned``, ``repacked``, ``condemned``,
 #: ``rescanned``, ``indexed``, ``deleted``
@@ -67,7 +69,7 @@ class PruneReport:
     deleted_bytes: int = 0
     rescued_packs: int = 0
     index_objects: int = 0  #: index objects replaced by the consolidated one
-    index: str = ""  #: the consolidated index object written
+    index: list[str] = field(default_factory=list)  #: the consolidated index objects written
     records_done: int = 0
     records_removed: int = 0
     #: pending records and when their packs may be deleted
@@ -324,17 +326,17 @@ class _Pruner:
         if self.dry_run or (only_if_many and len(scan.index_names) < 2) or not scan.index_names:
             return
         indexed = {p: scan.tables[p] for p in scan.indexed if p not in doomed}
-        new_name = ""
-        if indexed:
-            index_id, data = encode_index([indexed[p] for p in sorted(indexed)], self.repo.envelope.meta)
-            new_name = f"index/{index_id}"
-            self.repo.backend.put(new_name, data)
-        old = [n for n in scan.index_names if n != new_name]
+        written: list[str] = []
+        for part in _chunks([indexed[p] for p in sorted(indexed)], INDEX_ENTRIES):
+            index_id, data = encode_index(part, self.repo.envelope.meta)
+            written.append(f"index/{index_id}")
+            self.repo.backend.put(written[-1], data)
+        old = [n for n in scan.index_names if n not in written]
         self.repo.backend.delete_many(old)
-        self.report.index = new_name
+        self.report.index = written
         self.report.index_objects = len(old)
-        scan.index_names = [new_name] if new_name else []
-        self.emit("indexed", {"index": new_name, "replaced": old})
+        scan.index_names = written
+        self.emit("indexed", {"index": written, "replaced": old})
         self.repo._index = None
 
     def _expire(self, records: list[gc.Condemnation]) -> None:
@@ -344,6 +346,19 @@ class _Pruner:
         if gone:
             self.repo.backend.delete_many(gone)
             self.report.records_removed = len(gone)
+
+
+def _chunks(records: list[PackRecord], limit: int) -> list[list[PackRecord]]:
+    """Packs grouped into index objects of about *limit* entries each (a pack is never split)."""
+    out: list[list[PackRecord]] = [[]]
+    count = 0
+    for record in records:
+        if count and count + len(record[1]) > limit:
+            out.append([])
+            count = 0
+        out[-1].append(record)
+        count += len(record[1])
+    return [part for part in out if part]
 
 
 def check_grace(text: str) -> float:

@@ -29,7 +29,7 @@ from .envelope import MANIFEST_MAGIC, Envelope
 from .gc import CommitGuard
 from .locks import MaintenanceLock
 from .errors import FormatMismatch, IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
-from .index import Index, Location, decode_index, encode_index
+from .index import Index, Location, decode_index, encode_index, find_entries
 from .manifest import KIND_FULL, Manifest
 from .pack import PackEntry, is_pack_id, pack_name
 from .workers import map_all
@@ -38,6 +38,8 @@ from .writer import BlobWriter, Committed
 log = logging.getLogger(__name__)
 
 KEYS_PREFIX = "keys/"
+#: at most this many blobs are located by searching the index objects instead of loading the index
+SCAN_LIMIT = 256
 _TOKEN = re.compile(r"[0-9a-f]{32}")  # a format 2 VM directory (Keys.name_token)
 
 #: what opens an encrypted repository: a credential, a function asked only when one is needed (the CLI's
@@ -528,26 +530,39 @@ class Repository:
 
     # -- writing ----------------------------------------------------------------------------------------
 
-    def writer(self, *, on_committed: Committed | None = None, **options: int | None) -> BlobWriter:
-        """A :class:`BlobWriter` for one run (deduplicating against everything already indexed)."""
-        index = self.load_index()
+    def writer(self, *, on_committed: Committed | None = None, known: set[bytes] | None = None,
+               **options: int | None) -> BlobWriter:
+        """A :class:`BlobWriter` for one run.
+
+        By default it deduplicates against everything indexed (the whole index is loaded). With *known*
+        (an incremental: the blob ids of its parent chains) it deduplicates against those and loads no
+        index: a backup's fixed cost then does not grow with the repository's history.
+        """
+        if known is None:
+            index = self.load_index()
+        else:
+            index = Index()
+            if self.guard is None:
+                self.guard = CommitGuard(self.backend, self.envelope)
         return BlobWriter(self.backend, self.config, index, on_committed=on_committed, envelope=self.envelope,
-                          exclude=self.guard.excluded if self.guard is not None else None, **options)
+                          exclude=self.guard.excluded if self.guard is not None else None, known=known, **options)
 
     def needed_packs(self, manifest: Manifest) -> set[str]:
         """The packs that hold *manifest*'s blobs (by the loaded index)."""
         return {self.locate(b).pack for rec in manifest.disks.values() for _, _, b in rec.extents if b is not None}
 
-    def commit(self, manifest: Manifest) -> None:
+    def commit(self, manifest: Manifest, packs: set[str] | None = None) -> None:
         """Write *manifest* — the commit point. Only call after the run's writer has flushed.
 
         First the prune check (:meth:`.gc.CommitGuard.check`): a point that needs a pack a prune may be
-        deleting is not committed (:class:`~.errors.PruneConflict`).
+        deleting is not committed (:class:`~.errors.PruneConflict`). *packs* are the packs to check (a
+        backup's :meth:`BlobWriter.packs_needed`); by default every pack holding a blob of *manifest*.
         """
+        if packs is None:
+            packs = self.needed_packs(manifest)
         if self.guard is None:
-            self.load_index()
-        assert self.guard is not None
-        self.guard.check(self.needed_packs(manifest))
+            self.guard = CommitGuard(self.backend, self.envelope)
+        self.guard.check(packs)
         name = self.envelope.manifest_name(manifest.vm, manifest.id)
         data = self.envelope.seal_manifest(name, manifest.to_bytes())
         if not self.backend.put_if_absent(name, data):
@@ -799,12 +814,34 @@ class Repository:
             except IntegrityError:
                 raise
             except RepositoryError:
-                broken = IntegrityError(f"the chain of point {manifest.id} (VM {manifest.vm}) is broken: parent "
-                                        f"point {previous} of {current.id} is missing")
-                broken.vanished = True  # type: ignore[attr-defined]
-                raise broken from None
+                moved = self._layer_copy(manifest.vm, disk, previous)
+                if moved is None:
+                    broken = IntegrityError(f"the chain of point {manifest.id} (VM {manifest.vm}) is broken: parent "
+                                            f"point {previous} of {current.id} is missing")
+                    broken.vanished = True  # type: ignore[attr-defined]
+                    raise broken from None
+                parent = moved
             seen.add(parent.id)
             chain.append(parent)
+
+    def _layer_copy(self, vm: str, disk: str, forgotten: str) -> Manifest | None:
+        """The point holding a merged copy of *disk*'s layer as of the *forgotten* point, if any.
+
+        A backup that began before a ``forget`` may commit an incremental whose disk parent the forget
+        removed; the forget gave the layer's state (the same bytes, the same bitmap) to the oldest kept
+        point after it, as a merged full that records ``stats.layer_of`` (``repository.merge``).
+        """
+        for point_id in self.point_ids(vm):
+            if point_id <= forgotten:
+                continue
+            try:
+                m = self.manifest(vm, point_id)
+            except RepositoryError:
+                continue
+            record = m.disks.get(disk)
+            if record is not None and record.kind == KIND_FULL and record.stats.get("layer_of") == forgotten:
+                return m
+        return None
 
     def resolve(self, manifest: Manifest, disk: str) -> list[Piece]:
         """The flat view of *disk* at *manifest*: what every byte is (newest layer wins)."""
@@ -819,6 +856,34 @@ class Repository:
             raise IntegrityError(f"blob {blob.hex()} is not in the repository index (a pack or index object is "
                                  "missing); run 'fleece verify' and 'fleece rebuild-index'")
         return loc
+
+    def locate_many(self, blobs: list[bytes]) -> dict[bytes, Location]:
+        """Where *blobs* are. From the loaded index; or, when it is not loaded and they are few (an
+        incremental's audit), by searching the index objects one at a time (``index.find_entries``) —
+        memory bounded by one index object, no table of every blob built."""
+        if self._index is not None or len(blobs) > SCAN_LIMIT:
+            return {b: self.locate(b) for b in blobs}
+        condemned = self.guard.excluded if self.guard is not None else set()
+        found: dict[bytes, Location] = {}
+        for _ in range(2):  # a prune consolidating meanwhile may delete an object after it was listed
+            wanted = set(blobs) - found.keys()
+            for info in self.backend.list("index/"):
+                try:
+                    data = self.backend.get(info.name)
+                except ObjectNotFound:
+                    continue
+                for pack_id, e, header in find_entries(info.name.split("/", 1)[1], data, self.envelope.meta,
+                                                       wanted):
+                    known = found.get(e.id)
+                    if known is None or (known.pack in condemned and pack_id not in condemned):
+                        found[e.id] = Location(pack_id, e.offset, e.length, e.raw_length, e.encoding, header)
+            if len(found) == len(blobs):
+                break
+        for b in blobs:
+            if b not in found:
+                self.locate(b)  # raises the usual error (after loading the index, to be sure)
+                found[b] = self.locate(b)
+        return found
 
     def read_range(self, pack: str, offset: int, length: int) -> bytes:
         """Raw bytes of a pack; a short read means a truncated pack."""
@@ -846,8 +911,7 @@ class Repository:
                    max_gap: int = 256 << 10) -> list[ReadRange]:
         """Group *blobs* by pack into coalesced range reads (one GET each, at most *max_range* bytes)."""
         by_pack: dict[str, list[tuple[bytes, Location]]] = {}
-        for blob in dict.fromkeys(blobs):
-            loc = self.locate(blob)
+        for blob, loc in self.locate_many(list(dict.fromkeys(blobs))).items():
             by_pack.setdefault(loc.pack, []).append((blob, loc))
         out: list[ReadRange] = []
         for pack, items in by_pack.items():

@@ -62,12 +62,18 @@ class BlobWriter:
 
     def __init__(self, backend: Backend, config: RepoConfig, index: Index, *, threads: int | None = None,
                  uploads: int | None = None, pending: int | None = None, on_committed: Committed | None = None,
-                 envelope: Envelope | None = None, exclude: set[str] | None = None) -> None:
+                 envelope: Envelope | None = None, exclude: set[str] | None = None,
+                 known: set[bytes] | None = None) -> None:
         self.backend = backend
         self.config = config
         self.index = index
         #: packs never deduplicated against (condemned by a prune: ``repository.gc``)
         self._exclude = exclude or set()
+        #: blob ids known to be stored without a location (an incremental's parent chain: a point that
+        #: exists needs them, so prune keeps them) — deduplicated against like indexed blobs
+        self._known = known or set()
+        #: packs holding blobs this run deduplicated against through the index (the commit check's)
+        self._dedup_packs: set[str] = set()
         self.envelope = envelope or Envelope()
         self.stats = WriterStats()
         self._on_committed = on_committed
@@ -148,6 +154,12 @@ class BlobWriter:
                 self.index.add_pack(pack_id, entries, header=header)
         return self.stats
 
+    def packs_needed(self) -> set[str]:
+        """The packs a point made by this run may need: those it wrote and those it deduplicated
+        against through the index (blobs it knew from its parent chain need no pack check)."""
+        with self._lock:
+            return {p for p, _, _ in self._written} | self._dedup_packs
+
     def written(self) -> list[tuple[str, list[PackEntry], bytes]]:
         """The packs this writer stored: ``(pack id, table, header)`` each (complete after :meth:`flush`)."""
         with self._lock:
@@ -195,7 +207,10 @@ class BlobWriter:
         with self._lock:
             self.stats.raw_bytes += len(data)
             known = self.index.lookup(ident)
-            duplicate = (known is not None and known.pack not in self._exclude) or ident in self._pending_ids
+            indexed = known is not None and known.pack not in self._exclude
+            duplicate = indexed or ident in self._known or ident in self._pending_ids
+            if indexed and ident not in self._known and ident not in self._pending_ids:
+                self._dedup_packs.add(known.pack)  # type: ignore[union-attr]
             if duplicate:
                 self.stats.dedup_blobs += 1
                 self.stats.dedup_bytes += len(data)

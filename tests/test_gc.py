@@ -1,0 +1,777 @@
+"""Garbage collection at the repository API (issue #12): forget, prune, condemnation records, the
+backups' commit guard, the maintenance lock and the manifest merges — against local repositories, no QEMU.
+
+Each test builds a small repository by hand (blobs through ``Repository.writer()``, synthetic manifests
+through ``Repository.commit``), keeps the ground truth of every point in memory and asserts exact
+outcomes: which packs are condemned, deleted or rescued, which commits are refused, and that every point
+still restores byte for byte. Time is never waited for: prune's ``now``, hand-made records and the
+guard's clock stand in for the hours a grace lasts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from checks import materialize
+from fleece.repository import DiskRecord, Manifest, RepoConfig, Repository, new_point_id
+from fleece.repository import check, gc
+from fleece.repository import manifest as manifest_mod
+from fleece.repository.backends import Backend, BackendWrapper, Counting, LocalBackend, layer, open_backend
+from fleece.repository.chain import resolve
+from fleece.repository.credentials import Credential
+from fleece.repository.errors import IntegrityError, LockedError, PruneConflict
+from fleece.repository.forget import forget
+from fleece.repository.index import Index
+from fleece.repository.locks import LOCK_NAME, STALE, MaintenanceLock
+from fleece.repository.merge import plan_merges
+from fleece.repository.pack import pack_name
+from fleece.repository.prune import prune
+from fleece.repository.retention import Policy
+from fleece.repository.writer import BlobWriter, WriterStats
+
+PW = Credential("passphrase", b"pw", "test")
+CH = 64 << 10  #: chunk size: a whole disk is 8 blobs, a run's blobs fit in one pack
+SIZE = 8 * CH
+VM = "vm1"
+T0 = time.time() - 100 * 86400  #: points are a day apart, all in the past
+FORMATS = ["plain", "encrypted"]
+HOUR = 3600.0
+
+
+# -- repositories and points ----------------------------------------------------------------------------
+
+def create(path: Path, fmt: str = "encrypted") -> Repository:
+    config = RepoConfig.encrypted(chunk_size=CH) if fmt == "encrypted" else RepoConfig(chunk_size=CH)
+    return Repository.open(str(path), create=True, config=config, credential=PW)
+
+
+def reopen(path: Path) -> Repository:
+    """A fresh handle: what another process (a backup, a prune, a restore) would see."""
+    return Repository.open(str(path), credential=PW)
+
+
+def store(repo: Repository, blobs: list[bytes], writer: BlobWriter | None = None) -> tuple[list[bytes], WriterStats]:
+    """One writer run over *blobs* (one pack, one index object); their ids and the run's stats."""
+    w = writer or repo.writer()
+    ids = [b""] * len(blobs)
+    for i, data in enumerate(blobs):
+        w.add(data, lambda ident, stored, i=i: ids.__setitem__(i, ident))
+    return ids, w.flush()
+
+
+def orphan(repo: Repository, rng: random.Random, *, index: bool = True) -> str:
+    """The pack of a run that never committed; with ``index=False`` its index object is gone too (a run
+    killed between its packs and its index). Returns the pack id."""
+    before = {i.name for i in repo.backend.list("index/")}
+    w = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
+    store(repo, [rng.randbytes(CH // 2)], w)
+    (pack,) = [p for p, _, _ in w.written()]
+    if not index:
+        (made,) = {i.name for i in repo.backend.list("index/")} - before
+        repo.backend.delete(made)
+    return pack
+
+
+def packs_listed(repo: Repository) -> set[str]:
+    return {i.name.rsplit("/", 1)[1] for i in repo.backend.list("data/")}
+
+
+def index_objects(repo: Repository) -> set[str]:
+    return {i.name for i in repo.backend.list("index/")}
+
+
+def stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class Vm:
+    """One VM with one disk ``vda`` of ground truth, backed up point by point like ``fleece backup`` does:
+    blobs first (:meth:`prepare`), the manifest last (:meth:`commit`). A refused commit leaves the truth
+    as it was, so the model never drifts from the repository."""
+
+    def __init__(self, repo: Repository, seed: int = 0) -> None:
+        self.repo = repo
+        self.rng = random.Random(seed)
+        self.disk = bytearray(SIZE)
+        self.ids: list[str] = []
+        self.truth: dict[str, bytes] = {}
+        self._pending: dict[str, bytearray] = {}
+        self._clock = 0
+        self.stats: WriterStats | None = None
+
+    def rand(self, n: int) -> bytes:
+        return self.rng.randbytes(n)
+
+    def prepare(self, writes: list[tuple[int, bytes]], *, full: bool = False,
+                repo: Repository | None = None) -> Manifest:
+        """Store the blobs of a point that writes *writes* (offset, bytes; inside one chunk each) and
+        return its manifest, not committed yet. A full lists every chunk that is not zero."""
+        disk = bytearray(self.disk)
+        for off, data in writes:
+            assert off // CH == (off + len(data) - 1) // CH, "a blob never crosses the chunk grid"
+            disk[off:off + len(data)] = data
+        if full:
+            ranges = [(c * CH, CH) for c in range(SIZE // CH) if any(disk[c * CH:(c + 1) * CH])]
+        else:
+            ranges = sorted((off, len(data)) for off, data in writes)
+        ids, self.stats = store(repo or self.repo, [bytes(disk[o:o + n]) for o, n in ranges])
+        self._clock += 1
+        t = T0 + self._clock * 86400
+        parent = None if full or not self.ids else self.ids[-1]
+        kind = "full" if parent is None else "incremental"
+        record = DiskRecord(kind=kind, virtual_size=SIZE, extents=[(o, n, b) for (o, n), b in zip(ranges, ids)],
+                            parent=parent)
+        m = Manifest(id=new_point_id(t), vm=VM, created=stamp(t), parent=parent, kind=kind, disks={"vda": record})
+        self._pending[m.id] = disk
+        return m
+
+    def commit(self, m: Manifest, repo: Repository | None = None) -> None:
+        (repo or self.repo).commit(m)
+        self.disk = self._pending.pop(m.id)
+        self.ids.append(m.id)
+        self.truth[m.id] = bytes(self.disk)
+
+    def point(self, writes: list[tuple[int, bytes]], *, full: bool = False) -> str:
+        m = self.prepare(writes, full=full)
+        self.commit(m)
+        return m.id
+
+    def history(self) -> list[str]:
+        """Six points: a full, then incrementals that overwrite whole chunks (the blobs they replace become
+        unused once the layers are merged) and parts of chunks (merged layers reference parts of blobs)."""
+        c = CH
+        self.point([(i * c, self.rand(c)) for i in range(8)], full=True)
+        self.point([(0, self.rand(c)), (c, self.rand(c)), (2 * c + 100, self.rand(5000))])
+        self.point([(3 * c, self.rand(c)), (4 * c + 7, self.rand(999)), (6 * c, self.rand(c))])
+        self.point([(5 * c + 300, self.rand(c - 300)), (6 * c, self.rand(c))])
+        self.point([(1 * c + 10, self.rand(4000)), (7 * c, self.rand(c))])
+        self.point([(2 * c, self.rand(c // 2)), (7 * c + 1, self.rand(c - 1))])
+        return self.ids
+
+    def assert_restores(self, path: Path, ids: list[str] | None = None) -> None:
+        """Every point (or *ids*) read back through a fresh handle equals its ground truth, byte for byte."""
+        repo = reopen(path)
+        listed = repo.point_ids(VM)
+        for pid in listed if ids is None else ids:
+            got = materialize(repo, repo.manifest(VM, pid), "vda")
+            assert got == self.truth[pid], f"point {pid} does not restore byte-exact"
+
+
+def needed_packs(repo: Repository) -> set[str]:
+    """The packs a fresh handle reads for every blob of every listed point."""
+    index = repo.load_index()
+    out = set()
+    for vm in repo.vms():
+        for m in repo.scan(vm).points:
+            for rec in m.disks.values():
+                out |= {index.lookup(b).pack for _, _, b in rec.extents if b is not None}
+    return out
+
+
+def assert_clean(path: Path) -> None:
+    """``verify --read-data`` finds nothing, and ``data/`` holds exactly the packs the points read."""
+    repo = reopen(path)
+    report = check.verify(repo, None, None, read_data=True)
+    assert report.repository_problems == []
+    assert [p.problems for p in report.points if p.problems] == []
+    repo = reopen(path)
+    assert packs_listed(repo) == needed_packs(repo)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "repo"
+
+
+def condemned_orphan(path: Path, grace: float = HOUR) -> tuple[Vm, Repository, Manifest, str]:
+    """A repository with one point and the orphan pack of an interrupted run; a backup handle that
+    loaded its index before any prune prepares a point deduplicating against that pack; then a prune
+    condemns the pack. Returns (vm, the backup's handle, its manifest, the pack)."""
+    repo = create(path)
+    vm = Vm(repo)
+    vm.point([(0, vm.rand(CH))], full=True)
+    content = vm.rand(CH)
+    [blob], _ = store(repo, [content])  # the run that never committed
+    pack = repo.load_index().lookup(blob).pack
+    backup = reopen(path)
+    m = vm.prepare([(2 * CH, content)], repo=backup)
+    assert vm.stats is not None and (vm.stats.dedup_blobs, vm.stats.new_blobs) == (1, 0)
+    report = prune(reopen(path), grace=grace)
+    assert (report.condemned_packs, report.deleted_packs) == (1, 0 if grace else 1)
+    return vm, backup, m, pack
+
+
+# -- 1./2. the grace: commit, rescue, conflict ----------------------------------------------------------
+
+def test_a_backup_deduplicating_against_a_condemned_pack_commits_in_the_grace_and_rescues_it(path: Path) -> None:
+    vm, backup, m, pack = condemned_orphan(path)
+    (record,) = gc.read_records(backup.backend, backup.envelope)
+    assert (record.state, record.packs, record.grace) == (gc.PENDING, [pack], HOUR)
+    vm.commit(m, backup)  # in the grace: allowed
+    later = prune(reopen(path), grace=HOUR, now=lambda: record.deadline)
+    assert (later.rescued_packs, later.deleted_packs, later.condemned_packs, later.records_done) == (1, 0, 0, 1)
+    (done,) = gc.read_records(backup.backend, backup.envelope)
+    assert (done.state, done.rescued, done.deleted) == (gc.DONE, [pack], [])
+    assert pack in packs_listed(backup)
+    vm.assert_restores(path)
+    assert_clean(path)
+
+
+def test_a_commit_once_the_grace_is_nearly_over_is_refused_and_writes_no_manifest(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vm, backup, m, pack = condemned_orphan(path)
+    (record,) = gc.read_records(backup.backend, backup.envelope)
+    cut = record.deadline - gc.skew(HOUR)
+    assert gc.skew(HOUR) == 300.0 and gc.skew(40.0) == 10.0
+    monkeypatch.setattr(backup.guard, "_now", lambda: cut)
+    with pytest.raises(PruneConflict) as err:
+        vm.commit(m, backup)
+    assert err.value.object == pack_name(pack)
+    assert reopen(path).point_ids(VM) == vm.ids  # no manifest
+    assert not backup.backend.exists(backup.envelope.manifest_name(VM, m.id))
+    monkeypatch.setattr(backup.guard, "_now", lambda: cut - 1)  # one second earlier it would have landed
+    vm.commit(m, backup)
+    assert reopen(path).point_ids(VM) == vm.ids
+    vm.assert_restores(path)
+
+
+def test_a_commit_needing_a_pack_a_done_record_deleted_is_refused(path: Path) -> None:
+    vm, backup, m, pack = condemned_orphan(path, grace=0)  # grace 0: condemned and deleted in one run
+    (record,) = gc.read_records(backup.backend, backup.envelope)
+    assert (record.state, record.deleted) == (gc.DONE, [pack])
+    with pytest.raises(PruneConflict) as err:
+        vm.commit(m, backup)
+    assert err.value.object == pack_name(pack)
+    assert reopen(path).point_ids(VM) == vm.ids
+
+
+def test_a_hand_made_done_record_refuses_the_commit_and_a_pending_one_in_its_grace_does_not(path: Path) -> None:
+    repo = create(path)
+    vm = Vm(repo)
+    vm.point([(0, vm.rand(CH))], full=True)
+    backup = reopen(path)
+    m = vm.prepare([(CH, vm.rand(CH))], repo=backup)
+    (pack,) = backup.needed_packs(m)
+    pending = gc.new_record([pack], 10 * HOUR, "elsewhere", time.time() - HOUR)
+    gc.write_record(repo.backend, repo.envelope, pending)
+    done = gc.new_record([pack], 0, "elsewhere", time.time() - 2 * HOUR)
+    done.state, done.done_at, done.deleted = gc.DONE, time.time() - HOUR, [pack]
+    gc.write_record(repo.backend, repo.envelope, done)
+    with pytest.raises(PruneConflict):
+        vm.commit(m, backup)
+    repo.backend.delete(done.name)
+    vm.commit(m, backup)  # the pending record alone leaves 9 h of grace
+    assert reopen(path).point_ids(VM) == vm.ids
+
+
+# -- 3. long runs ---------------------------------------------------------------------------------------
+
+def test_a_long_run_heads_every_needed_pack_and_refuses_when_one_is_gone(path: Path) -> None:
+    repo = create(path)
+    vm = Vm(repo)
+    first = vm.point([(i * CH, vm.rand(CH)) for i in range(3)], full=True)
+    old = repo.manifest(VM, first).disks["vda"].extents
+    (base,) = {repo.load_index().lookup(b).pack for _, _, b in old}
+
+    backup = reopen(path)  # dedups chunk 0's content at chunk 5, stores a new blob at chunk 6
+    m = vm.prepare([(5 * CH, bytes(vm.disk[:CH])), (6 * CH, vm.rand(CH))], repo=backup)
+    needed = backup.needed_packs(m)
+    assert base in needed and len(needed) == 2
+    backup.guard.loaded_at -= gc.LONG_RUN
+    heads = backup.requests().get("HEAD", 0)
+    vm.commit(m, backup)
+    assert backup.requests().get("HEAD", 0) - heads == 2  # one HEAD per needed pack
+
+    late = reopen(path)
+    m2 = vm.prepare([(7 * CH, bytes(vm.disk[CH:2 * CH]))], repo=late)
+    assert late.needed_packs(m2) == {base}
+    repo.backend.delete(pack_name(base))  # deleted by a prune whose done record has expired since
+    late.guard.loaded_at -= gc.LONG_RUN
+    with pytest.raises(PruneConflict) as err:
+        vm.commit(m2, late)
+    assert err.value.object == pack_name(base)
+    assert reopen(path).point_ids(VM) == vm.ids
+
+
+# -- 4. no dedup against condemned packs ----------------------------------------------------------------
+
+def test_the_writer_stores_a_condemned_blob_again_and_lookups_prefer_the_new_copy(path: Path) -> None:
+    repo = create(path)
+    content = random.Random(4).randbytes(CH)
+    [blob], _ = store(repo, [content])
+    condemned = repo.load_index().lookup(blob).pack
+    assert prune(reopen(path), grace=HOUR).condemned_packs == 1
+
+    backup = reopen(path)
+    [again], stats = store(backup, [content])
+    assert again == blob
+    assert (stats.new_blobs, stats.dedup_blobs, stats.packs) == (1, 0, 1)
+    fresh = backup.load_index().lookup(blob).pack
+    assert fresh != condemned and fresh in packs_listed(backup)
+    assert reopen(path).load_index().lookup(blob).pack == fresh  # whichever index object is read first
+
+    tables = reopen_tables(path)
+    for order in ([condemned, fresh], [fresh, condemned]):
+        index = Index()
+        index.condemned = {condemned}
+        for p in order:
+            index.add_pack(p, next(iter(tables[p])))
+        assert index.lookup(blob).pack == fresh
+
+
+def reopen_tables(path: Path) -> dict[str, dict]:
+    """Pack id → its tables as the index objects give them."""
+    index, _ = reopen(path).load_index_report(keep_tables=True)
+    assert index.tables is not None
+    return index.tables
+
+
+# -- 5. orphans -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_orphans_are_condemned_then_deleted_after_the_grace(path: Path, fmt: str) -> None:
+    repo = create(path, fmt)
+    vm = Vm(repo)
+    vm.point([(i * CH, vm.rand(CH)) for i in range(4)], full=True)
+    keep = packs_listed(repo)
+    rng = random.Random(5)
+    flushed, unindexed, damaged = orphan(repo, rng), orphan(repo, rng, index=False), orphan(repo, rng, index=False)
+    damaged_file = path / pack_name(damaged)
+    damaged_file.write_bytes(damaged_file.read_bytes()[:-100])  # truncated: its own table is unreadable
+    garbage = {flushed, unindexed, damaged}
+    t = time.time()
+
+    first = prune(reopen(path), grace=600, now=lambda: t)
+    assert (first.condemned_packs, first.deleted_packs) == (3, 0)
+    (record,) = gc.read_records(repo.backend, repo.envelope)
+    assert set(record.packs) == garbage and packs_listed(repo) == keep | garbage
+    early = prune(reopen(path), grace=600, now=lambda: t + 599)
+    assert (early.condemned_packs, early.deleted_packs) == (0, 0)
+    assert [w["record"] for w in early.waiting] == [record.name]
+    assert packs_listed(repo) == keep | garbage
+
+    due = prune(reopen(path), grace=600, now=lambda: t + 600)
+    assert (due.deleted_packs, due.rescued_packs, due.records_done) == (3, 0, 1)
+    assert packs_listed(repo) == keep
+    vm.assert_restores(path)
+    assert_clean(path)
+
+
+def test_orphans_go_in_one_run_with_grace_zero(path: Path) -> None:
+    repo = create(path)
+    vm = Vm(repo)
+    vm.point([(0, vm.rand(CH))], full=True)
+    keep = packs_listed(repo)
+    rng = random.Random(6)
+    orphan(repo, rng)
+    orphan(repo, rng, index=False)
+    report = prune(reopen(path), grace=0)
+    assert (report.condemned_packs, report.deleted_packs, report.records_done) == (2, 2, 1)
+    assert packs_listed(repo) == keep
+    assert len(index_objects(repo)) == 1  # consolidated, without the deleted pack
+    vm.assert_restores(path)
+    assert_clean(path)
+
+
+# -- 6. forget + prune ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_kept_point_restores_after_forget_and_prune(path: Path, fmt: str) -> None:
+    vm = Vm(create(path, fmt))
+    ids = vm.history()
+    orphan(vm.repo, random.Random(7))
+    result = forget(reopen(path), VM, Policy(last=3))
+    assert result.removed == sorted(ids[:3], reverse=True)
+    assert result.rewritten == [ids[3]]  # the oldest kept point: its chain crossed the forgotten ones
+    vm.assert_restores(path)
+    report = prune(reopen(path), grace=0, max_unused=0)
+    assert report.deleted_packs >= 1 and report.repacked_packs >= 1
+    assert reopen(path).point_ids(VM) == ids[3:]
+    vm.assert_restores(path)
+    assert_clean(path)
+
+
+# -- 7. kill safety -------------------------------------------------------------------------------------
+
+class Killed(Exception):
+    """Raised from an events hook: the process died at that moment."""
+
+
+def kill_at(event: str) -> Callable[[str, dict], None]:
+    def hook(name: str, detail: dict) -> None:
+        if name == event:
+            raise Killed(name)
+    return hook
+
+
+def forgotten_history(path: Path, fmt: str) -> Vm:
+    """:meth:`Vm.history`, three points forgotten, an orphan pack: a prune with ``max_unused=0`` and
+    ``grace=0`` then fires every one of its events."""
+    vm = Vm(create(path, fmt))
+    vm.history()
+    orphan(vm.repo, random.Random(8))
+    forget(reopen(path), VM, Policy(last=3))
+    return vm
+
+
+PRUNE_EVENTS = ["scanned", "repacked", "condemned", "rescanned", "indexed", "deleted"]
+
+
+def test_a_prune_fires_every_event_in_order(path: Path) -> None:
+    forgotten_history(path, "encrypted")
+    seen: list[str] = []
+    prune(reopen(path), grace=0, max_unused=0, events=lambda name, detail: seen.append(name))
+    assert seen == PRUNE_EVENTS
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("event", PRUNE_EVENTS)
+def test_a_prune_killed_at_any_event_leaves_every_point_and_the_next_prune_finishes(
+        path: Path, event: str, fmt: str) -> None:
+    vm = forgotten_history(path, fmt)
+    with pytest.raises(Killed):
+        prune(reopen(path), grace=0, max_unused=0, events=kill_at(event))
+    vm.assert_restores(path)
+    report = check.verify(reopen(path), None, None, read_data=True)
+    assert report.ok, (report.repository_problems, [p.problems for p in report.points])
+    repo = reopen(path)
+    prune(repo, grace=0, max_unused=0)
+    assert [r.state for r in gc.read_records(repo.backend, repo.envelope)] == [gc.DONE] * len(
+        gc.read_records(repo.backend, repo.envelope))
+    vm.assert_restores(path)
+    assert_clean(path)
+    assert not reopen(path).backend.exists(LOCK_NAME)
+
+
+FORGET_EVENTS = [("planned", 1), ("rewritten", 1), ("forgotten", 1), ("forgotten", 2)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("event,nth", FORGET_EVENTS)
+def test_a_forget_killed_at_any_event_leaves_every_listed_point_and_runs_again(
+        path: Path, event: str, nth: int, fmt: str) -> None:
+    vm = Vm(create(path, fmt))
+    ids = vm.history()
+    count = {"n": 0}
+
+    def hook(name: str, detail: dict) -> None:
+        if name == event:
+            count["n"] += 1
+            if count["n"] == nth:
+                raise Killed(name)
+
+    with pytest.raises(Killed):
+        forget(reopen(path), VM, Policy(last=2), events=hook)
+    listed = reopen(path).point_ids(VM)
+    assert listed[-2:] == ids[-2:] and set(listed) <= set(ids)
+    assert len(listed) == {"planned": 6, "rewritten": 6, "forgotten": 6 - nth}[event]
+    vm.assert_restores(path)  # every listed point, forgotten-to-be ones too
+    result = forget(reopen(path), VM, Policy(last=2))
+    assert sorted(result.removed) == sorted(set(listed) - set(ids[-2:]))
+    assert reopen(path).point_ids(VM) == ids[-2:]
+    vm.assert_restores(path)
+    prune(reopen(path), grace=0, max_unused=0)
+    vm.assert_restores(path)
+    assert_clean(path)
+
+
+# -- 8. index consolidation -----------------------------------------------------------------------------
+
+def test_an_index_object_written_after_prune_listed_the_index_survives_consolidation(path: Path) -> None:
+    vm = forgotten_history(path, "encrypted")
+    other = reopen(path)
+    late: dict[str, object] = {}
+
+    def concurrent_backup(name: str, detail: dict) -> None:
+        if name == "scanned":
+            before = index_objects(other)
+            [blob], _ = store(other, [b"written while prune ran" * 1000])
+            (late["index"],) = index_objects(other) - before
+            late["blob"] = blob
+
+    assert len(index_objects(other)) >= 7
+    report = prune(reopen(path), grace=0, max_unused=1.0, events=concurrent_backup)
+    assert report.deleted_packs >= 1 and report.repacked_packs == 0
+    after = index_objects(other)
+    assert late["index"] in after
+    assert after == {report.index, late["index"]}
+    fresh = reopen(path)
+    assert fresh.read_blob(late["blob"]) == b"written while prune ran" * 1000
+    vm.assert_restores(path)
+
+
+def test_consolidation_with_a_repack_leaves_at_most_two_index_objects_plus_the_concurrent_one(path: Path) -> None:
+    vm = forgotten_history(path, "plain")
+    other = reopen(path)
+    late: list[str] = []
+
+    def concurrent_backup(name: str, detail: dict) -> None:
+        if name == "scanned":
+            before = index_objects(other)
+            store(other, [b"late" * 5000])
+            late.extend(index_objects(other) - before)
+
+    report = prune(reopen(path), grace=0, max_unused=0, events=concurrent_backup)
+    assert report.repacked_packs >= 1
+    after = index_objects(other)
+    assert set(late) <= after and len(after - set(late)) <= 2 and report.index in after
+    vm.assert_restores(path)
+
+
+# -- 9. the maintenance lock ----------------------------------------------------------------------------
+
+def test_a_second_prune_while_the_lock_is_held_is_refused_with_the_holder(path: Path) -> None:
+    repo = create(path)
+    with repo.maintenance("x"):
+        with pytest.raises(LockedError) as err:
+            prune(reopen(path), grace=0)
+        assert err.value.holder.startswith(f"x on {socket.gethostname()} pid {os.getpid()} since ")
+        with pytest.raises(LockedError):
+            forget(reopen(path), VM, Policy(last=1))
+        assert repo.backend.exists(LOCK_NAME)
+    assert not repo.backend.exists(LOCK_NAME)
+    prune(reopen(path), grace=0)
+
+
+def plant_lock(repo: Repository, **fields: object) -> bytes:
+    now = time.time()
+    doc = {"purpose": "prune", "host": socket.gethostname(), "pid": os.getpid(), "nonce": "planted",
+           "created": now, "refreshed": now, "expires": now + STALE, **fields}
+    data = repo.envelope.seal_record(LOCK_NAME, doc)
+    repo.backend.put(LOCK_NAME, data)
+    return data
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(path: Path) -> None:
+    repo = create(path)
+    plant_lock(repo, pid=dead_pid())
+    prune(reopen(path), grace=0)
+    assert not repo.backend.exists(LOCK_NAME)
+
+
+def test_a_lock_of_a_live_process_elsewhere_is_taken_over_only_once_expired(path: Path) -> None:
+    repo = create(path)
+    plant_lock(repo, host="another-host", pid=1)
+    with pytest.raises(LockedError):
+        MaintenanceLock(repo.backend, repo.envelope, "prune").acquire()
+    later = MaintenanceLock(repo.backend, repo.envelope, "prune", now=lambda: time.time() + STALE + 1)
+    with later:
+        assert repo.envelope.open_record(LOCK_NAME, repo.backend.get(LOCK_NAME))["nonce"] == later._nonce
+
+
+def test_an_expired_holder_releasing_late_leaves_the_new_holders_lock(path: Path) -> None:
+    repo = create(path)
+    first = MaintenanceLock(repo.backend, repo.envelope, "prune")
+    first.acquire()
+    second = MaintenanceLock(repo.backend, repo.envelope, "forget", now=lambda: time.time() + STALE + 1)
+    second.acquire()
+    first.release()
+    assert repo.envelope.open_record(LOCK_NAME, repo.backend.get(LOCK_NAME))["nonce"] == second._nonce
+    second.release()
+    assert not repo.backend.exists(LOCK_NAME)
+
+
+def test_a_failed_taker_never_deletes_a_live_lock(path: Path) -> None:
+    repo = create(path)
+    live = plant_lock(repo, host="another-host", pid=1)
+    for _ in range(3):
+        with pytest.raises(LockedError):
+            MaintenanceLock(repo.backend, repo.envelope, "prune").acquire()
+        assert repo.backend.get(LOCK_NAME) == live
+
+
+class SwapOnSecondRead(BackendWrapper):
+    """The lock a taker finds stale is replaced by a racing taker's live one right after the first read."""
+
+    def __init__(self, inner: Backend, live: bytes) -> None:
+        super().__init__(inner)
+        self.live = live
+        self.reads = 0
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = self.inner.get(name, offset, length)
+        if name == LOCK_NAME:
+            self.reads += 1
+            if self.reads == 1:
+                self.inner.put(LOCK_NAME, self.live)
+        return data
+
+
+def test_a_taker_rechecks_a_stale_lock_before_deleting_it(path: Path) -> None:
+    repo = create(path)
+    plant_lock(repo, host="another-host", pid=1, expires=time.time() - 1)
+    live = repo.envelope.seal_record(LOCK_NAME, {"purpose": "forget", "host": "another-host", "pid": 1,
+                                                 "nonce": "racer", "created": time.time(),
+                                                 "refreshed": time.time(), "expires": time.time() + STALE})
+    racing = SwapOnSecondRead(repo.backend, live)
+    with pytest.raises(LockedError):
+        MaintenanceLock(racing, repo.envelope, "prune").acquire()
+    assert repo.backend.get(LOCK_NAME) == live
+
+
+# -- 10. plan_merges, by property -----------------------------------------------------------------------
+
+DISK = 96  #: bytes per synthetic disk
+
+
+@st.composite
+def vm_histories(draw: st.DrawFn) -> tuple[list[Manifest], dict[bytes, bytes], set[str], int]:
+    """A VM's manifests (1-3 disks; fulls, incrementals with ZERO entries, ``--disk`` points holding some
+    disks with per-disk parents), the blobs' contents, a forget set (never the newest) and a max_chain."""
+    rng = draw(st.randoms(use_true_random=False))
+    disks = [f"d{i}" for i in range(draw(st.integers(1, 3)))]
+    blobs: dict[bytes, bytes] = {}
+    latest: dict[str, str] = {}
+    points: list[Manifest] = []
+    for i in range(draw(st.integers(1, 7))):
+        pid = f"2026{i:02d}"
+        held = draw(st.lists(st.sampled_from(disks), min_size=1, unique=True))
+        records = {}
+        for disk in sorted(held):
+            full = disk not in latest or draw(st.booleans()) and draw(st.booleans())
+            records[disk] = DiskRecord(kind="full" if full else "incremental", virtual_size=DISK,
+                                       extents=draw_extents(draw, rng, blobs),
+                                       parent=None if full else latest[disk])
+        parents = sorted(r.parent for r in records.values() if r.parent)
+        parent = parents[-1] if parents else None
+        for disk, r in records.items():  # older manifests name no per-disk parent when it is the point's
+            if r.parent is not None and r.parent == parent and draw(st.booleans()):
+                records[disk] = DiskRecord(kind=r.kind, virtual_size=DISK, extents=r.extents)
+        points.append(Manifest(id=pid, vm=VM, created=f"2026-01-01T00:00:{i:02d}Z", parent=parent,
+                               kind="incremental" if parents else "full", disks=records))
+        latest.update(dict.fromkeys(records, pid))
+    older = [m.id for m in points[:-1]]
+    gone = set(draw(st.lists(st.sampled_from(older), unique=True))) if older else set()
+    return points, blobs, gone, draw(st.integers(1, 4))
+
+
+def draw_extents(draw: st.DrawFn, rng: random.Random, blobs: dict[bytes, bytes]) -> list:
+    cuts = sorted(set(draw(st.lists(st.integers(0, DISK), max_size=8))))
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        what = draw(st.sampled_from(["gap", "zero", "data", "data"]))
+        if what == "zero":
+            out.append((a, b - a, None))
+        elif what == "data":
+            content = rng.randbytes(b - a)
+            ident = bytes([len(blobs) % 256]) + content[:1] + len(blobs).to_bytes(30, "little")
+            blobs[ident] = content
+            out.append((a, b - a, ident))
+    return out
+
+
+def view(world: dict[str, Manifest], pid: str) -> dict[str, Manifest]:
+    """``Repository.point_view``'s rule: each disk any point up to *pid* holds, at the newest such point."""
+    out: dict[str, Manifest] = {}
+    for i in sorted(world):
+        if i <= pid:
+            out.update(dict.fromkeys(world[i].disks, world[i]))
+    return out
+
+
+def chain(world: dict[str, Manifest], top: Manifest, disk: str) -> list[Manifest]:
+    layers = [top]
+    while layers[-1].disks[disk].kind != "full":
+        parent = layers[-1].disk_parent(disk)
+        assert parent in world, f"the chain of {disk} at {top.id} crosses {parent}, which is not in this world"
+        assert disk in world[parent].disks
+        layers.append(world[parent])
+        assert len(layers) <= len(world)
+    return layers
+
+
+def disk_bytes(layers: list[Manifest], disk: str, blobs: dict[bytes, bytes]) -> bytes:
+    out = bytearray(DISK)
+    for p in resolve([m.disks[disk].extents for m in layers], [m.disks[disk].skips for m in layers]):
+        if p.blob is not None:
+            piece = blobs[p.blob][p.skip:p.skip + p.length]
+            assert len(piece) == p.length, "a skip points past the end of its blob"
+            out[p.offset:p.offset + p.length] = piece
+    return bytes(out)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vm_histories())
+def test_plan_merges_keeps_every_kept_point_byte_exact(history) -> None:
+    points, blobs, gone, max_chain = history
+    rewrites = plan_merges(points, gone, max_chain)
+    assert set(rewrites) <= {m.id for m in points} - gone
+    old = {m.id: m for m in points}
+    new = {m.id: rewrites.get(m.id, m) for m in points if m.id not in gone}
+    for pid, m in rewrites.items():
+        assert (m.id, m.vm, m.created) == (pid, old[pid].vm, old[pid].created)
+        assert Manifest.from_bytes(m.to_bytes(), pid) == m
+    for pid in new:
+        before, after = view(old, pid), view(new, pid)
+        assert after.keys() == before.keys()
+        for disk in before:
+            layers = chain(new, after[disk], disk)  # never through a forgotten point
+            assert len(layers) <= max_chain
+            assert disk_bytes(layers, disk, blobs) == disk_bytes(chain(old, before[disk], disk), disk, blobs)
+
+
+def test_manifests_with_skips_round_trip_and_say_format_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = bytes([1]) * 32, bytes([2]) * 32
+    merged = DiskRecord(kind="full", virtual_size=1000, extents=[(0, 10, a), (10, 5, None), (20, 30, b)],
+                        skips={0: 7, 20: 123})
+    plain = DiskRecord(kind="full", virtual_size=1000, extents=[(0, 10, a)])
+    m = Manifest(id="p1", vm=VM, created="2026-01-01T00:00:00Z", parent=None, kind="full",
+                 disks={"vda": merged, "vdb": plain})
+    back = Manifest.from_bytes(m.to_bytes(), "here")
+    assert back == m and back.disks["vda"].skips == {0: 7, 20: 123} and back.disks["vdb"].skips == {}
+    body = json.loads(m.to_bytes())["manifest"]
+    assert body["format"] == 2 and body["disks"]["vda"]["extent_layout"] == 2
+    assert "extent_layout" not in body["disks"]["vdb"]
+    unmerged = Manifest(id="p1", vm=VM, created="2026-01-01T00:00:00Z", parent=None, kind="full",
+                        disks={"vdb": plain})
+    assert json.loads(unmerged.to_bytes())["manifest"]["format"] == 1
+    monkeypatch.setattr(manifest_mod, "FORMATS", (1,))  # a fleece that predates merges
+    Manifest.from_bytes(unmerged.to_bytes(), "old")
+    with pytest.raises(IntegrityError, match="upgrade fleece"):
+        Manifest.from_bytes(m.to_bytes(), "new")
+
+
+# -- 11. delete_many --------------------------------------------------------------------------------------
+
+NAMES = ["data/ab/one", "data/ab/two", "index/three", "points/x/four", "config-ish"]
+
+
+def test_delete_many_on_the_local_backend_removes_exactly_the_names_given(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "b", create=True)
+    for name in NAMES:
+        backend.put(name, name.encode())
+    backend.delete_many(["data/ab/two", "index/three", "never/was", "data/ab/two"])
+    assert sorted(i.name for i in backend.list()) == sorted(set(NAMES) - {"data/ab/two", "index/three"})
+    backend.delete_many([])
+    assert len(list(backend.list())) == 3
+
+
+def test_delete_many_through_the_wrapped_stack_counts_one_request_per_local_name(tmp_path: Path) -> None:
+    stack = open_backend(str(tmp_path / "b"), create=True)
+    for name in NAMES:
+        stack.put(name, name.encode())
+    counting = layer(stack, Counting)
+    assert counting is not None
+    stack.delete_many(["points/x/four", "missing/one", "data/ab/one"])
+    assert counting.requests()["DELETE"] == 3
+    stack.delete_many([])
+    assert counting.requests()["DELETE"] == 3
+    assert sorted(i.name for i in stack.list()) == sorted(set(NAMES) - {"points/x/four", "data/ab/one"})
