@@ -91,9 +91,11 @@ def choose_sample(chain: list[Manifest], disk: str, dirty: ex.RangeList, size: i
         return Sample([], [], [], [])
     layers = [m.disks[disk].extents for m in chain]
     age = {}  # (offset, length, blob) of every entry -> index of the layer that wrote it (0 = newest)
-    for i, entries in enumerate(layers):
-        for e in entries:
-            age.setdefault(e, i)
+    for i, m in enumerate(chain):
+        record = m.disks[disk]
+        for e in record.extents:
+            if e[0] not in record.parts:  # an entry covering part of its blob (merged) cannot be checked by id
+                age.setdefault(e, i)
     pieces = resolve(layers, [m.disks[disk].skips for m in chain])
     clean = [p for p in _clean(pieces, dirty) if p.blob is not None]
     whole = [p for p in clean if p.skip == 0 and (p.offset, p.length, p.blob) in age]

@@ -34,6 +34,7 @@ import nbd
 from fleece import __version__
 from fleece.repository import Repository
 from fleece.repository.errors import UsageError
+from fleece.repository.merge import MAX_CHAIN, merged_record
 from fleece.repository.manifest import (KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, annotation_fields,
                                        check_vm_name, new_point_id)
 
@@ -441,12 +442,32 @@ class _Run:
                      "seconds": seconds, "reason": reason}
             if report is not None:
                 stats["audit"] = report.to_json()
-            return DiskRecord(kind=plan.kind, virtual_size=disk.virtual_size, extents=extents,
-                              granularity=granularity or disk.cluster_size or 65536, qcow2=disk.qcow2_options(),
-                              bitmap=new_bitmap if level.track else None, stats=stats,
-                              parent=level.since if plan.kind == KIND_INCREMENTAL else None)
+            record = DiskRecord(kind=plan.kind, virtual_size=disk.virtual_size, extents=extents,
+                                granularity=granularity or disk.cluster_size or 65536, qcow2=disk.qcow2_options(),
+                                bitmap=new_bitmap if level.track else None, stats=stats,
+                                parent=level.since if plan.kind == KIND_INCREMENTAL else None)
+            return self._bounded(record, disk.id, level)
 
         return finish
+
+    def _bounded(self, record: DiskRecord, disk: str, level: bitmaps.Level) -> DiskRecord:
+        """An incremental whose parent chain has ``MAX_CHAIN`` layers already is stored merged: its layer
+        and the chain's, resolved into one self-contained full (a manifest operation: the same blobs, no
+        data read or sent). Chains stay bounded without a ``forget`` — restore writes at most that many
+        layers, and the next backup reads at most that many manifests."""
+        if record.kind != KIND_INCREMENTAL or level.since is None:
+            return record
+        chain = self.repo.disk_chain(self.repo.manifest(self.vm, level.since), disk)
+        if len(chain) < MAX_CHAIN:
+            return record
+        me = Manifest(id="(this backup)", vm=self.vm, created="", parent=None, kind=KIND_INCREMENTAL,
+                      disks={disk: record})
+        merged = merged_record([me, *chain], disk)
+        log.info("disk %s: the chain reached %d layers: this point stores it merged (self-contained)", disk,
+                 len(chain) + 1)
+        merged.stats.pop("layer_of", None)  # its own layer: nothing to look up
+        merged.stats["merged_from"] = [m.id for m in chain]
+        return merged
 
     def _known_blobs(self, levels: dict[str, bitmaps.Level]) -> set[bytes] | None:
         """For a run of incrementals only: the blob ids of every parent chain (what it dedups against;

@@ -15,9 +15,10 @@ parent point, and ``ZERO`` entries are ranges the guest zeroed or discarded (the
 
 A *merged* layer (``fleece forget`` turning a point whose older layers go into a self-contained full,
 ``repository.merge``) references parts of blobs: a newer layer had overwritten the rest. Its map has a
-fourth column, ``skip:u32`` (where the entry's bytes start inside the blob's plaintext), flagged by
-``"extent_layout": 2`` in the disk record; a manifest holding such a map has ``format`` 2, so that a
-fleece that predates it refuses the point instead of restoring the wrong bytes.
+fourth column, ``skip:u32`` (where the entry's bytes start inside the blob's plaintext; bit 31 set:
+the entry covers only part of its blob, even when its skip is 0), flagged by ``"extent_layout": 2`` in
+the disk record; a manifest holding such a map has ``format`` 2, so that a fleece that predates it
+refuses the point instead of restoring the wrong bytes.
 """
 
 from __future__ import annotations
@@ -102,9 +103,16 @@ def annotation_fields(tags: list[str], note: str | None, protected: bool = False
     return out
 
 
-def encode_extents(extents: list[Extent], skips: dict[int, int] | None = None) -> str:
+PART_FLAG = 0x80000000
+
+
+def encode_extents(extents: list[Extent], skips: dict[int, int] | None = None, parts: set[int] | None = None) -> str:
     """Binary, compressed, base64 form of an extent map (see module docstring); with *skips* (entry
-    offset → where its bytes start inside its blob) the four-column layout."""
+    offset → where its bytes start inside its blob) or *parts* (offsets of entries covering part of
+    their blob) the four-column layout."""
+    parts = parts or set()
+    wide = bool(skips or parts)
+    skips = skips or {}
     ids: dict[bytes, int] = {}
     rows = []
     for off, length, blob in extents:
@@ -112,13 +120,14 @@ def encode_extents(extents: list[Extent], skips: dict[int, int] | None = None) -
             ref = ZERO_REF
         else:
             ref = ids.setdefault(blob, len(ids))
-        rows.append(_ENTRY2.pack(off, length, ref, skips.get(off, 0)) if skips else _ENTRY.pack(off, length, ref))
+        rows.append(_ENTRY2.pack(off, length, ref, skips.get(off, 0) | (PART_FLAG if off in parts else 0)) if wide
+                    else _ENTRY.pack(off, length, ref))
     body = _COUNT.pack(len(ids)) + b"".join(ids) + b"".join(rows)
     return base64.b64encode(zstandard.ZstdCompressor(level=9).compress(body)).decode()
 
 
-def decode_extents(text: str, where: str, layout: int = 1) -> tuple[list[Extent], dict[int, int]]:
-    """An extent map and its skips (empty for the three-column layout 1)."""
+def decode_extents(text: str, where: str, layout: int = 1) -> tuple[list[Extent], dict[int, int], set[int]]:
+    """An extent map, its skips and its partial entries (both empty for the three-column layout 1)."""
     entry = _ENTRY2 if layout == 2 else _ENTRY
     try:
         if layout not in (1, 2):
@@ -132,6 +141,7 @@ def decode_extents(text: str, where: str, layout: int = 1) -> tuple[list[Extent]
             raise ValueError("ragged entry table")
         out: list[Extent] = []
         skips: dict[int, int] = {}
+        parts: set[int] = set()
         for row in entry.iter_unpack(body[pos:]):
             off, length, ref = row[0], row[1], row[2]
             if ref != ZERO_REF and ref >= nids:
@@ -140,10 +150,13 @@ def decode_extents(text: str, where: str, layout: int = 1) -> tuple[list[Extent]
             if layout == 2 and row[3]:
                 if ref == ZERO_REF:
                     raise ValueError(f"ZERO entry at {off} has a skip")
-                skips[off] = row[3]
+                if row[3] & ~PART_FLAG:
+                    skips[off] = row[3] & ~PART_FLAG
+                if row[3] & PART_FLAG:
+                    parts.add(off)
     except (ValueError, IndexError, struct.error, zstandard.ZstdError, TypeError) as exc:
         raise IntegrityError(f"{where}: extent map is damaged ({exc})") from None
-    return out, skips
+    return out, skips, parts
 
 
 @dataclass
@@ -163,12 +176,15 @@ class DiskRecord:
     parent: str | None = None
     #: entry offset → where the entry's bytes start inside its blob (merged layers only; see the docstring)
     skips: dict[int, int] = field(default_factory=dict)
+    #: offsets of entries that cover only part of their blob (merged layers: a newer layer overwrote the
+    #: rest). Every other entry is its whole blob — what the bitmap audit compares by id alone.
+    parts: set[int] = field(default_factory=set)
 
     def to_json(self) -> dict[str, Any]:
         obj = {"kind": self.kind, "virtual_size": self.virtual_size, "granularity": self.granularity,
                "qcow2": self.qcow2, "bitmap": self.bitmap, "stats": self.stats,
-               "extent_count": len(self.extents), "extents": encode_extents(self.extents, self.skips)}
-        if self.skips:
+               "extent_count": len(self.extents), "extents": encode_extents(self.extents, self.skips, self.parts)}
+        if self.skips or self.parts:
             obj["extent_layout"] = 2
         if self.parent is not None:
             obj["parent"] = self.parent
@@ -176,12 +192,13 @@ class DiskRecord:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> DiskRecord:
-        extents, skips = decode_extents(obj["extents"], where, obj.get("extent_layout", 1))
+        extents, skips, parts = decode_extents(obj["extents"], where, obj.get("extent_layout", 1))
         if len(extents) != obj.get("extent_count", len(extents)):
             raise IntegrityError(f"{where}: extent map has {len(extents)} entries, expected {obj['extent_count']}")
         return cls(kind=obj["kind"], virtual_size=obj["virtual_size"], extents=extents,
                    granularity=obj.get("granularity", 65536), qcow2=obj.get("qcow2", {}),
-                   bitmap=obj.get("bitmap"), stats=obj.get("stats", {}), parent=obj.get("parent"), skips=skips)
+                   bitmap=obj.get("bitmap"), stats=obj.get("stats", {}), parent=obj.get("parent"), skips=skips,
+                   parts=parts)
 
 
 @dataclass
@@ -199,7 +216,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        body = {"format": FORMAT_SKIPS if any(d.skips for d in self.disks.values()) else FORMAT, "id": self.id, "vm": self.vm, "created": self.created, "parent": self.parent,
+        body = {"format": FORMAT_SKIPS if any(d.skips or d.parts for d in self.disks.values()) else FORMAT, "id": self.id, "vm": self.vm, "created": self.created, "parent": self.parent,
                 "kind": self.kind, "consistency": self.consistency, "tool": self.tool, "extra": self.extra,
                 "disks": {name: disk.to_json() for name, disk in self.disks.items()}}
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))

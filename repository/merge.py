@@ -76,10 +76,13 @@ def merged_record(chain: list[Manifest], disk: str) -> DiskRecord:
     pieces = resolve([m.disks[disk].extents for m in chain], [m.disks[disk].skips for m in chain])
     top = chain[0].disks[disk]
     kept = [p for p in pieces if p.blob is not None]  # a full's unlisted ranges read as zero
+    whole = {e for m in chain for e in m.disks[disk].extents if e[0] not in m.disks[disk].parts
+             and not m.disks[disk].skips.get(e[0])}
     stats = {**top.stats, "merged_from": [m.id for m in chain], "layer_of": top.stats.get("layer_of", chain[0].id)}
     return DiskRecord(kind=KIND_FULL, virtual_size=top.virtual_size, extents=[(p.offset, p.length, p.blob) for p in kept],
                       granularity=top.granularity, qcow2=dict(top.qcow2), bitmap=top.bitmap, stats=stats, parent=None,
-                      skips={p.offset: p.skip for p in kept if p.skip})
+                      skips={p.offset: p.skip for p in kept if p.skip},
+                      parts={p.offset for p in kept if p.skip or (p.offset, p.length, p.blob) not in whole})
 
 
 def plan_merges(points: list[Manifest], forget: set[str], max_chain: int = MAX_CHAIN) -> dict[str, Manifest]:

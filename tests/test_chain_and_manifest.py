@@ -62,7 +62,7 @@ def test_resolve_matches_byte_model(layers: list[list]) -> None:
 @given(st.lists(st.tuples(st.integers(0, 1 << 50), st.integers(1, 1 << 40),
                           st.one_of(st.none(), st.binary(min_size=32, max_size=32))), max_size=50))
 def test_extent_map_roundtrip(entries: list) -> None:
-    assert decode_extents(encode_extents(entries), "test") == (entries, {})
+    assert decode_extents(encode_extents(entries), "test") == (entries, {}, set())
 
 
 def test_manifest_roundtrip_and_size() -> None:

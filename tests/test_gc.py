@@ -114,8 +114,8 @@ class Vm:
     def rand(self, n: int) -> bytes:
         return self.rng.randbytes(n)
 
-    def prepare(self, writes: list[tuple[int, bytes]], *, full: bool = False,
-                repo: Repository | None = None) -> Manifest:
+    def prepare(self, writes: list[tuple[int, bytes]], *, full: bool = False, repo: Repository | None = None,
+                writer: BlobWriter | None = None) -> Manifest:
         """Store the blobs of a point that writes *writes* (offset, bytes; inside one chunk each) and
         return its manifest, not committed yet. A full lists every chunk that is not zero."""
         disk = bytearray(self.disk)
@@ -126,7 +126,7 @@ class Vm:
             ranges = [(c * CH, CH) for c in range(SIZE // CH) if any(disk[c * CH:(c + 1) * CH])]
         else:
             ranges = sorted((off, len(data)) for off, data in writes)
-        ids, self.stats = store(repo or self.repo, [bytes(disk[o:o + n]) for o, n in ranges])
+        ids, self.stats = store(repo or self.repo, [bytes(disk[o:o + n]) for o, n in ranges], writer)
         self._clock += 1
         t = T0 + self._clock * 86400
         parent = None if full or not self.ids else self.ids[-1]
@@ -137,8 +137,8 @@ class Vm:
         self._pending[m.id] = disk
         return m
 
-    def commit(self, m: Manifest, repo: Repository | None = None) -> None:
-        (repo or self.repo).commit(m)
+    def commit(self, m: Manifest, repo: Repository | None = None, packs: set[str] | None = None) -> None:
+        (repo or self.repo).commit(m, packs)
         self.disk = self._pending.pop(m.id)
         self.ids.append(m.id)
         self.truth[m.id] = bytes(self.disk)
@@ -338,6 +338,34 @@ def reopen_tables(path: Path) -> dict[str, dict]:
     return index.tables
 
 
+class Listing(BackendWrapper):
+    """Lists in a chosen order (sorted, or reversed): which index object a reader sees first."""
+
+    def __init__(self, inner: Backend, reverse: bool) -> None:
+        super().__init__(inner)
+        self.reverse = reverse
+
+    def list(self, prefix: str = ""):
+        return iter(sorted(self.inner.list(prefix), key=lambda i: i.name, reverse=self.reverse))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Repository.locate_many (restore's plan_reads without a loaded index) "
+                   "ignores condemnation records on a fresh handle (guard is None): it reads the first copy "
+                   "listed, a condemned pack prune may delete under the restore")
+def test_a_fresh_reader_locating_few_blobs_prefers_the_copy_that_is_not_condemned(path: Path) -> None:
+    repo = create(path)
+    content = random.Random(4).randbytes(CH)
+    [blob], _ = store(repo, [content])
+    condemned = repo.load_index().lookup(blob).pack
+    assert prune(reopen(path), grace=HOUR).condemned_packs == 1
+    store(reopen(path), [content])
+    for reverse in (False, True):
+        reader = reopen(path)
+        reader.backend = Listing(reader.backend, reverse)
+        (where,) = reader.plan_reads([blob])
+        assert where.pack != condemned, f"listing {'reversed' if reverse else 'sorted'}: reads the condemned copy"
+
+
 # -- 5. orphans -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -385,6 +413,33 @@ def test_orphans_go_in_one_run_with_grace_zero(path: Path) -> None:
     assert_clean(path)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: an incremental's writer(known=parent chain blobs) leaves the packs "
+                   "of known blobs out of packs_needed(), so the commit guard never checks them; a concurrent "
+                   "forget drops the blobs a merge no longer needs and prune deletes their pack; the point then "
+                   "commits against a deleted pack")
+def test_an_incremental_deduplicating_a_parent_chain_blob_is_refused_once_its_pack_is_deleted(path: Path) -> None:
+    repo = create(path)
+    vm = Vm(repo)
+    old = vm.rand(CH)
+    vm.point([(0, old), (CH, vm.rand(CH))], full=True)
+    parent = vm.point([(0, vm.rand(CH))])  # chunk 0 overwritten: `old` is needed by the full only
+    backup = reopen(path)  # an incremental begins: it dedups against its parent chain
+    known = {b for m in backup.disk_chain(backup.manifest(VM, parent), "vda")
+             for _, _, b in m.disks["vda"].extents if b is not None}
+    writer = backup.writer(known=known)
+    m = vm.prepare([(3 * CH, old), (4 * CH, vm.rand(CH))], repo=backup, writer=writer)  # the guest wrote `old` back
+    assert vm.stats is not None and (vm.stats.dedup_blobs, vm.stats.new_blobs) == (1, 1)
+
+    forget(reopen(path), VM, Policy(last=1))  # the parent becomes a merged full without `old`
+    first = prune(reopen(path), grace=HOUR, max_unused=0)
+    assert (first.repacked_packs, first.condemned_packs) == (1, 1)
+    later = prune(reopen(path), grace=HOUR, now=lambda: time.time() + HOUR + 1)
+    assert later.deleted_packs == 1  # `old`'s only pack
+    with pytest.raises(PruneConflict):
+        vm.commit(m, backup, writer.packs_needed())
+    assert reopen(path).point_ids(VM) == [parent]
+
+
 # -- 6. forget + prune ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -397,10 +452,25 @@ def test_every_kept_point_restores_after_forget_and_prune(path: Path, fmt: str) 
     assert result.rewritten == [ids[3]]  # the oldest kept point: its chain crossed the forgotten ones
     vm.assert_restores(path)
     report = prune(reopen(path), grace=0, max_unused=0)
-    assert report.deleted_packs >= 1 and report.repacked_packs >= 1
+    # unused: chunks 0, 1, 3, 6 of the full and 6 of the third point (overwritten), the orphan
+    assert (report.repacked_packs, report.condemned_packs, report.deleted_packs) == (2, 3, 3)
     assert reopen(path).point_ids(VM) == ids[3:]
     vm.assert_restores(path)
     assert_clean(path)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: prune reads manifests through the handle's manifest cache: a point "
+                   "rewritten by another process's forget since this handle read it is taken in its old version, "
+                   "and the blobs its merged version needs are deleted")
+def test_prune_reads_every_manifest_afresh_not_from_the_handles_cache(path: Path) -> None:
+    vm = Vm(create(path))
+    ids = vm.history()
+    long_lived = reopen(path)
+    assert len(long_lived.scan(VM).points) == 6  # e.g. a listing made earlier by this process
+    forget(reopen(path), VM, Policy(last=3))  # another process
+    prune(long_lived, grace=0, max_unused=0)
+    assert reopen(path).point_ids(VM) == ids[3:]
+    vm.assert_restores(path)
 
 
 # -- 7. kill safety -------------------------------------------------------------------------------------
@@ -506,7 +576,7 @@ def test_an_index_object_written_after_prune_listed_the_index_survives_consolida
     assert report.deleted_packs >= 1 and report.repacked_packs == 0
     after = index_objects(other)
     assert late["index"] in after
-    assert after == {report.index, late["index"]}
+    assert after == {*report.index, late["index"]} and len(report.index) == 1
     fresh = reopen(path)
     assert fresh.read_blob(late["blob"]) == b"written while prune ran" * 1000
     vm.assert_restores(path)
@@ -526,7 +596,7 @@ def test_consolidation_with_a_repack_leaves_at_most_two_index_objects_plus_the_c
     report = prune(reopen(path), grace=0, max_unused=0, events=concurrent_backup)
     assert report.repacked_packs >= 1
     after = index_objects(other)
-    assert set(late) <= after and len(after - set(late)) <= 2 and report.index in after
+    assert set(late) <= after and len(after - set(late)) <= 2 and set(report.index) <= after
     vm.assert_restores(path)
 
 

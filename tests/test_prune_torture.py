@@ -358,7 +358,9 @@ class Torture:
         writes = {g.name: guest_writes(g, self.rng, rnd) for g in self.guests}
         truths = {g.name: snapshot(g, rnd) for g in self.guests}
         procs, target = self.plan(rnd)
+        t0 = time.monotonic()
         race(procs)
+        t1 = time.monotonic()
         where = (f"round {rnd}: writes {writes}; plan: " + "; ".join(p.plan() for p in procs)
                  + "; outcome: " + "; ".join(p.outcome() for p in procs))
         try:
@@ -382,7 +384,7 @@ class Torture:
         for truth in truths.values():  # the ground truth of no point: its copy goes
             if not any(kept is truth for kept in self.truths.values()):
                 truth.ref.unlink()
-        print(f"round {rnd:2d}: " + "; ".join(p.outcome() for p in procs)
+        print(f"round {rnd:2d} ({t1 - t0:.1f} s + {time.monotonic() - t1:.1f} s checks): " + "; ".join(p.outcome() for p in procs)
               + (f"; prune deleted {forget['prune']['deleted_packs']} condemned {forget['prune']['condemned_packs']} "
                  f"rescued {forget['prune']['rescued_packs']}" if forget else ""), flush=True)
 
