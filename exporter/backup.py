@@ -470,14 +470,17 @@ class _Run:
         return merged
 
     def _known_blobs(self, levels: dict[str, bitmaps.Level]) -> set[bytes] | None:
-        """For a run of incrementals only: the blob ids of every parent chain (what it dedups against;
-        their points exist, so prune keeps them). ``None`` when a disk gets a full."""
+        """For a run of incrementals only: the blobs of each disk's parent view (what it dedups against:
+        the parent is its VM's newest point, which forget always keeps, and a merge of its chain keeps
+        every blob its view shows — so prune keeps them). ``None`` when a disk gets a full."""
         if not levels or any(lv.kind != KIND_INCREMENTAL or lv.since is None for lv in levels.values()):
             return None
         known: set[bytes] = set()
         for disk, lv in levels.items():
-            for m in self.repo.disk_chain(self.repo.manifest(self.vm, lv.since), disk):
-                known.update(b for _, _, b in m.disks[disk].extents if b is not None)
+            # the blobs the parent's view shows, not every blob of its layers: a forget merging the chain
+            # keeps exactly these (a blob a newer layer hid entirely may go, and its pack with it)
+            known.update(p.blob for p in self.repo.resolve(self.repo.manifest(self.vm, lv.since), disk)
+                         if p.blob is not None)
         return known
 
     def _audit(self, f: graph.DiskFleece, level: bitmaps.Level, plan: DiskPlan, sock: str) -> AuditReport:

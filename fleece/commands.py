@@ -112,15 +112,26 @@ def _init_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kdf-time", type=kdf_ms, metavar="MS",
                    help="milliseconds the password's scrypt takes on this machine (default FLEECE_KDF_TIME or "
                         "500; 0 = scrypt's floor, for automation)")
+    p.add_argument("--object-lock", type=whole_number(1, 36500), metavar="DAYS",
+                   help="S3 Object Lock (WORM): every pack, index object and point is locked for DAYS; the bucket "
+                        "must have Object Lock enabled (--create-bucket makes it so)")
+    p.add_argument("--object-lock-mode", choices=("governance", "compliance"), default="governance",
+                   help="governance (default: users with s3:BypassGovernanceRetention may still delete) or "
+                        "compliance (nobody can, not even the bucket's owner, until the lock ends)")
 
 
 def _init(args: argparse.Namespace) -> int:
     compression = {"algorithm": "zstd", "level": args.compression_level}
-    config = (RepoConfig(compression=compression) if args.no_encryption
-              else RepoConfig.encrypted(compression=compression))
+    lock = ({"mode": args.object_lock_mode.upper(), "days": args.object_lock}
+            if args.object_lock is not None else None)
+    config = (RepoConfig(compression=compression, object_lock=lock) if args.no_encryption
+              else RepoConfig.encrypted(compression=compression, object_lock=lock))
     with open_repo(args, create=True, config=config, kdf_time=kdf_seconds_arg(args)) as repo:
         if not repo.created and repo.config.compression != config.compression:
             print(f"note: {repo.url} already exists with compression {repo.config.compression}; kept it",
+                  file=sys.stderr)
+        if not repo.created and repo.config.object_lock != lock:
+            print(f"note: {repo.url} already exists with object lock {repo.config.object_lock}; kept it",
                   file=sys.stderr)
         if not repo.created and repo.encrypted != (not args.no_encryption):
             print(f"note: {repo.url} already exists {'en' if repo.encrypted else 'un'}encrypted; kept it",
@@ -129,7 +140,8 @@ def _init(args: argparse.Namespace) -> int:
         if args.json:
             emit_json({"repo": repo.url, "id": cfg.id, "format": cfg.format, "chunk_size": cfg.chunk_size,
                        "pack_target": cfg.pack_target, "compression": cfg.compression, "encrypted": repo.encrypted,
-                       "created": repo.created, "key_slot": repo.slot.id if repo.slot else None})
+                       "created": repo.created, "key_slot": repo.slot.id if repo.slot else None,
+                       "object_lock": cfg.object_lock})
         else:
             state = "encrypted" if repo.encrypted else "NOT encrypted"
             print(f"repository {repo.url} ready (id {cfg.id}, format {cfg.format}, {state})")

@@ -33,6 +33,8 @@ ENCRYPTION_V2 = {"mode": "aes-256-gcm", "ids": "hmac-sha256", "pack_keys": "x255
 CONFIG_NAME = "config"
 MiB = 1 << 20
 
+LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+MAX_LOCK_DAYS = 36500
 MIN_LEVEL, MAX_LEVEL = 1, 19  # zstd levels a repository may use (20+ need huge windows: not for restore hosts)
 
 
@@ -48,6 +50,9 @@ class RepoConfig:
     encryption: dict[str, Any] = field(default_factory=lambda: dict(ENCRYPTION_NONE))
     #: format 2: a keyed checksum of every other field (``Keys.mac``), checked once the key is unlocked
     auth: str = ""
+    #: S3 Object Lock (WORM): ``{"mode": "GOVERNANCE"|"COMPLIANCE", "days": N}`` — every pack, index
+    #: object, manifest and the config are written locked for N days (absent: no lock)
+    object_lock: dict[str, Any] | None = None
 
     @classmethod
     def encrypted(cls, **fields: Any) -> RepoConfig:
@@ -59,12 +64,16 @@ class RepoConfig:
         fields = asdict(self)
         if not self.auth:
             fields.pop("auth")
+        if self.object_lock is None:
+            fields.pop("object_lock")  # configs without it stay as they were written
         return fields
 
     def canonical(self) -> bytes:
         """The canonical JSON of every field but ``auth``: what ``auth`` authenticates."""
         fields = asdict(self)
         fields.pop("auth")
+        if self.object_lock is None:
+            fields.pop("object_lock")
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def to_bytes(self) -> bytes:
@@ -87,7 +96,8 @@ class RepoConfig:
         _check_digest(obj, where)
         try:
             cfg = cls(**{k: obj[k] for k in ("id", "format", "created", "chunk_size", "pack_target", "hash",
-                                               "compression", "encryption")}, auth=str(obj.get("auth", "")))
+                                               "compression", "encryption")}, auth=str(obj.get("auth", "")),
+                      object_lock=obj.get("object_lock"))
         except KeyError as exc:
             raise IntegrityError(f"{where}/config lacks field {exc}") from None
         cfg.validate(where)
@@ -113,6 +123,11 @@ class RepoConfig:
             raise RepositoryError(f"{where}: chunk_size {self.chunk_size} must be a power of two ≤ 32 MiB")
         if not MiB <= self.pack_target <= 1024 * MiB:
             raise RepositoryError(f"{where}: pack_target {self.pack_target} out of range")
+        lock = self.object_lock
+        if lock is not None and not (isinstance(lock, dict) and set(lock) == {"mode", "days"}
+                                     and lock["mode"] in LOCK_MODES and isinstance(lock["days"], int)
+                                     and not isinstance(lock["days"], bool) and 1 <= lock["days"] <= MAX_LOCK_DAYS):
+            raise RepositoryError(f"{where}: object_lock {lock!r} is not supported by this fleece version")
 
 
 def _digest(fields: dict[str, Any]) -> str:

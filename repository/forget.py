@@ -15,6 +15,7 @@ Nothing is deleted from ``data/``: the blobs no point needs any more are collect
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
@@ -22,6 +23,7 @@ from typing import Any
 
 from .errors import IntegrityError, RepositoryError
 from .manifest import Manifest
+from .locks import MaintenanceLock
 from .merge import MAX_CHAIN, plan_merges
 from .repo import Repository
 from .retention import Candidate, Policy, apply_policy
@@ -87,13 +89,14 @@ def forget(repo: Repository, vm: str, policy: Policy, *, dry_run: bool = False, 
     repo.envelope.require_read("forget")
     if dry_run:
         return _forget(repo, vm, policy, True, tz, max_chain, events)
-    with repo.maintenance("forget"):
-        return _forget(repo, vm, policy, False, tz, max_chain, events)
+    with repo.maintenance("forget") as lock:
+        return _forget(repo, vm, policy, False, tz, max_chain, events, lock)
 
 
 def _forget(repo: Repository, vm: str, policy: Policy, dry_run: bool, tz: tzinfo | None, max_chain: int,
-            events: Events | None) -> ForgetReport:
+            events: Events | None, lock: MaintenanceLock | None = None) -> ForgetReport:
     emit = events or (lambda name, detail: None)
+    repo.drop_cache()  # every manifest as it is now, not as this handle may have read it before
     scan = repo.scan(vm)
     if scan.damaged:
         point, why = next(iter(sorted(scan.damaged.items())))
@@ -103,6 +106,7 @@ def _forget(repo: Repository, vm: str, policy: Policy, dry_run: bool, tz: tzinfo
         raise RepositoryError(f"VM {vm!r} has no points in {repo.url}: nothing to forget")
     points = scan.points
     decisions = {d.id: d for d in apply_policy(policy, [candidate(m) for m in points], tz)}
+    _keep_locked(repo, points, decisions)
     remove = {i for i, d in decisions.items() if not d.keep}
     rewrites = plan_merges(points, remove, max_chain)
     after = [rewrites.get(m.id, m) for m in points if m.id not in remove]
@@ -115,11 +119,28 @@ def _forget(repo: Repository, vm: str, policy: Policy, dry_run: bool, tz: tzinfo
         repo.replace_manifest(rewrites[point_id])
         report.rewritten.append(point_id)
         emit("rewritten", {"point": point_id})
+    if lock is not None:
+        lock.check()  # the merges are durable; deleting needs the lock still held
     for point_id in sorted(remove, reverse=True):
         repo.forget_manifest(vm, point_id)
         report.removed.append(point_id)
         emit("forgotten", {"point": point_id})
     return report
+
+
+def _keep_locked(repo: Repository, points: list[Manifest], decisions: dict[str, Any]) -> None:
+    """Under S3 Object Lock a point's manifest cannot be removed before its lock ends: such points are
+    kept, whatever the policy says (the bucket would keep the locked version anyway)."""
+    lock = repo.config.object_lock
+    if lock is None:
+        return
+    now = time.time()
+    for m in points:
+        until = _created(m).timestamp() + lock["days"] * 86400
+        if until > now:
+            d = decisions[m.id]
+            d.keep = True
+            d.reasons.append(f"object lock until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(until))}Z")
 
 
 def _blobs(m: Manifest) -> set[bytes]:

@@ -44,6 +44,8 @@ class MaintenanceLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
+        #: the lock was taken over by another run: stop before deleting anything
+        self.lost = False
 
     def _doc(self) -> dict[str, object]:
         now = self._now()
@@ -95,9 +97,27 @@ class MaintenanceLock:
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH):
             try:
+                holder = self._holder()
+                if holder is None or holder[0].get("nonce") != self._nonce:
+                    # taken over (this process stalled past STALE): never write over the new holder's lock
+                    self.lost = True
+                    log.error("the maintenance lock was taken over by another run; %s stops before it deletes "
+                              "anything more", self.purpose)
+                    return
                 self.backend.put(LOCK_NAME, self.envelope.seal_record(LOCK_NAME, self._doc()))
             except Exception as exc:  # noqa: BLE001 - the next refresh may work; STALE leaves room for four misses
                 log.warning("could not refresh the maintenance lock: %s", exc)
+
+    def check(self) -> None:
+        """Raise :class:`LockedError` if the lock was lost (taken over by another run): call before
+        deleting anything."""
+        holder = self._holder() if not self.lost else None
+        if self.lost or holder is None or holder[0].get("nonce") != self._nonce:
+            self.lost = True
+            raise LockedError(f"the maintenance lock of {self.backend.location} was taken over by another run "
+                              f"while this {self.purpose} ran (it stalled longer than {int(STALE)} s): it stopped "
+                              "before deleting anything more; run it again", holder="another run",
+                              object=LOCK_NAME)
 
     def release(self) -> None:
         if not self._held:

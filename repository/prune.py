@@ -36,6 +36,7 @@ from . import gc
 from .errors import FormatMismatch, IntegrityError, ObjectNotFound, RepositoryError
 from .index import Index, Location, PackRecord, decode_index, encode_index
 from .pack import PackEntry, pack_name
+from .locks import MaintenanceLock
 from .repo import Repository
 from .workers import map_all
 from .writer import BlobWriter
@@ -70,6 +71,7 @@ class PruneReport:
     rescued_packs: int = 0
     index_objects: int = 0  #: index objects replaced by the consolidated one
     index: list[str] = field(default_factory=list)  #: the consolidated index objects written
+    locks_extended: int = 0  #: S3 Object Lock: live packs whose lock was extended
     records_done: int = 0
     records_removed: int = 0
     #: pending records and when their packs may be deleted
@@ -96,8 +98,10 @@ def prune(repo: Repository, *, grace: float = DEFAULT_GRACE, max_unused: float =
     if grace < 0:
         raise ValueError("grace must not be negative")
     repo.envelope.require_read("prune")
-    with repo.maintenance("prune"):
-        return _Pruner(repo, grace, max_unused, dry_run, workers or repo.backend.parallelism, events, now).run()
+    with repo.maintenance("prune") as lock:
+        pruner = _Pruner(repo, grace, max_unused, dry_run, workers or repo.backend.parallelism, events, now)
+        pruner.lock = lock
+        return pruner.run()
 
 
 class _Pruner:
@@ -111,13 +115,18 @@ class _Pruner:
         self.emit = events or (lambda name, detail: None)
         self.now = now
         self.report = PruneReport(dry_run, grace)
+        self.lock: MaintenanceLock | None = None
+        self.mtimes: dict[str, float | None] = {}
 
     def run(self) -> PruneReport:
         scan = self._scan()
         self.emit("scanned", {"packs": len(scan.packs)})
         pending = gc.pending_packs(scan.records)
         holder = self._choose(scan, pending)
-        repacked = self._repack(scan, holder)
+        locked = self.repo.config.object_lock
+        repacked = [] if locked else self._repack(scan, holder)  # locked packs are kept, never rewritten
+        if locked:
+            self._extend_locks(scan, set(holder.values()), locked["days"] * 86400.0)
         used = set(holder.values())
         fresh = sorted(set(scan.packs) - used - pending)
         self.report.condemned_packs = len(fresh)
@@ -141,8 +150,9 @@ class _Pruner:
         index_names = sorted(info.name for info in repo.backend.list("index/"))
         tables = self._tables(index_names)
         indexed = set(tables)
-        packs = {info.name.rsplit("/", 1)[1]: info.size for info in repo.backend.list("data/")
-                 if info.name == pack_name(info.name.rsplit("/", 1)[1])}
+        listed = [info for info in repo.backend.list("data/") if info.name == pack_name(info.name.rsplit("/", 1)[1])]
+        packs = {info.name.rsplit("/", 1)[1]: info.size for info in listed}
+        self.mtimes = {info.name.rsplit("/", 1)[1]: info.mtime for info in listed}
         orphans = sorted(set(packs) - set(tables))
         for pack_id, got in zip(orphans, map_all(lambda p: self._own_table(p, packs[p]), orphans,
                                                  workers=self.workers, name="fleece-prune-scan",
@@ -161,6 +171,7 @@ class _Pruner:
     def _needed(self) -> set[bytes]:
         """Every blob any point of any VM needs; a manifest that cannot be read stops the prune."""
         repo = self.repo
+        repo.drop_cache()  # every manifest as it is now: forget rewrites them in place
         vms, unnamed = repo.vm_listing()
         if unnamed:
             where, why = next(iter(unnamed.items()))
@@ -275,6 +286,18 @@ class _Pruner:
         self.emit("repacked", {"packs": chosen, "new": [p for p, _, _ in written]})
         return written
 
+    def _extend_locks(self, scan: _Scan, used: set[str], span: float) -> None:
+        """S3 Object Lock: a pack a point needs stays locked as long as a new point's objects are. A
+        pack's lock was set for *span* when it was written; once less than half of that is left, it is
+        extended to a full *span* from now (one request per such pack)."""
+        now = self.now()
+        due = sorted(p for p in used if (self.mtimes.get(p) or 0) + span < now + span / 2)
+        self.report.locks_extended = len(due)
+        if self.dry_run or not due:
+            return
+        map_all(lambda p: self.repo.backend.extend_lock(pack_name(p), now + span), due, workers=self.workers,
+                name="fleece-prune-lock", on_close=self.repo.backend.cancel)
+
     # -- 5. delete --------------------------------------------------------------------------------------
 
     def _delete_due(self, scan: _Scan, records: list[gc.Condemnation], repacked: list[PackRecord]) -> None:
@@ -291,7 +314,7 @@ class _Pruner:
         self.emit("rescanned", {"due": [r.name for r in due]})
         keeps: dict[bytes, bool] = {}
         for pack_id, (_, entries, _) in scan.tables.items():
-            if pack_id not in doomed:
+            if pack_id not in doomed and pack_id in scan.packs:  # a pack the index names but that is gone keeps nothing
                 for e in entries:
                     keeps[e.id] = True
         rescued: set[str] = set()
@@ -312,6 +335,8 @@ class _Pruner:
         if self.dry_run:
             return
         self._consolidate(scan, doomed, only_if_many=False)
+        if self.lock is not None:
+            self.lock.check()  # never delete packs after losing the lock to another maintenance run
         self.repo.backend.delete_many([pack_name(p) for p in present])
         self.emit("deleted", {"packs": present})
         for r in due:

@@ -147,7 +147,9 @@ class Repository:
         (*config* of format 2) gets a random master key and a first full key slot from *credential*,
         its scrypt tuned to *kdf_time* seconds (default ``FLEECE_KDF_TIME`` or 0.5 s).
         """
-        backend = open_backend(url, create=create, bwlimit=bwlimit, attempts=attempts, **backend_options)
+        lock = create and config is not None and config.object_lock is not None
+        backend = open_backend(url, create=create, bwlimit=bwlimit, attempts=attempts, object_lock=lock,
+                               **backend_options)
         try:
             try:
                 data = backend.get(CONFIG_NAME)
@@ -175,6 +177,9 @@ class Repository:
         slot that opens it (a crash in between leaves a stray slot, which nothing trusts).
         """
         fresh.validate(backend.location)
+        if fresh.object_lock is not None:
+            _lockable(backend)
+            backend.set_object_lock(fresh.object_lock["mode"], fresh.object_lock["days"])
         keys: MasterKey | None = None
         slot: KeySlot | None = None
         if fresh.format == 2:
@@ -196,6 +201,8 @@ class Repository:
 
     @classmethod
     def _unlock(cls, backend: Backend, url: str, config: RepoConfig, credential: CredentialSource) -> Repository:
+        if config.object_lock is not None:
+            backend.set_object_lock(config.object_lock["mode"], config.object_lock["days"])
         if config.format == 1:
             if any(True for _ in backend.list(KEYS_PREFIX)):
                 raise IntegrityError(f"{backend.location} holds key slots (keys/) but its config says it is not "
@@ -583,6 +590,13 @@ class Repository:
         protect exclude each other; backups never wait for it."""
         return MaintenanceLock(self.backend, self.envelope, purpose)
 
+    def drop_cache(self) -> None:
+        """Forget the manifests and index read so far. Maintenance reads afresh: manifests may have been
+        rewritten in place (``forget``) since this handle read them."""
+        self._manifests.clear()
+        self._vm_names.clear()
+        self._index = None
+
     def replace_manifest(self, manifest: Manifest) -> None:
         """Rewrite an existing point's manifest in place (maintenance only, under the lock).
 
@@ -863,7 +877,9 @@ class Repository:
         memory bounded by one index object, no table of every blob built."""
         if self._index is not None or len(blobs) > SCAN_LIMIT:
             return {b: self.locate(b) for b in blobs}
-        condemned = self.guard.excluded if self.guard is not None else set()
+        if self.guard is None:
+            self.guard = CommitGuard(self.backend, self.envelope)  # which copies are condemned
+        condemned = self.guard.excluded
         found: dict[bytes, Location] = {}
         for _ in range(2):  # a prune consolidating meanwhile may delete an object after it was listed
             wanted = set(blobs) - found.keys()
@@ -961,6 +977,20 @@ def read_slots(backend: Backend) -> list[KeySlot]:
             raise IntegrityError(f"{info.name} holds key slot {slot.id}: it was renamed", object=info.name)
         slots.append(slot)
     return slots
+
+
+def _lockable(backend: Backend) -> None:
+    """A new repository under Object Lock needs an S3 bucket made with Object Lock enabled."""
+    from .backends.s3 import S3Backend
+
+    s3 = backend_layer(backend, S3Backend)
+    if s3 is None:
+        raise UsageError(f"{backend.location}: --object-lock needs an S3 bucket (S3 Object Lock); a directory "
+                         "cannot lock its files")
+    if not s3.lock_enabled():
+        raise UsageError(f"bucket {s3.bucket} does not have S3 Object Lock enabled (it can only be turned on "
+                         "when a bucket is created): use a new bucket with --create-bucket, or one made with "
+                         "object lock")
 
 
 def _slot_bytes(slot: KeySlot) -> bytes:

@@ -60,10 +60,16 @@ GRACE = "3s"
 #: point three rounds older wrote — the point forget is removing now: a backup deduplicates against a pack
 #: that the concurrent prune finds unused and condemns (the race the records and the commit guard are for)
 HOT, HOT_LEN = MiB, 4 * GRANULE
-#: every other write stays clear of the hot region (its dirty run stays one blob of its own)
+#: the churn region: fresh data every round, so the blob of a point forget removes is no longer needed and
+#: its pack becomes (partly) unused: prune repacks and condemns in every round that forgets
+CHURN, CHURN_LEN = HOT + HOT_LEN + GRANULE, 2 * GRANULE
+#: every other write stays clear of both (their dirty runs stay blobs of their own)
 SPREAD_FROM = 2 * MiB
 #: contents both VMs write at granule-aligned offsets: blobs shared across VMs and rounds (dedup)
 POOL = [random_bytes(4 * GRANULE, 7100 + i) for i in range(4)]
+#: the share of backups throttled, and to what: a backup that uploads its pack slowly commits after a
+#: condemnation made meanwhile is due, and must be refused (prune-conflict) instead
+SLOW, SLOW_RATE = 0.1, "256K"
 BACKUP_REFUSALS = {"prune-conflict", "busy", "locked"}
 HUNG = 120.0  # seconds: a process of a round running longer is hung
 MAX_FORGET_LOCKED = 3
@@ -190,11 +196,12 @@ def make_guest(make_vm, tmp_path: Path, index: int, node_opts: str) -> Guest:
 
 
 def guest_writes(g: Guest, rng: random.Random, rnd: int) -> list[str]:
-    """A round's writes through the guest: the hot region's next content, then 1-4 random operations
+    """A round's writes through the guest: the hot region's next content, fresh churn, then 1-4 random operations
     (pool data, fresh data, sub-granule writes, ``write -z`` zeros, discards). Returns what was done."""
     vm = g.vm
     vm.write("vda", HOT, g.hot[rnd % 3])
-    done = [f"hot#{rnd % 3}"]
+    vm.write("vda", CHURN, random_bytes(CHURN_LEN, rng.getrandbits(32)))
+    done = [f"hot#{rnd % 3}", "churn"]
     lo_g, lo_s = SPREAD_FROM // GRANULE, SPREAD_FROM // 512
     for _ in range(rng.randint(1, 4)):
         op = rng.choice(("pool", "pool", "fresh", "small", "zero", "discard"))
@@ -318,12 +325,21 @@ class Torture:
     truths: dict[tuple[str, str], Truth] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
     rounds_deleting: int = 0
+    base: Repository | None = None
+
+    def view(self) -> Repository:
+        """A fresh handle on the repository (no cached manifests or index: forget rewrites manifests in
+        place), sharing the unlocked keys and the backend of one opened once."""
+        if self.base is None:
+            self.base = Repository.open(self.url)
+        b = self.base
+        return Repository(b.backend, b.config, b.url, b.keys, b.slot)
 
     def backup(self, g: Guest, rnd: int, start_at: float, slow: bool) -> Proc:
         argv = [FLEECE, "backup", "--qmp", g.vm.qmp_path, "--repo", self.url, "--scratch", str(g.scratch), "--json"]
         if slow:  # outlives the grace: its commit may meet a condemnation whose deadline passed
-            argv += ["--bwlimit", "384K"]
-        return Proc(f"backup {g.name}" + (" (--bwlimit 384K)" if slow else ""), argv, start_at, None,
+            argv += ["--bwlimit", SLOW_RATE]
+        return Proc(f"backup {g.name}" + (f" (--bwlimit {SLOW_RATE})" if slow else ""), argv, start_at, None,
                     self.runs / f"r{rnd:02d}-backup-{g.name}")
 
     def forget(self, g: Guest, rnd: int, start_at: float) -> Proc:
@@ -335,14 +351,14 @@ class Torture:
         """Three processes with random start offsets; a quarter of the rounds kill a backup, a quarter
         the forget, each at a random moment of its expected run."""
         rng = self.rng
-        backups = [self.backup(g, rnd, rng.uniform(0, 0.8), rng.random() < 0.15) for g in self.guests]
+        backups = [self.backup(g, rnd, rng.uniform(0, 0.5), rng.random() < SLOW) for g in self.guests]
         target = rng.choice(self.guests)
-        forget = self.forget(target, rnd, rng.uniform(0, 0.8))
+        forget = self.forget(target, rnd, rng.uniform(0, 0.5))
         dice = rng.random()
         if dice < 0.25:
-            rng.choice(backups).kill_after = rng.uniform(0.3, 2.0)
+            rng.choice(backups).kill_after = rng.uniform(0.2, 1.6)
         elif dice < 0.5:
-            forget.kill_after = rng.uniform(0.3, 2.5)
+            forget.kill_after = rng.uniform(0.3, 2.2)
         return [*backups, forget], target
 
     def initial_fulls(self) -> None:
@@ -365,7 +381,7 @@ class Torture:
                  + "; outcome: " + "; ".join(p.outcome() for p in procs))
         try:
             forget = self.judge_forget(procs[-1])
-            repo = Repository.open(self.url)
+            repo = self.view()
             check = set()
             for g, proc in zip(self.guests, procs):
                 forgot = target is g and (forget is not None or procs[-1].killed)
@@ -492,7 +508,7 @@ def test_backups_forget_and_prune_race_under_sigkill(make_vm, s3_bucket, rgw, tm
     first = ok(fleece("prune", "--repo", url, "--grace", GRACE, "--json"))
     time.sleep(3.5)
     second = ok(fleece("prune", "--repo", url, "--grace", GRACE, "--json"))
-    repo = Repository.open(url)
+    repo = t.view()
     left = unreferenced_packs(repo)
     assert not left, (f"{len(left)} unreferenced pack(s) left after two prunes a grace apart: "
                       + ", ".join(f"{pack_name(p)} ({pack_history(repo, p)})" for p in sorted(left)))

@@ -34,12 +34,13 @@ def env_attempts() -> int | None:
 
 
 def open_backend(url: str, create: bool = False, *, attempts: int | None = None, bwlimit: int | None = None,
-                 create_bucket: bool = False, **options: object) -> Backend:
+                 create_bucket: bool = False, object_lock: bool = False, **options: object) -> Backend:
     """Open the backend a repository URL names, wrapped in the stack of :func:`~.wrappers.compose`.
 
     This is the one place where wrappers are put around a storage backend. *attempts* bounds the
     retries of transient failures (default 8; for S3 also ``FLEECE_S3_ATTEMPTS``), *bwlimit* caps the
-    bytes per second sent (``--bwlimit``), *create_bucket* lets an S3 repository create its bucket.
+    bytes per second sent (``--bwlimit``), *create_bucket* lets an S3 repository create its bucket
+    (with S3 Object Lock enabled when *object_lock*).
     The remaining *options* are backend specific (S3: ``endpoint``, ``workers``); options a backend
     does not know are ignored so that callers can pass one set for every kind of repository.
     """
@@ -60,7 +61,7 @@ def open_backend(url: str, create: bool = False, *, attempts: int | None = None,
         s3 = S3Backend.from_url(url, **options)
         stack = compose(s3, attempts=attempts, bwlimit=bwlimit)
         try:  # fail before any backup work when the bucket is missing or the keys are wrong
-            stack.call("check", f"bucket {s3.bucket}", lambda: s3.ensure_bucket(create_bucket))
+            stack.call("check", f"bucket {s3.bucket}", lambda: s3.ensure_bucket(create_bucket, object_lock))
         except BaseException:
             stack.close()
             raise

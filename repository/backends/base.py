@@ -36,6 +36,8 @@ Data = bytes | bytearray | memoryview
 class ObjectInfo:
     name: str
     size: int
+    #: when the object was last written (seconds since the epoch), where the listing says (S3, local)
+    mtime: float | None = None
 
 
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
@@ -101,6 +103,21 @@ class Backend(ABC):
         """
         for name in names:
             self.delete(name)
+
+    #: S3 Object Lock for new objects: ``(mode, days)`` once the repository's config asks for it
+    object_lock: tuple[str, int] | None = None
+
+    def set_object_lock(self, mode: str, days: int) -> None:
+        """Lock every object written from now on (``data/``, ``index/``, ``points/``, ``config``) for *days*
+        in *mode* (S3 Object Lock: ``GOVERNANCE`` or ``COMPLIANCE``). Storages without it refuse."""
+        from ..errors import UsageError
+
+        raise UsageError(f"{self.location} cannot lock objects (S3 Object Lock): a repository made with "
+                         "'fleece init --object-lock' lives in an S3 bucket with Object Lock enabled")
+
+    def extend_lock(self, name: str, until: float) -> None:
+        """Keep *name* locked until *until* (seconds since the epoch) at least."""
+        self.set_object_lock("GOVERNANCE", 0)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default does nothing."""

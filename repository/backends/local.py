@@ -228,7 +228,8 @@ class LocalBackend(Backend):
 
     def head(self, name: str) -> ObjectInfo:
         try:
-            return ObjectInfo(name, self._path(name).stat().st_size)
+            st = self._path(name).stat()
+            return ObjectInfo(name, st.st_size, st.st_mtime)
         except OSError as exc:
             raise self._error(exc, "stat", name) from None
 
@@ -265,12 +266,12 @@ class LocalBackend(Backend):
                 name = fn if rel_dir == "." else f"{rel_dir}/{fn}"
                 if name.startswith(prefix):
                     try:
-                        size = os.stat(os.path.join(dirpath, fn)).st_size
+                        st = os.stat(os.path.join(dirpath, fn))
                     except FileNotFoundError:
                         continue  # deleted while listing
                     except OSError as exc:
                         raise self._error(exc, "stat", name) from None
-                    yield ObjectInfo(name, size)
+                    yield ObjectInfo(name, st.st_size, st.st_mtime)
 
     def delete(self, name: str) -> None:
         path = self._path(name)

@@ -41,8 +41,12 @@ checked against its content hash, because RGW, for one, ignores ``x-amz-checksum
 
 from __future__ import annotations
 
+import base64
+import datetime
+import hashlib
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -60,6 +64,8 @@ T = TypeVar("T")
 
 MULTIPART_THRESHOLD = 64 << 20  # packs (16-32 MiB) go in one PUT: ≤ 64 requests per GiB
 PART_SIZE = 16 << 20
+#: what a repository under Object Lock locks (with ``config``): what a point needs and its commit record
+LOCKED_PREFIXES = ("data/", "index/", "points/")
 CONNECT_TIMEOUT = 10.0  # seconds (see the module docstring)
 READ_TIMEOUT = 60.0
 CREDENTIALS_IN_URL = ("credentials in the URL are not supported: use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
@@ -181,6 +187,7 @@ class S3Backend(Backend):
         except (BotoCoreError, ValueError) as exc:  # ValueError: a bad endpoint or region from the config
             raise _setup_error(exc, self.location) from None
         self._where = f"{self.location} at {redact_url(endpoint) if endpoint else 'AWS'}"
+        self.object_lock: tuple[str, int] | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> S3Backend:
@@ -241,7 +248,7 @@ class S3Backend(Backend):
                 raise
             raise mapped from None
 
-    def ensure_bucket(self, create: bool = False) -> None:
+    def ensure_bucket(self, create: bool = False, object_lock: bool = False) -> None:
         """Fail early — before any backup work — on a missing bucket or bad credentials; with *create*,
         make a missing bucket. Idempotent, so the Retrying layer may repeat it."""
         try:
@@ -253,10 +260,47 @@ class S3Backend(Backend):
             raise PermanentBackendError(f"bucket {self.bucket} does not exist at {self._where}: create it, or pass "
                                         "--create-bucket", object=self.bucket, code="NoSuchBucket", status=404)
         try:
-            self._call("PUT", None, lambda: self.client.create_bucket(Bucket=self.bucket))
+            extra = {"ObjectLockEnabledForBucket": True} if object_lock else {}
+            self._call("PUT", None, lambda: self.client.create_bucket(Bucket=self.bucket, **extra))
         except PermanentBackendError as exc:
             if exc.code != "BucketAlreadyOwnedByYou":  # created meanwhile by us (a retry, another fleece)
                 raise
+
+    # -- object lock ----------------------------------------------------------------------------------
+
+    def lock_enabled(self) -> bool:
+        """Whether the bucket has S3 Object Lock enabled (it can only be chosen when it is created)."""
+        try:
+            r = self._call("GET", None, lambda: self.client.get_object_lock_configuration(Bucket=self.bucket))
+        except PermanentBackendError as exc:
+            if exc.code in ("ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound"):
+                return False
+            raise
+        return r.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    def set_object_lock(self, mode: str, days: int) -> None:
+        self.object_lock = (mode, days)
+
+    def _locked(self, name: str) -> bool:
+        return self.object_lock is not None and (name == "config" or name.startswith(LOCKED_PREFIXES))
+
+    def _lock_args(self, name: str, body: memoryview | bytes) -> dict[str, Any]:
+        """Retention headers for a new object of a locked repository (with the Content-MD5 AWS requires)."""
+        if not self._locked(name):
+            return {}
+        assert self.object_lock is not None
+        mode, days = self.object_lock
+        until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+        return {"ObjectLockMode": mode, "ObjectLockRetainUntilDate": until,
+                "ContentMD5": base64.b64encode(hashlib.md5(body).digest()).decode()}
+
+    def extend_lock(self, name: str, until: float) -> None:
+        if self.object_lock is None:
+            return
+        mode = self.object_lock[0]
+        when = datetime.datetime.fromtimestamp(until, datetime.timezone.utc)
+        self._call("PUT", name, lambda: self.client.put_object_retention(
+            Bucket=self.bucket, Key=self._key(name), Retention={"Mode": mode, "RetainUntilDate": when}))
 
     # -- the contract ----------------------------------------------------------------------------------
 
@@ -266,19 +310,53 @@ class S3Backend(Backend):
         if len(view) >= self.multipart_threshold:
             self._multipart(name, key, view)
             return
-        self._call("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=_ViewReader(view)))
+        lock = self._lock_args(name, view)
+        self._call("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=_ViewReader(view),
+                                                               **lock))
 
     def put_if_absent(self, name: str, data: Data) -> bool:
         key = self._key(name)
         body = bytes(data)
+        lock = self._lock_args(name, body)
+        if self.object_lock is not None:
+            return self._put_if_absent_versioned(name, key, body, lock)
         try:
             self._call("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
-                                                                   IfNoneMatch="*"))
+                                                                   IfNoneMatch="*", **lock))
             return True
         except PermanentBackendError as exc:
             if exc.status == 412 or exc.code == "PreconditionFailed":  # If-None-Match: * found the object
                 return False
             raise
+
+    def _put_if_absent_versioned(self, name: str, key: str, body: bytes, lock: dict[str, Any]) -> bool:
+        """put-if-absent in a versioned bucket (Object Lock implies versioning), where Ceph RGW 16 ignores
+        ``If-None-Match: *`` (measured: every PUT creates a version). Look first; put; then the key's
+        versions decide: the oldest version after the newest delete marker is the one that was first,
+        and a later one that raced it is taken back (possible outside the locked prefixes — the
+        maintenance lock —; a locked object cannot be, and is only reported as not created)."""
+        try:
+            self.head(name)
+            return False
+        except ObjectNotFound:
+            pass
+        mine = self._call("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                                                      **lock)).get("VersionId")
+        listing = self._call("LIST", name, lambda: self.client.list_object_versions(Bucket=self.bucket, Prefix=key))
+        events = [(v["LastModified"], 1, v["VersionId"]) for v in listing.get("Versions", []) if v["Key"] == key]
+        events += [(d["LastModified"], 0, d["VersionId"]) for d in listing.get("DeleteMarkers", []) if d["Key"] == key]
+        # newest first; equal (1 s) stamps keep the server's order, in which versions come newest first
+        events.sort(key=lambda e: e[0], reverse=True)
+        live: list[str] = []
+        for _, is_version, version in events:
+            if not is_version:
+                break
+            live.append(version)
+        if not live or mine is None or live[-1] == mine:
+            return True
+        if not self._locked(name):
+            self._call("DELETE", name, lambda: self.client.delete_object(Bucket=self.bucket, Key=key, VersionId=mine))
+        return False
 
     def _multipart(self, name: str, key: str, view: memoryview) -> None:
         upload = self._call("PUT", name, lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=key))
@@ -298,6 +376,10 @@ class S3Backend(Backend):
                 # already completed: the object is there, whole.
                 if exc.code != "NoSuchUpload" or self.head(name).size != len(view):
                     raise
+            if self._locked(name):
+                # RGW ignores retention given to create_multipart_upload: set it on the completed object
+                assert self.object_lock is not None
+                self.extend_lock(name, time.time() + self.object_lock[1] * 86400)
         except BaseException:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
@@ -343,7 +425,9 @@ class S3Backend(Backend):
                 args["ContinuationToken"] = token
             page = self._call("LIST", prefix or "/", lambda a=args: self.client.list_objects_v2(**a))
             for obj in page.get("Contents", []):
-                yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj["Size"]))
+                stamp = obj.get("LastModified")
+                yield ObjectInfo(obj["Key"][len(self.prefix):], int(obj["Size"]),
+                                 stamp.timestamp() if stamp is not None else None)
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")

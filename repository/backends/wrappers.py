@@ -74,6 +74,16 @@ class BackendWrapper(Backend):
     def delete_many(self, names: Sequence[str]) -> None:
         self.inner.delete_many(names)
 
+    @property  # type: ignore[override]
+    def object_lock(self) -> tuple[str, int] | None:
+        return self.inner.object_lock
+
+    def set_object_lock(self, mode: str, days: int) -> None:
+        self.inner.set_object_lock(mode, days)
+
+    def extend_lock(self, name: str, until: float) -> None:
+        self.inner.extend_lock(name, until)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -224,6 +234,9 @@ class Retrying(BackendWrapper):
 
     def delete(self, name: str) -> None:
         self.call("delete", name, lambda: self.inner.delete(name))
+
+    def extend_lock(self, name: str, until: float) -> None:
+        self.call("put", name, lambda: self.inner.extend_lock(name, until))
 
     def delete_many(self, names: Sequence[str]) -> None:
         if names:  # deleting is idempotent: a retried batch whose first attempt landed is no harm
