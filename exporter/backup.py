@@ -34,12 +34,12 @@ import nbd
 from fleece import __version__
 from fleece.repository import Repository
 from fleece.repository.errors import UsageError
-from fleece.repository.merge import MAX_CHAIN, merged_record
+from fleece.repository.merge import MAX_CHAIN, MAX_HINTS, merged_record
 from fleece.repository.manifest import (KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, annotation_fields,
                                        check_vm_name, new_point_id)
 
 from . import bitmaps, graph
-from fleece.repository.errors import ExportReadError, QemuError
+from fleece.repository.errors import ExportReadError, QemuError, RepositoryError
 from .audit import DEFAULT_SAMPLE, AuditReport, audit, choose_sample
 from .identity import Machine, check_history
 from .inventory import DiskInfo, VmInfo, inspect
@@ -367,6 +367,7 @@ class _Run:
                 kind=kind, disks=records, consistency="crash", tool=TOOL,
                 extra={"host": socket.gethostname(), "machine": self.machine.to_json(), "pause_ms": stats["pause_ms"],
                        "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers,
+                       "index": self._hints(writer.index_name, records),
                        **annotation_fields(self.req.tags, self.req.note)})
             self.event("committing", {"point": point_id})
             self._check_identity(vm)  # again: another machine may have taken the name during this run
@@ -469,6 +470,18 @@ class _Run:
         merged.stats["merged_from"] = [m.id for m in chain]
         return merged
 
+    def _hints(self, index_name: str | None, records: dict[str, DiskRecord]) -> list[str]:
+        """The point's ``extra.index``: its run's index object, and for a disk stored merged
+        (:meth:`_bounded`) those of the layers merged into it."""
+        hints = [index_name] if index_name else []
+        for disk, record in records.items():
+            for point_id in record.stats.get("merged_from", []):
+                try:
+                    hints.extend(self.repo.manifest(self.vm, point_id).index_hints)
+                except RepositoryError:
+                    continue
+        return list(dict.fromkeys(hints))[:MAX_HINTS]
+
     def _known_blobs(self, levels: dict[str, bitmaps.Level]) -> set[bytes] | None:
         """For a run of incrementals only: the blobs of each disk's parent view (what it dedups against:
         the parent is its VM's newest point, which forget always keeps, and a merge of its chain keeps
@@ -498,7 +511,9 @@ class _Run:
 
         try:
             readable = self.repo.envelope.can_read  # a write-only key compares whole blobs by id only
-            report = audit(connect, sample, lambda ids: dict(self.repo.iter_blobs(ids)) if readable else {},
+            hints = [h for m in chain for h in m.index_hints]
+            report = audit(connect, sample,
+                           lambda ids: dict(self.repo.iter_blobs(ids, hints=hints)) if readable else {},
                            ident=self.repo.envelope.blob_id)
         except nbd.Error as exc:
             raise ExportReadError(f"reading the audit sample of disk {f.disk.id} failed: {exc}"

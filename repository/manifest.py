@@ -245,6 +245,14 @@ class Manifest:
         except (KeyError, TypeError) as exc:
             raise IntegrityError(f"{where} lacks field {exc}") from None
 
+    @property
+    def index_hints(self) -> list[str]:
+        """Index objects that locate this point's blobs without the whole index: its run's own, and
+        those of the points a forget merged into it (``extra.index``; a hint may have been consolidated
+        away by a prune — readers fall back to searching every index object)."""
+        hints = self.extra.get("index")
+        return [h for h in hints if isinstance(h, str)] if isinstance(hints, list) else []
+
     def disk_parent(self, disk: str) -> str | None:
         """The point holding the previous layer of *disk* (``None`` for a full)."""
         record = self.disks[disk]

@@ -31,6 +31,8 @@ from .manifest import KIND_FULL, KIND_INCREMENTAL, DiskRecord, Manifest
 
 #: default bound on the layers of a chain (restore writes one qcow2 per layer)
 MAX_CHAIN = 64
+#: index objects a merged point names as hints (``Manifest.index_hints``)
+MAX_HINTS = 64
 
 
 def views(points: Iterable[Manifest]) -> dict[str, dict[str, Manifest]]:
@@ -113,11 +115,11 @@ def plan_merges(points: list[Manifest], forget: set[str], max_chain: int = MAX_C
                 continue
             depth[(point.id, disk)] = 1
         if merged:
-            out[point.id] = _rewrite(point, merged)
+            out[point.id] = _rewrite(point, merged, by_id)
     return out
 
 
-def _rewrite(point: Manifest, merged: dict[str, DiskRecord]) -> Manifest:
+def _rewrite(point: Manifest, merged: dict[str, DiskRecord], by_id: dict[str, Manifest]) -> Manifest:
     disks: dict[str, DiskRecord] = {}
     for disk, record in point.disks.items():
         # incrementals name their parent explicitly: the point's own parent changes below
@@ -129,5 +131,10 @@ def _rewrite(point: Manifest, merged: dict[str, DiskRecord]) -> Manifest:
     history.append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "disks": {d: r.stats.get("merged_from", []) for d, r in sorted(merged.items())}})
     extra["merges"] = history
+    # where the merged layers' blobs are indexed (bounded: a hint is only a shortcut)
+    hints = list(point.index_hints)
+    for chain_ids in (r.stats.get("merged_from", []) for r in merged.values()):
+        hints.extend(h for i in chain_ids for h in by_id[i].index_hints if i in by_id)
+    extra["index"] = list(dict.fromkeys(hints))[:MAX_HINTS]
     return replace(point, disks=disks, parent=parents[-1] if parents else None,
                    kind=KIND_INCREMENTAL if parents else KIND_FULL, extra=extra)

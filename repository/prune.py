@@ -124,7 +124,7 @@ class _Pruner:
         pending = gc.pending_packs(scan.records)
         holder = self._choose(scan, pending)
         locked = self.repo.config.object_lock
-        repacked = [] if locked else self._repack(scan, holder)  # locked packs are kept, never rewritten
+        repacked = [] if locked else self._repack(scan, holder, pending)  # locked packs are kept, never rewritten
         if locked:
             self._extend_locks(scan, set(holder.values()), locked["days"] * 86400.0)
         used = set(holder.values())
@@ -236,14 +236,16 @@ class _Pruner:
 
     # -- 3. repack --------------------------------------------------------------------------------------
 
-    def _repack(self, scan: _Scan, holder: dict[bytes, str]) -> list[PackRecord]:
+    def _repack(self, scan: _Scan, holder: dict[bytes, str], pending: set[str]) -> list[PackRecord]:
         """Rewrite the needed blobs of the packs with most unused bytes until at most ``max_unused`` of
-        the used packs' payload is unused. Moves *holder* to the new packs; returns their records."""
+        the used packs' payload is unused. Moves *holder* to the new packs; returns their records.
+        A condemned pack that a point needs again is left to the deleting phase, which rescues it whole
+        (cheaper than copying its blobs)."""
         by_pack: dict[str, list[PackEntry]] = {}
         for pack_id, (_, entries, _) in scan.tables.items():
             if pack_id in scan.packs:
                 by_pack[pack_id] = entries
-        used = set(holder.values())
+        used = set(holder.values()) - pending
         unused = {p: sum(e.length for e in by_pack[p] if holder.get(e.id) != p) for p in used}
         total = sum(sum(e.length for e in by_pack[p]) for p in used)
         waste = sum(unused.values())

@@ -871,30 +871,39 @@ class Repository:
                                  "missing); run 'fleece verify' and 'fleece rebuild-index'")
         return loc
 
-    def locate_many(self, blobs: list[bytes]) -> dict[bytes, Location]:
+    def locate_many(self, blobs: list[bytes], hints: Sequence[str] = ()) -> dict[bytes, Location]:
         """Where *blobs* are. From the loaded index; or, when it is not loaded and they are few (an
-        incremental's audit), by searching the index objects one at a time (``index.find_entries``) —
-        memory bounded by one index object, no table of every blob built."""
+        incremental's audit), by searching index objects one at a time (``index.find_entries``) —
+        memory bounded by one index object, no table of every blob built: first the *hints* (the index
+        objects of the runs that wrote the points the blobs come from, ``Manifest.index_hints``: usually
+        one GET each), then, for what they do not hold, every index object."""
         if self._index is not None or len(blobs) > SCAN_LIMIT:
             return {b: self.locate(b) for b in blobs}
         if self.guard is None:
             self.guard = CommitGuard(self.backend, self.envelope)  # which copies are condemned
         condemned = self.guard.excluded
         found: dict[bytes, Location] = {}
-        for _ in range(2):  # a prune consolidating meanwhile may delete an object after it was listed
-            wanted = set(blobs) - found.keys()
-            for info in self.backend.list("index/"):
+
+        def search(names: Iterable[str]) -> None:
+            for name in names:
+                # a blob found only in a condemned pack is looked for further: a live copy is preferred
+                wanted = {b for b in blobs if b not in found or found[b].pack in condemned}
+                if not wanted:
+                    return
                 try:
-                    data = self.backend.get(info.name)
+                    data = self.backend.get(name)
                 except ObjectNotFound:
-                    continue
-                for pack_id, e, header in find_entries(info.name.split("/", 1)[1], data, self.envelope.meta,
-                                                       wanted):
+                    continue  # consolidated by a prune meanwhile (its replacement was written first)
+                for pack_id, e, header in find_entries(name.split("/", 1)[1], data, self.envelope.meta, wanted):
                     known = found.get(e.id)
                     if known is None or (known.pack in condemned and pack_id not in condemned):
                         found[e.id] = Location(pack_id, e.offset, e.length, e.raw_length, e.encoding, header)
-            if len(found) == len(blobs):
+
+        search(dict.fromkeys(h for h in hints if h.startswith("index/")))
+        for _ in range(2):  # a prune consolidating meanwhile may delete an object after it was listed
+            if all(b in found and found[b].pack not in condemned for b in blobs):
                 break
+            search(info.name for info in self.backend.list("index/"))
         for b in blobs:
             if b not in found:
                 self.locate(b)  # raises the usual error (after loading the index, to be sure)
@@ -924,10 +933,10 @@ class Repository:
         return self.decode(blob, loc, self.read_range(loc.pack, loc.offset, loc.length))
 
     def plan_reads(self, blobs: Iterable[bytes], max_range: int = 16 << 20,
-                   max_gap: int = 256 << 10) -> list[ReadRange]:
+                   max_gap: int = 256 << 10, hints: Sequence[str] = ()) -> list[ReadRange]:
         """Group *blobs* by pack into coalesced range reads (one GET each, at most *max_range* bytes)."""
         by_pack: dict[str, list[tuple[bytes, Location]]] = {}
-        for blob, loc in self.locate_many(list(dict.fromkeys(blobs))).items():
+        for blob, loc in self.locate_many(list(dict.fromkeys(blobs)), hints).items():
             by_pack.setdefault(loc.pack, []).append((blob, loc))
         out: list[ReadRange] = []
         for pack, items in by_pack.items():
@@ -949,9 +958,10 @@ class Repository:
         for blob, loc in rng.items:
             yield blob, self.decode(blob, loc, data[loc.offset - rng.start: loc.offset - rng.start + loc.length])
 
-    def iter_blobs(self, blobs: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
-        """Yield ``(id, plaintext)`` for *blobs* (sequentially; restore parallelises over :meth:`plan_reads`)."""
-        for rng in self.plan_reads(blobs):
+    def iter_blobs(self, blobs: Iterable[bytes], hints: Sequence[str] = ()) -> Iterator[tuple[bytes, bytes]]:
+        """Yield ``(id, plaintext)`` for *blobs* (sequentially; restore parallelises over :meth:`plan_reads`).
+        *hints*: index objects likely to hold them (see :meth:`locate_many`)."""
+        for rng in self.plan_reads(blobs, hints=hints):
             yield from self.read_blobs(rng)
 
 

@@ -102,6 +102,8 @@ class BlobWriter:
         self._written: list[tuple[str, list[PackEntry], bytes]] = []
         self._aborted = False
         self._closed = False
+        #: the run's index object, once :meth:`flush` wrote it (``None``: the run stored no pack)
+        self.index_name: str | None = None
 
     # -- public API -------------------------------------------------------------------------------------
 
@@ -148,7 +150,8 @@ class BlobWriter:
             raise RepositoryError("backup aborted")
         if self._written:
             index_id, data = encode_index(self._written, self.envelope.meta)
-            self.backend.put(f"index/{index_id}", data)
+            self.index_name = f"index/{index_id}"
+            self.backend.put(self.index_name, data)
             self.stats.uploaded_bytes += len(data)
             for pack_id, entries, header in self._written:
                 self.index.add_pack(pack_id, entries, header=header)
