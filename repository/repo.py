@@ -390,11 +390,21 @@ class Repository:
         index = Index(keep_tables)
         index.condemned = set(self.guard.excluded) if self.guard is not None else set()
         damaged: dict[str, IntegrityError] = {}
-        for name in names:
+        todo, done, vanished = list(names), set(), False
+        while todo:
+            name = todo.pop(0)
+            done.add(name)
             try:
                 for pack_id, entries, header in decode_index(name.split("/", 1)[1], self.backend.get(name),
                                                              self.envelope.meta):
                     index.add_pack(pack_id, entries, name, header)
+            except ObjectNotFound:
+                # a prune consolidated it after the listing: its replacement was written before it went,
+                # so one more listing finds it (once: a second vanishing is a second prune, also fine)
+                if not vanished:
+                    vanished = True
+                    todo.extend(info.name for info in self.backend.list("index/")
+                                if info.name not in done and info.name not in todo)
             except FormatMismatch:
                 raise  # not damage: the config was replaced (verify, rebuild-index and backups stop here)
             except IntegrityError as exc:
