@@ -467,6 +467,7 @@ class _Run:
         log.info("disk %s: the chain reached %d layers: this point stores it merged (self-contained)", disk,
                  len(chain) + 1)
         merged.stats.pop("layer_of", None)  # its own layer: nothing to look up
+        merged.stats.pop("states_of", None)
         merged.stats["merged_from"] = [m.id for m in chain]
         return merged
 

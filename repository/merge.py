@@ -60,14 +60,19 @@ def chain_of(top: Manifest, disk: str, by_id: dict[str, Manifest]) -> list[Manif
     return chain
 
 
+def represents(record: DiskRecord, point_id: str) -> bool:
+    """Whether *record* is a merged copy of its disk as of *point_id* (``layer_of``/``states_of``)."""
+    return record.kind == KIND_FULL and (record.stats.get("layer_of") == point_id
+                                         or point_id in record.stats.get("states_of", []))
+
+
 def layer_copy(points: Iterable[Manifest], disk: str, forgotten: str) -> str | None:
     """The id of the point holding a merged copy of *disk* as of the *forgotten* point (``layer_of``):
     an incremental committed by a backup that began before the forget names the forgotten point as its
     parent (see ``Repository.disk_chain``)."""
     for m in sorted(points, key=lambda p: p.id):
         record = m.disks.get(disk)
-        if m.id > forgotten and record is not None and record.kind == KIND_FULL \
-                and record.stats.get("layer_of") == forgotten:
+        if m.id > forgotten and record is not None and represents(record, forgotten):
             return m.id
     return None
 
@@ -80,7 +85,10 @@ def merged_record(chain: list[Manifest], disk: str) -> DiskRecord:
     kept = [p for p in pieces if p.blob is not None]  # a full's unlisted ranges read as zero
     whole = {e for m in chain for e in m.disks[disk].extents if e[0] not in m.disks[disk].parts
              and not m.disks[disk].skips.get(e[0])}
-    stats = {**top.stats, "merged_from": [m.id for m in chain], "layer_of": top.stats.get("layer_of", chain[0].id)}
+    # every point whose state of the disk this is (a copy of a copy stands for both): see represents()
+    states = list(dict.fromkeys([*top.stats.get("states_of", []), top.stats.get("layer_of", chain[0].id), chain[0].id]))
+    stats = {**top.stats, "merged_from": [m.id for m in chain], "layer_of": top.stats.get("layer_of", chain[0].id),
+             "states_of": states[-MAX_HINTS:]}
     return DiskRecord(kind=KIND_FULL, virtual_size=top.virtual_size, extents=[(p.offset, p.length, p.blob) for p in kept],
                       granularity=top.granularity, qcow2=dict(top.qcow2), bitmap=top.bitmap, stats=stats, parent=None,
                       skips={p.offset: p.skip for p in kept if p.skip},

@@ -132,11 +132,12 @@ class _Pruner:
         self.report.condemned_packs = len(fresh)
         self.report.condemned_bytes = sum(scan.packs[p] for p in fresh)
         records = list(scan.records)
-        if fresh and not self.dry_run:
+        if fresh:
             record = gc.new_record(fresh, self.grace, socket.gethostname(), self.now())
-            gc.write_record(self.repo.backend, self.repo.envelope, record)
+            if not self.dry_run:  # a dry run counts it as written: --grace 0 then reports its deletions too
+                gc.write_record(self.repo.backend, self.repo.envelope, record)
+                self.emit("condemned", {"record": record.name, "packs": fresh})
             records.append(record)
-            self.emit("condemned", {"record": record.name, "packs": fresh})
         self._delete_due(scan, records, repacked)
         self._expire(records)
         return self.report

@@ -28,6 +28,7 @@ from . import pins
 from .envelope import MANIFEST_MAGIC, Envelope
 from .gc import CommitGuard
 from .locks import MaintenanceLock
+from .merge import represents
 from .errors import FormatMismatch, IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
 from .index import Index, Location, decode_index, encode_index, find_entries
 from .manifest import KIND_FULL, Manifest
@@ -863,7 +864,7 @@ class Repository:
             except RepositoryError:
                 continue
             record = m.disks.get(disk)
-            if record is not None and record.kind == KIND_FULL and record.stats.get("layer_of") == forgotten:
+            if record is not None and represents(record, forgotten):
                 return m
         return None
 

@@ -726,9 +726,10 @@ def test_write_only_key_can_neither_forget_nor_prune(history: History, repo_copy
 # -- findings: these fail until the behaviour they describe is fixed (last, so that -x runs the rest) -------
 
 def test_forget_while_a_backup_runs_on_a_merged_copy_of_a_merged_copy(make_vm, tmp_path: Path) -> None:
-    """As above, one forget later: vdb's layer already is a merged copy (in the point after the full) when
-    the backup starts, and the forget during the run moves it on to the next point. The new point's vdb
-    parent is the copy the forget removed; its layer must still be found."""
+    """As ``test_forget_while_a_backup_runs_keeps_...``, one forget later: vdb's layer already is a merged
+    copy (in the point after the full) when the backup starts, and the forget during the run moves it on to
+    the next point. The new point's vdb parent is the copy the forget removed; its layer must still be
+    found (the moved copy says ``layer_of`` the full, not the point the backup named)."""
     h = race_world(make_vm, tmp_path, "q")
     vm = h.vm
     vm.write("vda", 4 * MiB, random_bytes(65536, 3))
