@@ -905,7 +905,14 @@ class Repository:
                     data = self.backend.get(name)
                 except ObjectNotFound:
                     continue  # consolidated by a prune meanwhile (its replacement was written first)
-                for pack_id, e, header in find_entries(name.split("/", 1)[1], data, self.envelope.meta, wanted):
+                try:
+                    entries = find_entries(name.split("/", 1)[1], data, self.envelope.meta, wanted)
+                except FormatMismatch:
+                    raise
+                except IntegrityError as exc:  # the same words as load_index: what is damaged, how to repair
+                    raise IntegrityError(f"{exc} (to repair it: fleece rebuild-index --repo {self.url})",
+                                         object=name) from None
+                for pack_id, e, header in entries:
                     known = found.get(e.id)
                     if known is None or (known.pack in condemned and pack_id not in condemned):
                         found[e.id] = Location(pack_id, e.offset, e.length, e.raw_length, e.encoding, header)
