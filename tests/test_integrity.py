@@ -248,3 +248,34 @@ def test_full_of_a_thin_1tib_overlay_reads_only_its_data(make_vm, tmp_path: Path
     assert stats["read_bytes"] == 2 * MiB + 65536, stats
     extents = full.manifest.disks["vda"].extents
     assert [(o, n) for o, n, _ in extents] == [(0, 4 * MiB), (300 << 30, 4 * MiB), (TiB - 4 * MiB, 4 * MiB)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_guest_attacks_an_incremental_stored_merged(integrity_vm: TestVM, tmp_path: Path, window: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounded-chain path (an incremental on a MAX_CHAIN-layer chain is stored as one merged layer,
+    exporter/backup.py ``_bounded``) under the same attacks: the merge must take the point's own layer as
+    it was frozen, ZERO entries included, and the next incremental builds on the merged layer."""
+    from fleece.exporter import backup as backup_module
+
+    monkeypatch.setattr(backup_module, "MAX_CHAIN", 1)  # every incremental is stored merged
+    vm = integrity_vm
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    repo = Repository.open(str(tmp_path / "repo"), create=True, config=RepoConfig.encrypted(pack_target=MiB),
+                           kdf_time=0)
+    refill(vm, 3)
+    _backup(vm, repo, scratch, None)
+    refill(vm, 4)
+    hook = Attacker(vm, window)
+    result = _backup(vm, repo, scratch, hook)
+    assert hook.done, f"the guest never acted in window {window}"
+    for disk in result.manifest.disks.values():
+        assert disk.kind == "full" and disk.stats["merged_from"], "stored merged"
+        assert disk.stats["read_bytes"] == disk.stats["dirty_bytes"] < 8 * MiB  # only the changes were read
+    assert_point_matches(repo, result.manifest, hook.refs)
+    assert_clean(vm.guest)
+    after = Attacker(vm, "none")
+    nxt = _backup(vm, repo, scratch, after)
+    assert nxt.manifest.disks["vda"].stats["merged_from"] == [result.manifest.id]
+    assert_point_matches(repo, nxt.manifest, after.refs)
