@@ -31,32 +31,11 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _grace(text: str) -> float:
-    try:
-        return check_grace(text)
-    except Exception as exc:  # noqa: BLE001 - one message for argparse
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _unused(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*%?\s*", text)
     if not m or float(m.group(1)) > 100:
         raise argparse.ArgumentTypeError(f"{text!r} is not a percentage: use e.g. 5% (0-100)")
     return float(m.group(1)) / 100
-
-
-def _tag(text: str) -> str:
-    try:
-        return check_tag(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _note(text: str) -> str:
-    try:
-        return check_note(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _zone(text: str) -> tzinfo:
@@ -69,7 +48,7 @@ def _zone(text: str) -> tzinfo:
 
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grace", type=_grace, default=24 * 3600.0, metavar="DURATION",
+    p.add_argument("--grace", type=_commands().arg_type(check_grace), default=24 * 3600.0, metavar="DURATION",
                    help="how long condemned packs wait before they are deleted, longer than any backup runs "
                         "(default 24h; 0 deletes at once: only when nothing else writes to the repository)")
     p.add_argument("--max-unused", type=_unused, default=DEFAULT_MAX_UNUSED, metavar="PCT",
@@ -90,7 +69,7 @@ def forget_args(p: argparse.ArgumentParser) -> None:
                        help=f"keep the newest point of each of the N latest {bucket} that have points (-1: all)")
     p.add_argument("--keep-within", metavar="DURATION",
                    help="keep every point made within DURATION of the newest one (e.g. 7d, 12h, 1y6m)")
-    p.add_argument("--keep-tag", action="append", type=_tag, default=[], metavar="TAG",
+    p.add_argument("--keep-tag", action="append", type=c.arg_type(check_tag), default=[], metavar="TAG",
                    help="keep every point carrying TAG (repeatable)")
     p.add_argument("--timezone", type=_zone, metavar="TZ",
                    help="time zone of the hour/day/week/month/year buckets (default: this host's)")
@@ -192,9 +171,11 @@ def protect_args(p: argparse.ArgumentParser) -> None:
     c.add_repo(p)
     p.add_argument("--vm", type=c.vm_name, required=True)
     p.add_argument("--point", required=True, metavar="ID", help="the point (an id, a unique prefix, or latest)")
-    p.add_argument("--note", type=_note, metavar="TEXT", help="a note the point carries ('' removes it)")
-    p.add_argument("--tag", action="append", type=_tag, default=[], metavar="TAG", help="add a tag (repeatable)")
-    p.add_argument("--untag", action="append", type=_tag, default=[], metavar="TAG", help="remove a tag (repeatable)")
+    tag = c.arg_type(check_tag)
+    p.add_argument("--note", type=c.arg_type(check_note), metavar="TEXT",
+                   help="a note the point carries ('' removes it)")
+    p.add_argument("--tag", action="append", type=tag, default=[], metavar="TAG", help="add a tag (repeatable)")
+    p.add_argument("--untag", action="append", type=tag, default=[], metavar="TAG", help="remove a tag (repeatable)")
 
 
 def _annotate(args: argparse.Namespace, protected: bool) -> int:

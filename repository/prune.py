@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import gc
-from .errors import FormatMismatch, IntegrityError, ObjectNotFound, RepositoryError
+from .errors import FormatMismatch, IntegrityError, ObjectNotFound, UsageError
 from .index import Index, Location, PackRecord, decode_index, encode_index
 from .pack import PackEntry, pack_name
 from .locks import MaintenanceLock
@@ -403,5 +403,5 @@ def check_grace(text: str) -> float:
     except ValueError:
         value = -1
     if value < 0 or value != value:
-        raise RepositoryError(f"--grace {text!r} is not a duration: use e.g. 24h, 90m, 2d, 30s or 0")
+        raise UsageError(f"--grace {text!r} is not a duration: use e.g. 24h, 90m, 2d, 30s or 0")
     return value

@@ -28,7 +28,7 @@ from . import pins
 from .envelope import MANIFEST_MAGIC, Envelope
 from .gc import CommitGuard
 from .locks import MaintenanceLock
-from .merge import represents
+from .merge import layer_copy
 from .errors import FormatMismatch, IntegrityError, KeyAccessError, ObjectNotFound, RepositoryError, UsageError, WrongKeyError
 from .index import Index, Location, decode_index, encode_index, find_entries
 from .manifest import KIND_FULL, Manifest
@@ -556,14 +556,15 @@ class Repository:
         (an incremental: the blob ids of its parent chains) it deduplicates against those and loads no
         index: a backup's fixed cost then does not grow with the repository's history.
         """
-        if known is None:
-            index = self.load_index()
-        else:
-            index = Index()
-            if self.guard is None:
-                self.guard = CommitGuard(self.backend, self.envelope)
+        index = self.load_index() if known is None else Index()
         return BlobWriter(self.backend, self.config, index, on_committed=on_committed, envelope=self.envelope,
-                          exclude=self.guard.excluded if self.guard is not None else None, known=known, **options)
+                          exclude=self._guard().excluded, known=known, **options)
+
+    def _guard(self) -> CommitGuard:
+        """Prune's records as this run knows them: read with the index, or now if no index was loaded."""
+        if self.guard is None:
+            self.guard = CommitGuard(self.backend, self.envelope)
+        return self.guard
 
     def needed_packs(self, manifest: Manifest) -> set[str]:
         """The packs that hold *manifest*'s blobs (by the loaded index)."""
@@ -576,11 +577,7 @@ class Repository:
         deleting is not committed (:class:`~.errors.PruneConflict`). *packs* are the packs to check (a
         backup's :meth:`BlobWriter.packs_needed`); by default every pack holding a blob of *manifest*.
         """
-        if packs is None:
-            packs = self.needed_packs(manifest)
-        if self.guard is None:
-            self.guard = CommitGuard(self.backend, self.envelope)
-        self.guard.check(packs)
+        self._guard().check(self.needed_packs(manifest) if packs is None else packs)
         name = self.envelope.manifest_name(manifest.vm, manifest.id)
         data = self.envelope.seal_manifest(name, manifest.to_bytes())
         if not self.backend.put_if_absent(name, data):
@@ -854,19 +851,11 @@ class Repository:
 
         A backup that began before a ``forget`` may commit an incremental whose disk parent the forget
         removed; the forget gave the layer's state (the same bytes, the same bitmap) to the oldest kept
-        point after it, as a merged full that records ``stats.layer_of`` (``repository.merge``).
+        point after it, as a merged full that says so (``merge.layer_copy``, ``merge.represents``).
         """
-        for point_id in self.point_ids(vm):
-            if point_id <= forgotten:
-                continue
-            try:
-                m = self.manifest(vm, point_id)
-            except RepositoryError:
-                continue
-            record = m.disks.get(disk)
-            if record is not None and represents(record, forgotten):
-                return m
-        return None
+        points = self.scan(vm).points
+        found = layer_copy(points, disk, forgotten)
+        return next((m for m in points if m.id == found), None)
 
     def resolve(self, manifest: Manifest, disk: str) -> list[Piece]:
         """The flat view of *disk* at *manifest*: what every byte is (newest layer wins)."""
@@ -890,9 +879,7 @@ class Repository:
         one GET each), then, for what they do not hold, every index object."""
         if self._index is not None or len(blobs) > SCAN_LIMIT:
             return {b: self.locate(b) for b in blobs}
-        if self.guard is None:
-            self.guard = CommitGuard(self.backend, self.envelope)  # which copies are condemned
-        condemned = self.guard.excluded
+        condemned = self._guard().excluded  # a live copy is preferred to one a prune condemned
         found: dict[bytes, Location] = {}
 
         def search(names: Iterable[str]) -> None:
@@ -924,8 +911,7 @@ class Repository:
             search(info.name for info in self.backend.list("index/"))
         for b in blobs:
             if b not in found:
-                self.locate(b)  # raises the usual error (after loading the index, to be sure)
-                found[b] = self.locate(b)
+                found[b] = self.locate(b)  # loads the index, to be sure; raises the usual error if absent
         return found
 
     def read_range(self, pack: str, offset: int, length: int) -> bytes:
