@@ -89,6 +89,7 @@ class _Scan:
     tables: dict[str, PackRecord]  #: pack id → (id, entries, header), from the index or the pack itself
     index_names: list[str]  #: index objects listed
     indexed: set[str]  #: packs those index objects name
+    mtimes: dict[str, float | None]  #: listed pack id → when it was written (Object Lock: extensions)
 
 
 def prune(repo: Repository, *, grace: float = DEFAULT_GRACE, max_unused: float = DEFAULT_MAX_UNUSED,
@@ -99,14 +100,13 @@ def prune(repo: Repository, *, grace: float = DEFAULT_GRACE, max_unused: float =
         raise ValueError("grace must not be negative")
     repo.envelope.require_read("prune")
     with repo.maintenance("prune") as lock:
-        pruner = _Pruner(repo, grace, max_unused, dry_run, workers or repo.backend.parallelism, events, now)
-        pruner.lock = lock
-        return pruner.run()
+        return _Pruner(repo, grace, max_unused, dry_run, workers or repo.backend.parallelism, events, now,
+                       lock).run()
 
 
 class _Pruner:
     def __init__(self, repo: Repository, grace: float, max_unused: float, dry_run: bool, workers: int,
-                 events: Events | None, now: Callable[[], float]) -> None:
+                 events: Events | None, now: Callable[[], float], lock: MaintenanceLock | None = None) -> None:
         self.repo = repo
         self.grace = grace
         self.max_unused = max_unused
@@ -115,8 +115,9 @@ class _Pruner:
         self.emit = events or (lambda name, detail: None)
         self.now = now
         self.report = PruneReport(dry_run, grace)
-        self.lock: MaintenanceLock | None = None
-        self.mtimes: dict[str, float | None] = {}
+        self.lock = lock
+        #: dry run: blobs the repack would have written again (the real run's new packs hold them)
+        self.moved: set[bytes] = set()
 
     def run(self) -> PruneReport:
         scan = self._scan()
@@ -124,8 +125,9 @@ class _Pruner:
         pending = gc.pending_packs(scan.records)
         holder = self._choose(scan, pending)
         locked = self.repo.config.object_lock
-        repacked = [] if locked else self._repack(scan, holder, pending)  # locked packs are kept, never rewritten
-        if locked:
+        if not locked:  # locked packs are kept, never rewritten
+            self._repack(scan, holder, pending)
+        else:
             self._extend_locks(scan, set(holder.values()), locked["days"] * 86400.0)
         used = set(holder.values())
         fresh = sorted(set(scan.packs) - used - pending)
@@ -138,7 +140,7 @@ class _Pruner:
                 gc.write_record(self.repo.backend, self.repo.envelope, record)
                 self.emit("condemned", {"record": record.name, "packs": fresh})
             records.append(record)
-        self._delete_due(scan, records, repacked)
+        self._delete_due(scan, records)
         self._expire(records)
         return self.report
 
@@ -153,7 +155,7 @@ class _Pruner:
         indexed = set(tables)
         listed = [info for info in repo.backend.list("data/") if info.name == pack_name(info.name.rsplit("/", 1)[1])]
         packs = {info.name.rsplit("/", 1)[1]: info.size for info in listed}
-        self.mtimes = {info.name.rsplit("/", 1)[1]: info.mtime for info in listed}
+
         orphans = sorted(set(packs) - set(tables))
         for pack_id, got in zip(orphans, map_all(lambda p: self._own_table(p, packs[p]), orphans,
                                                  workers=self.workers, name="fleece-prune-scan",
@@ -167,7 +169,8 @@ class _Pruner:
                                  "rebuild-index' first")
         self.report.packs = len(packs)
         self.report.stored_bytes = sum(packs.values())
-        return _Scan(records, needed, packs, tables, index_names, indexed)
+        return _Scan(records, needed, packs, tables, index_names, indexed,
+                     {info.name.rsplit("/", 1)[1]: info.mtime for info in listed})
 
     def _needed(self) -> set[bytes]:
         """Every blob any point of any VM needs; a manifest that cannot be read stops the prune."""
@@ -237,9 +240,9 @@ class _Pruner:
 
     # -- 3. repack --------------------------------------------------------------------------------------
 
-    def _repack(self, scan: _Scan, holder: dict[bytes, str], pending: set[str]) -> list[PackRecord]:
+    def _repack(self, scan: _Scan, holder: dict[bytes, str], pending: set[str]) -> None:
         """Rewrite the needed blobs of the packs with most unused bytes until at most ``max_unused`` of
-        the used packs' payload is unused. Moves *holder* to the new packs; returns their records.
+        the used packs' payload is unused. Moves *holder* (and *scan*) to the new packs.
         A condemned pack that a point needs again is left to the deleting phase, which rescues it whole
         (cheaper than copying its blobs)."""
         by_pack: dict[str, list[PackEntry]] = {}
@@ -259,7 +262,7 @@ class _Pruner:
             total -= unused[pack_id] + kept
             waste -= unused[pack_id]
         if not chosen:
-            return []
+            return
         self.report.repacked_packs = len(chosen)
         self.report.repacked_bytes = sum(e.raw_length for p in chosen for e in by_pack[p] if holder.get(e.id) == p)
         if self.dry_run:
@@ -267,7 +270,8 @@ class _Pruner:
                 for e in by_pack[p]:
                     if holder.get(e.id) == p:
                         holder[e.id] = ""
-            return []
+                        self.moved.add(e.id)  # would be in a new pack: the deleting phase counts it kept
+            return
         repo = self.repo
         writer = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
         with writer:
@@ -287,14 +291,13 @@ class _Pruner:
             scan.tables[pack_id] = (pack_id, entries, _)
             scan.packs[pack_id] = sum(e.length for e in entries)  # not listed: never condemned by this run
         self.emit("repacked", {"packs": chosen, "new": [p for p, _, _ in written]})
-        return written
 
     def _extend_locks(self, scan: _Scan, used: set[str], span: float) -> None:
         """S3 Object Lock: a pack a point needs stays locked as long as a new point's objects are. A
         pack's lock was set for *span* when it was written; once less than half of that is left, it is
         extended to a full *span* from now (one request per such pack)."""
         now = self.now()
-        due = sorted(p for p in used if (self.mtimes.get(p) or 0) + span < now + span / 2)
+        due = sorted(p for p in used if (scan.mtimes.get(p) or 0) + span < now + span / 2)
         self.report.locks_extended = len(due)
         if self.dry_run or not due:
             return
@@ -303,7 +306,7 @@ class _Pruner:
 
     # -- 5. delete --------------------------------------------------------------------------------------
 
-    def _delete_due(self, scan: _Scan, records: list[gc.Condemnation], repacked: list[PackRecord]) -> None:
+    def _delete_due(self, scan: _Scan, records: list[gc.Condemnation]) -> None:
         now = self.now()
         due = [r for r in records if r.due(now)]
         self.report.waiting = [{"record": r.name, "packs": len(r.packs), "deletable_from": r.deadline}
@@ -320,6 +323,7 @@ class _Pruner:
             if pack_id not in doomed and pack_id in scan.packs:  # a pack the index names but that is gone keeps nothing
                 for e in entries:
                     keeps[e.id] = True
+        keeps.update(dict.fromkeys(self.moved, True))
         rescued: set[str] = set()
         for pack_id in sorted(doomed):
             record = scan.tables.get(pack_id)
