@@ -263,6 +263,7 @@ class _Pruner:
             waste -= unused[pack_id]
         if not chosen:
             return
+        self._keep_copies_elsewhere(by_pack, holder, set(chosen), used - set(chosen))
         self.report.repacked_packs = len(chosen)
         self.report.repacked_bytes = sum(e.raw_length for p in chosen for e in by_pack[p] if holder.get(e.id) == p)
         if self.dry_run:
@@ -277,6 +278,8 @@ class _Pruner:
         with writer:
             for pack_id in chosen:
                 wanted = sorted((e for e in by_pack[pack_id] if holder.get(e.id) == pack_id), key=lambda e: e.offset)
+                if not wanted:  # every needed blob of it has a copy in a pack that stays
+                    continue
                 start, end = wanted[0].offset, max(e.offset + e.length for e in wanted)
                 data = memoryview(repo.read_range(pack_id, start, end - start))
                 header = scan.tables[pack_id][2]
@@ -291,6 +294,20 @@ class _Pruner:
             scan.tables[pack_id] = (pack_id, entries, _)
             scan.packs[pack_id] = sum(e.length for e in entries)  # not listed: never condemned by this run
         self.emit("repacked", {"packs": chosen, "new": [p for p, _, _ in written]})
+
+    @staticmethod
+    def _keep_copies_elsewhere(by_pack: dict[str, list[PackEntry]], holder: dict[bytes, str], chosen: set[str],
+                               kept: set[str]) -> None:
+        """A blob of a pack being repacked that a pack staying holds too (a duplicate: two backups raced
+        to write it) moves to that copy instead of being written again. Otherwise the new pack would
+        duplicate it, and the next prune, choosing per blob afresh, would find the new pack (partly)
+        unused and condemn or repack it again: prune would never reach a fixed point."""
+        moving = {e.id for p in chosen for e in by_pack[p] if holder.get(e.id) == p}
+        for pack_id in sorted(kept):
+            for e in by_pack[pack_id]:
+                if e.id in moving:
+                    holder[e.id] = pack_id
+                    moving.discard(e.id)
 
     def _extend_locks(self, scan: _Scan, used: set[str], span: float) -> None:
         """S3 Object Lock: a pack a point needs stays locked as long as a new point's objects are. A
