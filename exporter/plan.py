@@ -31,8 +31,12 @@ frozen view as much as the plan; no fleece can guard against those.)
   only for groups of dirty ranges big enough to be worth a query (``STATUS_MIN``): 10,000 scattered small
   extents are simply read. Dirty ranges that read as zero become ``ZERO`` entries and transfer nothing;
   the rest is cut at the chunk grid, one job (= one blob) per maximal dirty run inside a grid cell.
-* Full: live status alone; every grid cell holding data becomes one job covering the whole cell (its holes
-  read as zeros without touching NBD), so identical cells dedup across fulls and VMs.
+* Full: live status alone; every grid cell mostly holding data becomes one job covering the whole cell
+  (its holes read as zeros without touching NBD), so identical cells dedup across fulls and VMs. A cell
+  holding little data (less than half of it, its runs joined across gaps under ``SPARSE_GAP``) becomes one
+  job per run instead: hashing and compressing a whole 4 MiB cell for one 64 KiB cluster made a full of a
+  1 TiB disk with 2,000 scattered clusters process 7.8 GB for 125 MiB of data (6.4 s); per run it costs
+  what the data costs. The same allocation gives the same runs, so such cells still dedup between fulls.
 
 Everything works on sorted interval lists: cost grows with the number of extents, never with disk size.
 """
@@ -52,6 +56,7 @@ MAX_STATUS = 0xFFFF0000  # block_status count must stay below 4 GiB (libnbd ERAN
 DIRTY = 1  # qemu:dirty-bitmap flag (libnbd 1.14 has no constant for it)
 ALLOC_GAP = 1 << 20  # dirty ranges this close share one base:allocation query
 READ_GAP = 64 << 10  # inside a full's cell, read across holes this small instead of splitting requests
+SPARSE_GAP = 1 << 20  # inside a sparse cell of a full, one blob spans holes this small (few tiny blobs)
 STATUS_IN_FLIGHT = 64  # pipelined block-status requests per connection
 # A block-status query costs QEMU about as much as reading a few hundred KiB (85-300 µs each on a
 # fragmented 1 TiB qcow2, measured by tools/bench_plan.py): a group of dirty ranges holding less than
@@ -211,7 +216,12 @@ def plan_full(src: PlanSources, size: int, chunk: int) -> DiskPlan:
     for off, length in ex.split_at_grid(data, chunk):
         cells.setdefault(off // chunk * chunk, []).append((off, length))
     for cell, reads in cells.items():
-        jobs.append(Job(cell, min(chunk, size - cell), ex.coalesce(reads, READ_GAP)))
+        length = min(chunk, size - cell)
+        runs, fetch = ex.coalesce(reads, SPARSE_GAP), ex.coalesce(reads, READ_GAP)
+        if 2 * ex.total(runs) >= length:  # mostly data: the whole cell, one blob (dedups as a cell)
+            jobs.append(Job(cell, length, fetch))
+        else:  # little data: a blob per run, costing what the data costs
+            jobs.extend(Job(o, n, ex.intersection(fetch, [(o, n)])) for o, n in runs)
     plan = DiskPlan(size=size, kind="full", jobs=jobs, dirty_bytes=ex.total(data),
                     rescued_bytes=ex.total(ex.difference(target, status)))
     plan.read_bytes = sum(ex.total(j.reads) for j in jobs)

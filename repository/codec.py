@@ -82,9 +82,46 @@ class Codec:
             raise IntegrityError(f"blob {expected_id.hex()} in {where} has unknown encoding {encoding}; "
                                  "was it written by a newer fleece?")
         if len(data) != raw_length or self.ident(data) != expected_id:
-            raise IntegrityError(f"blob {expected_id.hex()} in {where} does not match its id "
-                                 "(damaged pack or index); run 'fleece verify --read-data'")
+            raise _mismatch(expected_id, where)
         return data
+
+    def decode_into(self, payload: bytes | memoryview, out: memoryview, raw_length: int, encoding: int,
+                    expected_id: bytes, where: str) -> None:
+        """:meth:`decode` into ``out[:raw_length]`` — a caller's reused buffer (restore: page-aligned,
+        pooled), so that no fresh 4 MiB object is faulted in per blob. The same checks, the same errors."""
+        if raw_length > len(out):
+            raise IntegrityError(f"blob {expected_id.hex()} in {where} claims {raw_length} bytes, more than a blob "
+                                 "of this repository holds (damaged index); run 'fleece verify --read-data'")
+        if encoding == ENCODING_RAW:
+            if len(payload) != raw_length:
+                raise _mismatch(expected_id, where)
+            out[:raw_length] = payload
+        elif encoding == ENCODING_ZSTD:
+            got = 0
+            try:
+                reader = self._decompressor.stream_reader(payload, read_size=max(1, len(payload)),
+                                                          read_across_frames=False)
+                while got < raw_length:
+                    n = reader.readinto(out[got:raw_length])
+                    if not n:
+                        break
+                    got += n
+                longer = reader.read(1)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(f"blob {expected_id.hex()} in {where} does not decompress ({exc}); "
+                                     "the pack is damaged: run 'fleece verify --read-data'") from None
+            if got != raw_length or longer:
+                raise _mismatch(expected_id, where)
+        else:
+            raise IntegrityError(f"blob {expected_id.hex()} in {where} has unknown encoding {encoding}; "
+                                 "was it written by a newer fleece?")
+        if self.ident(out[:raw_length]) != expected_id:
+            raise _mismatch(expected_id, where)
+
+
+def _mismatch(blob: bytes, where: str) -> IntegrityError:
+    return IntegrityError(f"blob {blob.hex()} in {where} does not match its id "
+                          "(damaged pack or index); run 'fleece verify --read-data'")
 
 
 class CodecPool:

@@ -932,6 +932,12 @@ class Repository:
         opened = self.envelope.packs.open(loc.header, blob, payload, pack_name(loc.pack))
         return self._codecs.get().decode(opened, loc.raw_length, loc.encoding, blob, where)
 
+    def decode_into(self, blob: bytes, loc: Location, payload: bytes | memoryview, out: memoryview) -> None:
+        """:meth:`decode` into the caller's buffer ``out[:loc.raw_length]`` (see ``Codec.decode_into``)."""
+        where = f"pack {loc.pack} at offset {loc.offset}"
+        opened = self.envelope.packs.open(loc.header, blob, payload, pack_name(loc.pack))
+        self._codecs.get().decode_into(opened, out, loc.raw_length, loc.encoding, blob, where)
+
     def read_blob(self, blob: bytes) -> bytes:
         loc = self.locate(blob)
         return self.decode(blob, loc, self.read_range(loc.pack, loc.offset, loc.length))

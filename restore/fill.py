@@ -1,15 +1,28 @@
-"""Fill one target image from a list of pieces, fetching blobs in parallel, grouped by pack.
+"""Fill one target image from a list of pieces: ranged reads, decoding and writing in two linked stages.
 
-Each worker thread owns one writer on the target (its own NBD connection) and works through range
-reads: several neighbouring blobs of one pack come in one ranged GET, are decompressed and verified
-against their ids (zstandard, hashlib and libnbd release the GIL), and are written at every offset that
-uses them. Every blob is fetched once however many pieces refer to it.
+* **Decoders** (``workers`` threads) take one range read at a time — several neighbouring blobs of one
+  pack in one GET — open, decompress and verify each blob against its id (zstandard, hashlib and the AEAD
+  release the GIL) *into a pooled, page-aligned buffer*, find its zero grains, and hand the writes to
+  the writer stage. Every blob is fetched and decoded once however many pieces use it.
+* **Writers** own the target's handles (an NBD connection each, or the shared descriptor of a file
+  written directly) and write; a buffer returns to the pool when its last write is done.
+
+Why two stages: a decoder that wrote its own output waited for the device (an ``O_DIRECT`` write blocks
+for the disk) while its core idled — with 2 cores and synchronous writes the restore ran at the speed
+of decoding *plus* writing. Why pooled buffers: a fresh 4 MiB ``bytes`` per blob is 1,024 page faults
+(zeroed pages) — measured 3.6 s of CPU per 1.9 GB on the benchmark machine, as much as decompressing —
+and page-aligned memory is what ``O_DIRECT`` writes need (:mod:`.direct`).
+
+Memory is bounded whatever the disk size: ``workers`` range reads of at most :data:`MAX_RANGE` bytes,
+and :data:`SLOTS_PER_WORKER` buffers of one blob per decoder (blobs are at most the repository's chunk
+size); the writer queue holds views into those buffers, never copies.
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import nbd
@@ -17,12 +30,14 @@ import nbd
 from fleece.repository import Piece, Repository
 from fleece.repository.errors import IntegrityError
 from fleece.repository.repo import ReadRange
-from fleece.repository.workers import run_all
+from fleece.repository.workers import WorkQueue, Workers
 
-from .targets import Target, write_blob_piece
+from .targets import ZERO_GRAIN, Target
 
-MAX_RANGE = 16 << 20  # one GET: enough to amortise a request, small enough to bound memory per worker
+MAX_RANGE = 8 << 20  # one GET: enough to amortise a request, small enough to bound memory per worker
 MAX_GAP = 256 << 10  # read across gaps this small between wanted blobs of a pack
+SLOTS_PER_WORKER = 2  # decoded blobs per decoder: one being decoded, one being written
+DIRECT_WRITERS = 2  # threads writing a direct target: one waits on the device while the other submits
 
 
 @dataclass
@@ -33,8 +48,61 @@ class FillStats:
     zero_bytes: int = 0  # bytes of zeros skipped or written as zero clusters
 
 
+class _Slot:
+    """One page-aligned buffer holding a decoded blob until its last write is done."""
+
+    __slots__ = ("view", "refs", "lock", "pool")
+
+    def __init__(self, size: int, pool: WorkQueue[_Slot]) -> None:
+        self.view = memoryview(mmap.mmap(-1, size))  # anonymous mmap: page-aligned, its pages reused
+        self.refs = 0
+        self.lock = threading.Lock()
+        self.pool = pool
+
+    def hold(self, n: int) -> None:
+        self.refs = n
+
+    def release(self) -> None:
+        with self.lock:
+            self.refs -= 1
+            last = self.refs == 0
+        if last:
+            self.pool.put(self)
+
+
+@dataclass
+class _Write:
+    """One write of the writer stage: *data* (a view into *slot*, at *slot_offset* of it) at *offset*;
+    ``data is None``: *length* zeros to write (masking an overlay's backing file)."""
+
+    offset: int
+    length: int
+    data: memoryview | None = None
+    slot: _Slot | None = None
+    slot_offset: int = 0
+
+
 def _is_zero(view: memoryview) -> bool:
     return nbd.Buffer.from_buffer(view).is_zero()
+
+
+def zero_runs(data: memoryview, offset: int) -> Iterator[tuple[int, int, bool]]:
+    """``(start, end, is_zero)`` runs of *data* (which lands at disk *offset*), in :data:`ZERO_GRAIN`
+    blocks aligned to the disk, so a restored image stays as thin as its source; relative to *data*."""
+    end = len(data)
+    pos = 0
+    run_start, run_zero = 0, None
+    while pos < end:
+        nxt = min(end, (offset + pos) // ZERO_GRAIN * ZERO_GRAIN + ZERO_GRAIN - offset)
+        is_zero = _is_zero(data[pos:nxt])
+        if run_zero is None:
+            run_zero = is_zero
+        elif is_zero != run_zero:
+            yield run_start, pos, run_zero
+            run_start, run_zero = pos, is_zero
+        pos = nxt
+    if run_zero is not None:
+        yield run_start, end, run_zero
 
 
 def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, workers: int,
@@ -53,35 +121,100 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
         ranges = repo.plan_reads(uses, MAX_RANGE, MAX_GAP)
     except IntegrityError as exc:  # the same error, said where (its object stays: scripts act on it)
         raise IntegrityError(f"{where}: {exc}", object=exc.object) from None
+    stats.zero_bytes += sum(p.length for p in zero_pieces)
+    if not ranges and not (zero_pieces and mask):
+        return stats
+    decoders = max(1, min(workers, len(ranges)))
+    direct = getattr(target, "direct_writes", False)
+    blob_size = max((loc.raw_length for r in ranges for _, loc in r.items), default=0)
+    free: WorkQueue[_Slot] = WorkQueue(max(1, decoders * SLOTS_PER_WORKER))
+    for _ in range(free.maxsize if blob_size else 0):
+        free.put(_Slot(_page_round(blob_size), free))
 
-    def filler() -> Callable[[ReadRange], None]:
-        w = target.writer()  # one connection per worker, reused for all its ranges
+    def writer() -> Callable[[_Write], None]:
+        w = target.writer()  # an NBD connection per thread, or the shared direct file
 
-        def work(rng: ReadRange) -> None:
-            written = zeros = 0
+        def write(job: _Write) -> None:
             try:
-                for blob, plain in repo.read_blobs(rng):
-                    view = memoryview(plain)
-                    for p in uses[blob]:
-                        wr, zr = write_blob_piece(w, view[p.skip:p.skip + p.length], p.offset, mask, _is_zero)
-                        written += wr
-                        zeros += zr
+                if job.data is None:
+                    w.zero(job.length, job.offset)
+                elif direct:
+                    w.pwrite(job.data, job.offset, job.slot_offset % mmap.PAGESIZE == 0)
+                else:
+                    w.pwrite(job.data, job.offset)
+            finally:
+                if job.slot is not None:
+                    job.slot.release()
+            if progress is not None and job.slot is not None:
+                progress(job.length)
+
+        return write
+
+    writers: Workers[_Write] = Workers(writer, workers=DIRECT_WRITERS if direct else max(1, workers),
+                                       depth=4 * max(1, workers), name="fleece-restore-write")
+
+    def decoder() -> Callable[[ReadRange], None]:
+        def decode(rng: ReadRange) -> None:
+            try:
+                data = memoryview(repo.read_range(rng.pack, rng.start, rng.end - rng.start))
+                for blob, loc in rng.items:
+                    slot = free.get(cancel=pool)
+                    try:
+                        repo.decode_into(blob, loc, data[loc.offset - rng.start:loc.offset - rng.start + loc.length],
+                                         slot.view)
+                        jobs, written, zeros = _writes(slot, uses[blob], mask)
+                    except BaseException:
+                        free.put(slot)
+                        raise
+                    held = sum(1 for job in jobs if job.slot is not None)
+                    slot.hold(held)
+                    if not held:
+                        free.put(slot)
+                    for job in jobs:
+                        writers.submit(job)
+                    with lock:
+                        stats.data_bytes += written
+                        stats.zero_bytes += zeros
+                    if progress is not None and zeros:
+                        progress(zeros)
             except IntegrityError as exc:
                 raise IntegrityError(f"{where}: {exc}", object=exc.object) from None
             with lock:
                 stats.blobs += len(rng.items)
                 stats.fetched_bytes += rng.end - rng.start
-                stats.data_bytes += written
-                stats.zero_bytes += zeros
-            if progress is not None:
-                progress(written + zeros)
 
-        return work
+        return decode
 
-    if zero_pieces and mask:
-        w = target.writer()
-        for p in zero_pieces:
-            w.zero(p.length, p.offset)
-    stats.zero_bytes += sum(p.length for p in zero_pieces)
-    run_all(ranges, filler, workers=max(1, workers), name="fleece-restore", on_close=repo.backend.cancel)
+    pool: Workers[ReadRange] = Workers(decoder, workers=decoders, name="fleece-restore-read")
+    pool.link(writers)
+    pool.on_close(free.wake)
+    pool.on_close(repo.backend.cancel)
+    with writers, pool:
+        if zero_pieces and mask:
+            for p in zero_pieces:
+                writers.submit(_Write(p.offset, p.length))
+        for rng in ranges:
+            pool.submit(rng)
     return stats
+
+
+def _page_round(n: int) -> int:
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _writes(slot: _Slot, pieces: list[Piece], mask: bool) -> tuple[list[_Write], int, int]:
+    """The writes of every piece using the blob in *slot*: its data runs, and its zero runs when the
+    target must mask them (an overlay); a fresh target already reads zero there, so they stay holes."""
+    jobs: list[_Write] = []
+    written = zeros = 0
+    for p in pieces:
+        view = slot.view[p.skip:p.skip + p.length]
+        for start, end, is_zero in zero_runs(view, p.offset):
+            if is_zero:
+                zeros += end - start
+                if mask:
+                    jobs.append(_Write(p.offset + start, end - start, slot=None))
+            else:
+                written += end - start
+                jobs.append(_Write(p.offset + start, end - start, view[start:end], slot, p.skip + start))
+    return jobs, written, zeros

@@ -53,15 +53,19 @@ from typing import Any
 from fleece.repository import Manifest, Piece, Repository, rundir
 from fleece.repository.errors import FleeceError, UsageError
 
+from .direct import PreallocatedQcow2, RawTarget
 from .fill import FillStats, fill
 from .guard import check_out, refuse_in_use
-from .targets import (FILE_MODE, QemuNbdTarget, RawTarget, RestoreError, create_qcow2, dir_mode, make_dir, make_dirs,
+from .targets import (FILE_MODE, QemuNbdTarget, RestoreError, create_qcow2, dir_mode, make_dir, make_dirs,
                       remove_empty_dirs)
 
 log = logging.getLogger(__name__)
 
 #: name prefix of a restore's run directory in $TMPDIR (qemu-nbd sockets and logs)
 RUN_PREFIX = "fleece-restore-"
+#: a fresh qcow2 (a flat image, a chain's base) is written directly into preallocated metadata when its
+#: data is at least this fraction of its virtual size (see :func:`direct_worthwhile`)
+DIRECT_MIN_DENSITY = 1 / 128
 
 
 @dataclass
@@ -194,6 +198,25 @@ def _stats(total: FillStats, s: FillStats) -> None:
     total.zero_bytes += s.zero_bytes
 
 
+def direct_worthwhile(data_bytes: int, virtual_size: int) -> bool:
+    """Whether a fresh qcow2 is best written directly (:class:`~.direct.PreallocatedQcow2`) rather than
+    through qemu-nbd. Measured here: the direct path saves ~1 ns per data byte (the socket and qemu-nbd's
+    single thread: 4.5 s → 2.5 s for 1.9 GB), while preallocating metadata costs ~6.4 ps per *virtual*
+    byte (create, map and check of a 1 TiB image: 7 s) — break-even near 0.6 % of the disk holding data.
+    A 1 TiB disk with a few GiB of data is therefore served by qemu-nbd, a used one written directly."""
+    return data_bytes >= virtual_size * DIRECT_MIN_DENSITY
+
+
+def _fresh_qcow2(path: Path, size: int, options: dict[str, Any], pieces: list[Piece], mode: int,
+                 run_dir: Path, workers: int) -> Any:
+    """The target of an image that starts empty: written directly when that pays, else via qemu-nbd."""
+    data = sum(p.length for p in pieces if p.blob is not None)
+    if direct_worthwhile(data, size):
+        return PreallocatedQcow2(path, size, options, mode)
+    create_qcow2(path, size, options, mode=mode)
+    return QemuNbdTarget(path, run_dir, workers)
+
+
 def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, run_dir: Path) -> DiskRestore:
     layers = list(reversed(repo.disk_chain(manifest, disk)))  # the full first
     partial = req.out / f".{disk}.partial"
@@ -205,11 +228,15 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
         for i, point in enumerate(layers):
             rec = point.disks[disk]
             image = partial / f"{point.id}.qcow2"
-            create_qcow2(image, rec.virtual_size, rec.qcow2, backing=None if i == 0 else f"{layers[i - 1].id}.qcow2",
-                         mode=_file_mode(req))
-            target = QemuNbdTarget(image, run_dir, req.workers)
+            pieces = [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
+            if i == 0:
+                target = _fresh_qcow2(image, rec.virtual_size, rec.qcow2, pieces, _file_mode(req), run_dir,
+                                      req.workers)
+            else:  # an overlay: only QEMU knows how to leave the rest of it to its backing file
+                create_qcow2(image, rec.virtual_size, rec.qcow2, backing=f"{layers[i - 1].id}.qcow2",
+                             mode=_file_mode(req))
+                target = QemuNbdTarget(image, run_dir, req.workers)
             try:
-                pieces = [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
                 _stats(total, fill(repo, target, pieces, mask=i > 0, workers=req.workers, progress=req.progress,
                                    where=f"restore of VM {manifest.vm} point {point.id} disk {disk}"))
             finally:
@@ -239,8 +266,7 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
         if req.format == "raw":
             target: Any = RawTarget(partial, rec.virtual_size, _file_mode(req))
         else:
-            create_qcow2(partial, rec.virtual_size, rec.qcow2, mode=_file_mode(req))
-            target = QemuNbdTarget(partial, run_dir, req.workers)
+            target = _fresh_qcow2(partial, rec.virtual_size, rec.qcow2, pieces, _file_mode(req), run_dir, req.workers)
         try:
             stats = fill(repo, target, pieces, mask=False, workers=req.workers, progress=req.progress,
                          where=f"restore of VM {manifest.vm} point {manifest.id} disk {disk}")

@@ -136,14 +136,17 @@ def create_file(path: Path, mode: int = FILE_MODE, flags: int = os.O_WRONLY) -> 
 
 
 def create_qcow2(path: Path, size: int, options: dict[str, Any], backing: str | None = None,
-                 mode: int = FILE_MODE) -> None:
-    """A qcow2 like the source (cluster size, compat); *backing* is a name relative to *path*'s directory.
+                 mode: int = FILE_MODE, preallocation: str | None = None) -> None:
+    """A qcow2 like the source (cluster size, compat); *backing* is a name relative to *path*'s directory;
+    *preallocation* ``"metadata"`` for :class:`fleece.restore.direct.PreallocatedQcow2`.
 
     The file is created first, with *mode* (:func:`create_file`): it never exists with broader
     permissions, not even between ``qemu-img``'s ``open`` and a ``chmod``.
     """
     os.close(create_file(path, mode))
     opts = [f"{k}={v}" for k, v in sorted(options.items()) if k in ("cluster_size", "compat")]
+    if preallocation is not None:
+        opts.append(f"preallocation={preallocation}")
     args = ["create", "-q", "-f", "qcow2"]
     if opts:
         args += ["-o", ",".join(opts)]
@@ -334,82 +337,3 @@ class QemuNbdTarget:
         if res.returncode != 0:
             raise RestoreError(f"qemu-nbd had to be killed and {self.image} is inconsistent "
                                f"({res.stdout.strip() or res.stderr.strip()}); run the restore again")
-
-
-class RawWriter:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def pwrite(self, data: memoryview | bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
-
-    def zero(self, length: int, offset: int) -> None:
-        # Restore only masks inside overlays (qcow2); a raw target is fresh and sparse. Still, be correct.
-        block = bytes(min(length, 1 << 20))
-        while length > 0:
-            n = min(length, len(block))
-            self.pwrite(block[:n], offset)
-            offset += n
-            length -= n
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class RawTarget:
-    """A sparse raw file written with ``pwrite`` (no NBD in the way)."""
-
-    def __init__(self, path: Path, size: int, mode: int = FILE_MODE) -> None:
-        self.path = path
-        self.fd = create_file(path, mode, os.O_RDWR)
-        os.ftruncate(self.fd, size)
-
-    def writer(self) -> RawWriter:
-        return RawWriter(self.fd)
-
-    def close(self) -> None:
-        try:
-            os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
-
-
-def write_blob_piece(w: Writer, data: memoryview, offset: int, mask: bool, zero_check: Any) -> tuple[int, int]:
-    """Write *data* at *offset*, skipping (fresh target) or zero-writing (overlay, *mask*) its zero runs.
-
-    Zero detection works on ``ZERO_GRAIN`` blocks aligned to the disk, so an image stays as thin as its
-    source. Returns ``(data bytes written, zero bytes)``.
-    """
-    end = offset + len(data)
-    pos = offset
-    written = zeros = 0
-    run_start, run_zero = offset, None
-    while pos < end:
-        nxt = min(end, (pos // ZERO_GRAIN + 1) * ZERO_GRAIN)
-        is_zero = zero_check(data[pos - offset: nxt - offset])
-        if run_zero is None:
-            run_zero = is_zero
-        elif is_zero != run_zero:
-            written, zeros = _flush_run(w, data, offset, run_start, pos, run_zero, mask, written, zeros)
-            run_start, run_zero = pos, is_zero
-        pos = nxt
-    if run_zero is not None:
-        written, zeros = _flush_run(w, data, offset, run_start, end, run_zero, mask, written, zeros)
-    return written, zeros
-
-
-def _flush_run(w: Writer, data: memoryview, base: int, start: int, end: int, is_zero: bool, mask: bool,
-               written: int, zeros: int) -> tuple[int, int]:
-    if is_zero:
-        if mask:
-            w.zero(end - start, start)
-        return written, zeros + end - start
-    w.pwrite(data[start - base: end - base], start)
-    return written + end - start, zeros

@@ -99,9 +99,28 @@ def test_full_plan_reads_what_the_target_holds_even_where_the_status_says_zero(n
     assert calls == ["between"]
     assert [(j.offset, j.length, j.reads) for j in plan.jobs] == [
         (0, 4 * MiB, [(0, 4 * MiB)]),
-        (4 * MiB, 4 * MiB, [(6 * MiB, MiB)]),  # rescued from the target
-        (12 * MiB, 4 * MiB, [(14 * MiB, 2 * MiB)]),
+        (6 * MiB, MiB, [(6 * MiB, MiB)]),  # rescued from the target; a quarter of its cell: a blob of its own
+        (12 * MiB, 4 * MiB, [(14 * MiB, 2 * MiB)]),  # half of the cell: the whole cell, one blob
         # 56..64 MiB is "hole" without "zero": it may hold data (a backing file), so it is read
         (56 * MiB, 4 * MiB, [(56 * MiB, 4 * MiB)]), (60 * MiB, 4 * MiB, [(60 * MiB, 4 * MiB)])]
     assert plan.rescued_bytes == MiB
     assert plan.read_bytes == 4 * MiB + MiB + 2 * MiB + 8 * MiB
+
+
+def test_a_full_cuts_a_sparse_cell_into_blobs_of_its_data_runs(nbdkit_server) -> None:
+    """A cell holding little data costs what its data costs (not a 4 MiB blob of mostly zeros): one job per
+    run, runs under 1 MiB apart sharing one (so a cell of many tiny runs does not become many tiny blobs);
+    a cell mostly holding data stays one whole-cell job, so it dedups as a cell."""
+    K = 64 << 10
+    table = [(0, K, ""), (K, 7 * K, HOLE_ZERO), (8 * K, K, ""),  # two runs 448 KiB apart: one blob
+             (9 * K, 3 * MiB - 9 * K, HOLE_ZERO), (3 * MiB, K, ""),  # a run > 1 MiB further: a blob of its own
+             (3 * MiB + K, 5 * MiB - K, HOLE_ZERO),
+             (8 * MiB, 3 * MiB, ""), (11 * MiB, SIZE - 11 * MiB, HOLE_ZERO)]  # 3 of 4 MiB: the whole cell
+    live = nbdkit_server(table, "live")
+    target = nbdkit_server([(0, SIZE, HOLE_ZERO)], "target")
+    plan = plan_full(PlanSources(allocation=live, target=target), SIZE, 4 * MiB)
+    assert [(j.offset, j.length, j.reads) for j in plan.jobs] == [
+        (0, 9 * K, [(0, K), (8 * K, K)]),
+        (3 * MiB, K, [(3 * MiB, K)]),
+        (8 * MiB, 4 * MiB, [(8 * MiB, 3 * MiB)])]
+    assert plan.read_bytes == 3 * K + 3 * MiB and plan.dirty_bytes == 3 * K + 3 * MiB
