@@ -315,8 +315,11 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
                                              "directory (--out . if that is what you mean)")
         return text
 
-    p.add_argument("--out", required=True, type=out_dir, metavar="DIR",
-                   help="directory for the restored images")
+    p.add_argument("--out", type=out_dir, metavar="DIR",
+                   help="directory for the restored images (required unless --verify-only)")
+    p.add_argument("--verify-only", action="store_true",
+                   help="read, decode and check everything the restore would write, write nothing, report MB/s "
+                        "(a disaster-recovery drill)")
     p.add_argument("--disk", action="append", metavar="ID", help="restore only this disk (repeatable)")
     p.add_argument("--flat", action="store_true", help="one flat image per disk instead of a qcow2 chain")
     p.add_argument("--format", choices=("qcow2", "raw"), default="qcow2", help="image format with --flat")
@@ -341,19 +344,26 @@ def _restore(args: argparse.Namespace) -> int:
 
     from fleece.restore.restore import RestoreRequest, restore_total, run_restore
 
+    if args.out is None and not args.verify_only:
+        raise UsageError("--out DIR is required: name the directory for the restored images (or pass "
+                         "--verify-only to check the point without writing)")
     bar: Progress | None = None
     try:
         with open_repo(args, workers=args.workers) as repo:
-            bar = Progress("restore", restore_total(repo, args.vm, args.point, args.disk, args.flat), "written")
-            result = run_restore(repo, RestoreRequest(vm=args.vm, out=Path(args.out), point=args.point,
+            bar = Progress("verify" if args.verify_only else "restore",
+                           restore_total(repo, args.vm, args.point, args.disk, args.flat),
+                           "checked" if args.verify_only else "written")
+            result = run_restore(repo, RestoreRequest(vm=args.vm, out=Path(args.out or "."), point=args.point,
                                                       disks=args.disk, flat=args.flat, format=args.format,
                                                       workers=args.workers, force=args.force, progress=bar,
-                                                      mode=args.mode))
+                                                      mode=args.mode, verify_only=args.verify_only))
     finally:
         if bar is not None:
             bar.close()
+    if args.verify_only:
+        return _verified(args, result)
     doc = {"vm": args.vm, "point": result.point.id, "kind": result.point.kind, "mode": "flat" if args.flat else "chain",
-           "seconds": result.seconds,
+           "seconds": result.seconds, "mb_per_s": result.mb_per_s,
            # per disk, "point" is the point holding its newest layer up to the requested one ("in_point": the
            # requested point itself; otherwise a --disk backup left it out, or the disk left the VM)
            "disks": {d.disk: {"path": str(d.path), "layers": [str(p) for p in d.layers], **d.stats,
@@ -367,6 +377,21 @@ def _restore(args: argparse.Namespace) -> int:
             extra = f" (chain of {len(d.layers)})" if not args.flat else ""
             older = "" if d.point == result.point.id else f", as of point {d.point} (not in this point)"
             print(f"  {d.disk}: {d.path}{extra}, {human_bytes(d.stats.get('data_bytes', 0))} written{older}")
+    return 0
+
+
+def _verified(args: argparse.Namespace, result: Any) -> int:
+    """The report of ``restore --verify-only`` (it raised on any damage: reaching here means it restores)."""
+    doc = {"vm": args.vm, "point": result.point.id, "kind": result.point.kind, "mode": "flat" if args.flat else "chain",
+           "verify_only": True, "seconds": result.seconds, "mb_per_s": result.mb_per_s,
+           "disks": {d.disk: {**d.stats, "point": d.point, "in_point": d.point == result.point.id}
+                     for d in result.disks}}
+    if args.json:
+        emit_json(doc)
+    else:
+        plain = sum(d.stats.get("plain_bytes", 0) for d in result.disks)
+        print(f"point {result.point.id} of VM {args.vm} restores: {human_bytes(plain)} read and checked in "
+              f"{result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s), nothing written")
     return 0
 
 
@@ -399,7 +424,8 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"ok": report.ok, "read_data": args.read_data, "points": [p.as_dict() for p in report.points],
                    "repository_problems": report.repository_problems, "damaged_packs": report.damaged_packs,
-                   "blobs_checked": report.blobs_checked, "bytes_read": report.bytes_read})
+                   "blobs_checked": report.blobs_checked, "bytes_read": report.bytes_read,
+                   "seconds": report.seconds, "mb_per_s": report.mb_per_s})
     else:
         for problem in report.repository_problems:
             print(f"DAMAGED {problem}")
@@ -407,7 +433,8 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"{'ok     ' if p.ok else 'DAMAGED'} {p.vm} {p.id}")
             for problem in p.problems:
                 print(f"        {problem}")
-        what = f", {report.blobs_checked} blobs read ({human_bytes(report.bytes_read)})" if args.read_data else ""
+        what = (f", {report.blobs_checked} blobs read ({human_bytes(report.bytes_read)}, {report.mb_per_s:.0f} MB/s)"
+                if args.read_data else "")
         print(f"{len(report.points)} point(s) checked{what}: " + ("all ok" if report.ok else "DAMAGE FOUND"))
     return 0 if report.ok else 1
 

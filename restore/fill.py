@@ -35,7 +35,10 @@ from fleece.repository.workers import WorkQueue, Workers
 from .targets import ZERO_GRAIN, Target
 
 MAX_RANGE = 8 << 20  # one GET: enough to amortise a request, small enough to bound memory per worker
-MAX_GAP = 256 << 10  # read across gaps this small between wanted blobs of a pack
+#: read across gaps between wanted blobs of a pack no larger than this: none. A restore from S3 never
+#: fetches a byte it does not need (blobs a newer layer replaced sit between needed ones in old packs);
+#: the requests a gap costs run in parallel, ``workers`` of them at a time
+MAX_GAP = 0
 SLOTS_PER_WORKER = 2  # decoded blobs per decoder: one being decoded, one being written
 DIRECT_WRITERS = 2  # threads writing a direct target: one waits on the device while the other submits
 
@@ -44,6 +47,7 @@ DIRECT_WRITERS = 2  # threads writing a direct target: one waits on the device w
 class FillStats:
     blobs: int = 0
     fetched_bytes: int = 0  # compressed bytes read from the repository
+    plain_bytes: int = 0  # bytes decoded and checked (each blob once)
     data_bytes: int = 0  # bytes written to the target
     zero_bytes: int = 0  # bytes of zeros skipped or written as zero clusters
 
@@ -80,6 +84,29 @@ class _Write:
     data: memoryview | None = None
     slot: _Slot | None = None
     slot_offset: int = 0
+
+
+class NullTarget:
+    """A target that keeps nothing: ``restore --verify-only`` decodes and checks every blob a restore
+    would write, at a restore's speed, without a byte written (a DR drill's timing, or a check that
+    a point restores, on a host with no room for the images)."""
+
+    direct_writes = False
+
+    def writer(self) -> NullTarget:
+        return self
+
+    def pwrite(self, data: memoryview | bytes, offset: int) -> None:
+        pass
+
+    def zero(self, length: int, offset: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _is_zero(view: memoryview) -> bool:
@@ -182,6 +209,7 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
             with lock:
                 stats.blobs += len(rng.items)
                 stats.fetched_bytes += rng.end - rng.start
+                stats.plain_bytes += sum(loc.raw_length for _, loc in rng.items)
 
         return decode
 
