@@ -326,6 +326,9 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=workers_count, default=4, metavar="N",
                    help="parallel fetches and NBD writers (default 4)")
     p.add_argument("--force", action="store_true", help="replace existing images in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted restore of the same point into the same --out, skipping what it "
+                        "wrote already (without it, its leftovers are removed and the restore starts over)")
 
     def octal_mode(text: str) -> int:
         from fleece.restore.restore import check_mode
@@ -356,7 +359,8 @@ def _restore(args: argparse.Namespace) -> int:
             result = run_restore(repo, RestoreRequest(vm=args.vm, out=Path(args.out or "."), point=args.point,
                                                       disks=args.disk, flat=args.flat, format=args.format,
                                                       workers=args.workers, force=args.force, progress=bar,
-                                                      mode=args.mode, verify_only=args.verify_only))
+                                                      mode=args.mode, verify_only=args.verify_only,
+                                                      resume=args.resume))
     finally:
         if bar is not None:
             bar.close()
@@ -364,6 +368,7 @@ def _restore(args: argparse.Namespace) -> int:
         return _verified(args, result)
     doc = {"vm": args.vm, "point": result.point.id, "kind": result.point.kind, "mode": "flat" if args.flat else "chain",
            "seconds": result.seconds, "mb_per_s": result.mb_per_s,
+           "resumed_bytes": sum(d.stats.get("resumed_bytes", 0) for d in result.disks),
            # per disk, "point" is the point holding its newest layer up to the requested one ("in_point": the
            # requested point itself; otherwise a --disk backup left it out, or the disk left the VM)
            "disks": {d.disk: {"path": str(d.path), "layers": [str(p) for p in d.layers], **d.stats,

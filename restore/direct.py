@@ -117,6 +117,10 @@ class DirectFile:
             offset += n
             length -= n
 
+    def sync(self) -> None:
+        """Make every write returned so far durable (both descriptors are one inode: one fdatasync)."""
+        os.fdatasync(self._fd)
+
     def close(self) -> None:
         """Make the bytes durable (one fsync: both descriptors are one inode) and close."""
         try:
@@ -140,7 +144,7 @@ class _Handle:
         self.file.zero(length, offset)
 
     def flush(self) -> None:
-        pass
+        self.file.sync()
 
     def close(self) -> None:
         pass
@@ -151,14 +155,22 @@ class RawTarget:
 
     direct_writes = True  #: restore may hand it page-aligned buffers' views (see fill)
 
-    def __init__(self, path: Path, size: int, mode: int = FILE_MODE) -> None:
+    def __init__(self, path: Path, size: int, mode: int = FILE_MODE, *, existing: bool = False) -> None:
         self.path = path
-        fd = create_file(path, mode, os.O_RDWR)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+        if not existing:
+            fd = create_file(path, mode, os.O_RDWR)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        elif not path.is_file() or path.is_symlink() or path.stat().st_size != size:
+            raise RestoreError(f"{path} is not the sparse raw image of {size} bytes a restore was writing")
         self.file = DirectFile(path)
+
+    @classmethod
+    def reopen(cls, path: Path, size: int) -> RawTarget:
+        """The raw image an interrupted restore was writing (``--resume``)."""
+        return cls(path, size, existing=True)
 
     def writer(self) -> _Handle:
         return _Handle(self.file)
@@ -172,10 +184,20 @@ class PreallocatedQcow2:
 
     direct_writes = True
 
-    def __init__(self, path: Path, size: int, options: dict[str, Any], mode: int = FILE_MODE) -> None:
+    def __init__(self, path: Path, size: int, options: dict[str, Any], mode: int = FILE_MODE, *,
+                 existing: bool = False) -> None:
         self.path = path
-        create_qcow2(path, size, options, mode=mode, preallocation="metadata")
+        if not existing:
+            create_qcow2(path, size, options, mode=mode, preallocation="metadata")
+        elif path.is_symlink() or not path.is_file():
+            raise RestoreError(f"{path} is not the image a restore was writing")
         self.file = DirectFile(path, guest_to_host(path, size))
+
+    @classmethod
+    def reopen(cls, path: Path, size: int) -> PreallocatedQcow2:
+        """The image an interrupted restore was writing (``--resume``): its metadata is QEMU's, untouched
+        since ``qemu-img create`` (fleece only writes data), so it is as consistent as it was then."""
+        return cls(path, size, {}, existing=True)
 
     def writer(self) -> _Handle:
         return _Handle(self.file)

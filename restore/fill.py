@@ -14,8 +14,9 @@ of decoding *plus* writing. Why pooled buffers: a fresh 4 MiB ``bytes`` per blob
 and page-aligned memory is what ``O_DIRECT`` writes need (:mod:`.direct`).
 
 Memory is bounded whatever the disk size: ``workers`` range reads of at most :data:`MAX_RANGE` bytes,
-and :data:`SLOTS_PER_WORKER` buffers of one blob per decoder (blobs are at most the repository's chunk
-size); the writer queue holds views into those buffers, never copies.
+and one buffer of one blob per decoder plus :data:`WRITE_SLOTS` being written (blobs are at most the
+repository's chunk size); the writer queue holds views into those buffers, never copies. With the
+defaults (4 workers, 4 MiB chunks): 32 + 24 MiB, whatever the disk size.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ MAX_RANGE = 8 << 20  # one GET: enough to amortise a request, small enough to bo
 #: fetches a byte it does not need (blobs a newer layer replaced sit between needed ones in old packs);
 #: the requests a gap costs run in parallel, ``workers`` of them at a time
 MAX_GAP = 0
-SLOTS_PER_WORKER = 2  # decoded blobs per decoder: one being decoded, one being written
+WRITE_SLOTS = 2  # decoded blobs waiting for (or in) the writers, beyond one per decoder
 DIRECT_WRITERS = 2  # threads writing a direct target: one waits on the device while the other submits
 
 
@@ -48,6 +49,7 @@ class FillStats:
     blobs: int = 0
     fetched_bytes: int = 0  # compressed bytes read from the repository
     plain_bytes: int = 0  # bytes decoded and checked (each blob once)
+    resumed_bytes: int = 0  # bytes of pieces an interrupted restore wrote already (skipped: --resume)
     data_bytes: int = 0  # bytes written to the target
     zero_bytes: int = 0  # bytes of zeros skipped or written as zero clusters
 
@@ -74,16 +76,34 @@ class _Slot:
             self.pool.put(self)
 
 
+class _Pending:
+    """The writes of one range read still to be done; the range is durable-to-be once they all are."""
+
+    __slots__ = ("key", "left", "bytes")
+
+    def __init__(self, key: str, left: int, nbytes: int) -> None:
+        self.key = key
+        self.left = left
+        self.bytes = nbytes
+
+
 @dataclass
 class _Write:
     """One write of the writer stage: *data* (a view into *slot*, at *slot_offset* of it) at *offset*;
-    ``data is None``: *length* zeros to write (masking an overlay's backing file)."""
+    ``data is None``: *length* zeros to write (masking an overlay's backing file). *pending*: the range
+    read it belongs to (for the resume journal)."""
 
     offset: int
     length: int
     data: memoryview | None = None
     slot: _Slot | None = None
     slot_offset: int = 0
+    pending: _Pending | None = None
+
+
+def range_key(rng: ReadRange) -> str:
+    """A range read's name in the resume journal: a pack never changes, so the same key is the same blobs."""
+    return f"{rng.pack}:{rng.start}:{rng.end}"
 
 
 class NullTarget:
@@ -132,9 +152,18 @@ def zero_runs(data: memoryview, offset: int) -> Iterator[tuple[int, int, bool]]:
         yield run_start, end, run_zero
 
 
+#: ``checkpoint(keys)``: the range reads *keys* are written and flushed — record them (the resume journal)
+Checkpoint = Callable[[list[str]], None]
+
+
 def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, workers: int,
-         progress: Callable[[int], None] | None = None, where: str = "") -> FillStats:
-    """Write *pieces* into *target*. *mask*: the target is an overlay (zeros must hide older data)."""
+         progress: Callable[[int], None] | None = None, where: str = "", skip: set[str] | None = None,
+         checkpoint: Checkpoint | None = None, checkpoint_bytes: int = 256 << 20) -> FillStats:
+    """Write *pieces* into *target*. *mask*: the target is an overlay (zeros must hide older data).
+
+    Resuming (:mod:`.journal`): range reads named in *skip* are durable in the target already and are not
+    read again; *checkpoint* is called, from a writer thread, with the range reads completed since the last
+    call, after the target was flushed, every *checkpoint_bytes* of data."""
     stats = FillStats()
     lock = threading.Lock()
     uses: dict[bytes, list[Piece]] = {}
@@ -149,12 +178,46 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
     except IntegrityError as exc:  # the same error, said where (its object stays: scripts act on it)
         raise IntegrityError(f"{where}: {exc}", object=exc.object) from None
     stats.zero_bytes += sum(p.length for p in zero_pieces)
+    if skip:
+        kept = [r for r in ranges if range_key(r) not in skip]
+        for r in ranges:
+            if range_key(r) in skip:
+                stats.resumed_bytes += sum(p.length for blob, _ in r.items for p in uses[blob])
+        if progress is not None and stats.resumed_bytes:
+            progress(stats.resumed_bytes)
+        ranges = kept
     if not ranges and not (zero_pieces and mask):
         return stats
+    completed: list[str] = []
+    since = [0]  # data bytes completed since the last checkpoint
+    ckpt = threading.Lock()
+
+    def done(pending: _Pending, w: object | None) -> None:
+        """*pending* lost one write; when it has none left, its range joins the next checkpoint, which a
+        writer (*w*, whose connection flushes the target) takes once enough data is complete."""
+        with lock:
+            pending.left -= 1
+            if pending.left:
+                return
+            completed.append(pending.key)
+            since[0] += pending.bytes
+            due = checkpoint is not None and w is not None and since[0] >= checkpoint_bytes
+        if due:
+            take_checkpoint(w)
+
+    def take_checkpoint(w: object) -> None:
+        assert checkpoint is not None
+        with ckpt:  # one at a time: flush first, then the journal line (never ahead of the disk)
+            with lock:
+                keys, since[0] = list(completed), 0
+                completed.clear()
+            if keys:
+                w.flush()  # type: ignore[attr-defined]
+                checkpoint(keys)
     decoders = max(1, min(workers, len(ranges)))
     direct = getattr(target, "direct_writes", False)
     blob_size = max((loc.raw_length for r in ranges for _, loc in r.items), default=0)
-    free: WorkQueue[_Slot] = WorkQueue(max(1, decoders * SLOTS_PER_WORKER))
+    free: WorkQueue[_Slot] = WorkQueue(decoders + WRITE_SLOTS)
     for _ in range(free.maxsize if blob_size else 0):
         free.put(_Slot(_page_round(blob_size), free))
 
@@ -172,6 +235,8 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
             finally:
                 if job.slot is not None:
                     job.slot.release()
+            if job.pending is not None:
+                done(job.pending, w)
             if progress is not None and job.slot is not None:
                 progress(job.length)
 
@@ -182,6 +247,9 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
 
     def decoder() -> Callable[[ReadRange], None]:
         def decode(rng: ReadRange) -> None:
+            # one write more than the range makes, dropped when its last job is queued: the range cannot
+            # complete while its writes are still being queued
+            pending = _Pending(range_key(rng), 1, 0)
             try:
                 data = memoryview(repo.read_range(rng.pack, rng.start, rng.end - rng.start))
                 for blob, loc in rng.items:
@@ -197,7 +265,11 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
                     slot.hold(held)
                     if not held:
                         free.put(slot)
+                    with lock:
+                        pending.left += len(jobs)
+                        pending.bytes += written
                     for job in jobs:
+                        job.pending = pending
                         writers.submit(job)
                     with lock:
                         stats.data_bytes += written
@@ -210,6 +282,7 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
                 stats.blobs += len(rng.items)
                 stats.fetched_bytes += rng.end - rng.start
                 stats.plain_bytes += sum(loc.raw_length for _, loc in rng.items)
+            done(pending, None)  # the extra write: the range completes when its last real write does
 
         return decode
 

@@ -51,13 +51,15 @@ from pathlib import Path
 from typing import Any
 
 from fleece.repository import Manifest, Piece, Repository, rundir
-from fleece.repository.errors import FleeceError, UsageError
+from fleece.repository.errors import FleeceError, Interrupted, TransientBackendError, UsageError
 
 from .direct import PreallocatedQcow2, RawTarget
 from .fill import FillStats, NullTarget, fill
+from . import journal as journal_mod
+from .journal import Journal
 from .guard import check_out, refuse_in_use
 from .targets import (FILE_MODE, QemuNbdTarget, RestoreError, create_qcow2, dir_mode, make_dir, make_dirs,
-                      remove_empty_dirs)
+                      remove_empty_dirs, repair_leaks)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ class RestoreRequest:
     mode: int | None = None  # of the image files; None: 0600 (directories: see dir_mode), see the module doc
     #: decode and check what the restore would write, write nothing (``out`` unused): :func:`verify_restore`
     verify_only: bool = False
+    #: continue an interrupted restore into the same ``out`` (:mod:`.journal`) instead of starting over
+    resume: bool = False
 
 
 def check_mode(mode: int) -> int:
@@ -143,16 +147,29 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
     made = make_dirs(req.out, dir_mode(_file_mode(req)))
     run_dir: Path | None = None
     results: list[DiskRestore] = []
+    installed: list[str] = []
     try:
         run_dir = rundir.make_run_dir(Path(tempfile.gettempdir()), RUN_PREFIX)
         for d in disks:
             results.append((_flat if req.flat else _chain)(repo, req, view[d], d, run_dir))
-    except BaseException:
-        # All or nothing: a VM restored up to its third disk must not pass for a restored VM (and the
-        # retry must not trip over "already exists"). Each disk's own partial files are gone already.
         for done in results:
-            for path in _outputs(req, done.disk):
+            _install(req, done, view[done.disk])
+            installed.append(done.disk)
+    except BaseException as exc:
+        # All or nothing: a VM restored up to its third disk must not pass for a restored VM (and the
+        # retry must not trip over "already exists"). An interruption keeps the partial images and their
+        # journals for `--resume`; any other failure removes them.
+        keep = isinstance(exc, RESUMABLE) and not installed
+        for d in installed:
+            for path in _outputs(req, d):
                 _remove(path)
+        if keep:
+            log.warning("restore interrupted: what it wrote is kept in %s (hidden .partial files); run the same "
+                        "restore with --resume to continue, without it to start over", req.out)
+        else:
+            for d in disks:
+                for path in [*_partials(req, d), req.out / f".{d}.resume"]:
+                    _remove(path)
         remove_empty_dirs(made)
         raise
     finally:
@@ -200,6 +217,11 @@ def _outputs(req: RestoreRequest, disk: str) -> list[Path]:
     if req.flat:
         return [req.out / f"{disk}.{req.format}"]
     return [req.out / f"{disk}.qcow2", req.out / disk]
+
+
+#: failures after which a restore keeps what it wrote, for ``--resume``: an interruption by the user or
+#: the storage going away — not damage, a refusal or a bad target, which a second try would meet again
+RESUMABLE = (KeyboardInterrupt, Interrupted, TransientBackendError)
 
 
 def _partials(req: RestoreRequest, disk: str) -> list[Path]:
@@ -254,69 +276,137 @@ def _fresh_qcow2(path: Path, size: int, options: dict[str, Any], pieces: list[Pi
     return QemuNbdTarget(path, run_dir, workers)
 
 
+def _journal(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str) -> tuple[Journal, bool]:
+    """This disk's resume journal: continued with ``--resume`` if it is this very restore's."""
+    header = {"repository": repo.config.id, "vm": manifest.vm, "point": manifest.id, "disk": disk,
+              "mode": "flat" if req.flat else "chain", "format": req.format}
+    return Journal.start(req.out / f".{disk}.resume", header, req.resume, _file_mode(req))
+
+
+def _layer(repo: Repository, req: RestoreRequest, journal: Journal, layer: str, image: Path, pieces: list[Piece],
+           make: Callable[[], Any], reopen: Callable[[], Any], mask: bool, where: str) -> FillStats:
+    """Write one image (a layer, or a flat image) through the journal: skipped when it is complete, its
+    durable ranges skipped when it can be reopened, made anew otherwise."""
+    if journal.complete(layer) and image.exists():
+        log.info("%s: complete already (resumed)", image.name)
+        resumed = sum(p.length for p in pieces if p.blob is not None)
+        if req.progress is not None:
+            req.progress(resumed)
+        return FillStats(resumed_bytes=resumed)
+    target = None
+    if req.resume and image.exists() and journal.done(layer):
+        try:
+            target = reopen()
+            log.info("%s: resuming, %d range read(s) written already", image.name, len(journal.done(layer)))
+        except RestoreError as exc:
+            log.warning("%s cannot be continued (%s): making it anew", image, exc)
+    if target is None:
+        journal.reset(layer)
+        _remove(image)
+        target = make()
+    try:
+        stats = fill(repo, target, pieces, mask=mask, workers=req.workers, progress=req.progress, where=where,
+                     skip=journal.done(layer), checkpoint=lambda keys: journal.record(layer, keys),
+                     checkpoint_bytes=journal_mod.CHECKPOINT_BYTES)
+    finally:
+        target.close()
+    journal.finish(layer)
+    return stats
+
+
 def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, run_dir: Path) -> DiskRestore:
+    """Build *disk*'s chain in ``DIR/.<disk>.partial/`` (installed by :func:`_install`)."""
     layers = list(reversed(repo.disk_chain(manifest, disk)))  # the full first
     partial = req.out / f".{disk}.partial"
+    journal, resumed = _journal(repo, req, manifest, disk)
     for p in _partials(req, disk):
-        _remove(p)
-    make_dir(partial, dir_mode(_file_mode(req)))
+        if not (resumed and p == partial):
+            _remove(p)
+    if not partial.is_dir():
+        _remove(partial)
+        make_dir(partial, dir_mode(_file_mode(req)))
     total = FillStats()
-    try:
-        for i, point in enumerate(layers):
-            rec = point.disks[disk]
-            image = partial / f"{point.id}.qcow2"
-            pieces = [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
-            if i == 0:
-                target = _fresh_qcow2(image, rec.virtual_size, rec.qcow2, pieces, _file_mode(req), run_dir,
-                                      req.workers)
-            else:  # an overlay: only QEMU knows how to leave the rest of it to its backing file
+    for i, point in enumerate(layers):
+        rec = point.disks[disk]
+        image = partial / f"{point.id}.qcow2"
+        pieces = [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
+        if i == 0:
+            def make(image: Path = image, rec: Any = rec, pieces: list[Piece] = pieces) -> Any:
+                return _fresh_qcow2(image, rec.virtual_size, rec.qcow2, pieces, _file_mode(req), run_dir, req.workers)
+
+            def reopen(image: Path = image, rec: Any = rec, pieces: list[Piece] = pieces) -> Any:
+                return _reopen_qcow2(image, rec.virtual_size, pieces, run_dir, req.workers)
+        else:  # an overlay: only QEMU knows how to leave the rest of it to its backing file
+            def make(image: Path = image, rec: Any = rec, i: int = i) -> Any:
                 create_qcow2(image, rec.virtual_size, rec.qcow2, backing=f"{layers[i - 1].id}.qcow2",
                              mode=_file_mode(req))
-                target = QemuNbdTarget(image, run_dir, req.workers)
-            try:
-                _stats(total, fill(repo, target, pieces, mask=i > 0, workers=req.workers, progress=req.progress,
-                                   where=f"restore of VM {manifest.vm} point {point.id} disk {disk}"))
-            finally:
-                target.close()
-        top = req.out / f"{disk}.qcow2"
-        refuse_in_use(_outputs(req, disk))  # a VM may have started on them while this disk was fetched
-        for p in _outputs(req, disk):
-            _remove(p)
-        partial.rename(req.out / disk)
-        create_qcow2(top, layers[-1].disks[disk].virtual_size, layers[-1].disks[disk].qcow2,
-                     backing=f"{disk}/{layers[-1].id}.qcow2", mode=_file_mode(req))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    log.info("disk %s: restored a chain of %d layer(s) into %s", disk, len(layers), req.out / disk)
-    return DiskRestore(disk, top, [req.out / disk / f"{p.id}.qcow2" for p in layers], total.__dict__, manifest.id)
+                return QemuNbdTarget(image, run_dir, req.workers)
+
+            def reopen(image: Path = image) -> Any:
+                return _reopen_nbd(image, run_dir, req.workers)
+        _stats(total, _layer(repo, req, journal, point.id, image, pieces, make, reopen, mask=i > 0,
+                             where=f"restore of VM {manifest.vm} point {point.id} disk {disk}"))
+    log.info("disk %s: restored a chain of %d layer(s)", disk, len(layers))
+    return DiskRestore(disk, req.out / f"{disk}.qcow2", [req.out / disk / f"{p.id}.qcow2" for p in layers],
+                       total.__dict__, manifest.id)
 
 
 def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, run_dir: Path) -> DiskRestore:
+    """Build *disk*'s flat image as ``DIR/.<disk>.<format>.partial`` (installed by :func:`_install`)."""
     rec = manifest.disks[disk]
     pieces = repo.resolve(manifest, disk)
-    final = req.out / f"{disk}.{req.format}"
     partial = req.out / f".{disk}.{req.format}.partial"
+    journal, resumed = _journal(repo, req, manifest, disk)
     for p in _partials(req, disk):
-        _remove(p)
-    try:
-        if req.format == "raw":
-            target: Any = RawTarget(partial, rec.virtual_size, _file_mode(req))
-        else:
-            target = _fresh_qcow2(partial, rec.virtual_size, rec.qcow2, pieces, _file_mode(req), run_dir, req.workers)
-        try:
-            stats = fill(repo, target, pieces, mask=False, workers=req.workers, progress=req.progress,
-                         where=f"restore of VM {manifest.vm} point {manifest.id} disk {disk}")
-        finally:
-            target.close()
-        refuse_in_use([final])  # a VM may have started on it while this disk was fetched
-        if final.exists():
-            _remove(final)
-        partial.rename(final)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        if not (resumed and p == partial):
+            _remove(p)
+    if req.format == "raw":
+        def make() -> Any:
+            return RawTarget(partial, rec.virtual_size, _file_mode(req))
+
+        def reopen() -> Any:
+            return RawTarget.reopen(partial, rec.virtual_size)
+    else:
+        def make() -> Any:
+            return _fresh_qcow2(partial, rec.virtual_size, rec.qcow2, pieces, _file_mode(req), run_dir, req.workers)
+
+        def reopen() -> Any:
+            return _reopen_qcow2(partial, rec.virtual_size, pieces, run_dir, req.workers)
+    stats = _layer(repo, req, journal, manifest.id, partial, pieces, make, reopen, mask=False,
+                   where=f"restore of VM {manifest.vm} point {manifest.id} disk {disk}")
+    final = req.out / f"{disk}.{req.format}"
     return DiskRestore(disk, final, [final], stats.__dict__, manifest.id)
+
+
+def _reopen_qcow2(path: Path, size: int, pieces: list[Piece], run_dir: Path, workers: int) -> Any:
+    """The target of an interrupted fresh qcow2, as :func:`_fresh_qcow2` chose it."""
+    if direct_worthwhile(sum(p.length for p in pieces if p.blob is not None), size):
+        return PreallocatedQcow2.reopen(path, size)
+    return _reopen_nbd(path, run_dir, workers)
+
+
+def _reopen_nbd(path: Path, run_dir: Path, workers: int) -> QemuNbdTarget:
+    """An interrupted image that qemu-nbd wrote: consistent (its killed qemu-nbd may have leaked clusters,
+    which are freed; anything worse and it is made anew), then served again."""
+    repair_leaks(path)
+    return QemuNbdTarget(path, run_dir, workers)
+
+
+def _install(req: RestoreRequest, done: DiskRestore, manifest: Manifest) -> None:
+    """Move one built disk into place: the final names appear only now, all disks built. *manifest*:
+    the point of the disk's newest layer (the chain's top overlay is made like it)."""
+    disk = done.disk
+    refuse_in_use(_outputs(req, disk))  # a VM may have started on them while the disks were fetched
+    for p in _outputs(req, disk):
+        _remove(p)
+    if req.flat:
+        (req.out / f".{disk}.{req.format}.partial").rename(req.out / f"{disk}.{req.format}")
+    else:
+        (req.out / f".{disk}.partial").rename(req.out / disk)
+        rec = manifest.disks[disk]
+        create_qcow2(req.out / f"{disk}.qcow2", rec.virtual_size, rec.qcow2, backing=f"{disk}/{manifest.id}.qcow2",
+                     mode=_file_mode(req))
+    (req.out / f".{disk}.resume").unlink(missing_ok=True)
 
 
 def restore_total(repo: Repository, vm: str, point: str | None, disks: list[str] | None, flat: bool) -> int | None:

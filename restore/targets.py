@@ -327,13 +327,21 @@ class QemuNbdTarget:
         return None
 
     def _check_after_kill(self) -> None:
-        def check(*repair: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["qemu-img", "check", "-q", *repair, "-f", "qcow2", str(self.image)],
-                                  capture_output=True, text=True)
+        try:
+            repair_leaks(self.image)
+        except RestoreError as exc:
+            raise RestoreError(f"qemu-nbd had to be killed and {exc}; run the restore again") from None
 
-        res = check()
-        if res.returncode == 3:  # only leaked clusters: free them
-            res = check("-r", "leaks")
-        if res.returncode != 0:
-            raise RestoreError(f"qemu-nbd had to be killed and {self.image} is inconsistent "
-                               f"({res.stdout.strip() or res.stderr.strip()}); run the restore again")
+
+def repair_leaks(image: Path) -> None:
+    """Accept a qcow2 that a killed qemu-nbd wrote if ``qemu-img check`` finds it consistent; leaked
+    clusters (harmless: space the metadata no longer references) are freed, anything worse is an error."""
+    def check(*repair: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["qemu-img", "check", "-q", *repair, "-f", "qcow2", str(image)],
+                              capture_output=True, text=True)
+
+    res = check()
+    if res.returncode == 3:  # only leaked clusters: free them
+        res = check("-r", "leaks")
+    if res.returncode != 0:
+        raise RestoreError(f"{image} is inconsistent ({res.stdout.strip() or res.stderr.strip()})")

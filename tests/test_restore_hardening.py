@@ -239,7 +239,11 @@ def test_sigkilled_restore_takes_its_qemu_nbd_along_and_the_next_one_cleans_up(w
         identical(out / f"{disk}.qcow2", ref)
 
 
-def test_interrupted_restore_removes_the_out_it_made(world: World, tmp_path: Path) -> None:
+def test_interrupted_restore_keeps_only_hidden_partials_and_resume_completes_it(world: World,
+                                                                                tmp_path: Path) -> None:
+    """SIGTERM (Ctrl-C alike) mid-restore: no image under a final name, only the hidden partial images
+    and their journals (issue #13: resumable); qemu-nbd and the run directory go. ``--resume`` then
+    finishes the very same images bit-exact and leaves no leftovers."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     out = tmp_path / "made" / "by" / "restore"
@@ -256,10 +260,18 @@ def test_interrupted_restore_removes_the_out_it_made(world: World, tmp_path: Pat
             proc.kill()
             proc.wait()
     assert proc.returncode == 1, stderr
-    assert "interrupted" in stderr
+    assert "interrupted" in stderr and "--resume" in stderr
     assert not _alive_nbd(nbd)
-    assert not (tmp_path / "made").exists(), list((tmp_path / "made").rglob("*"))
     assert not list(tmp.iterdir())
+    left = sorted(p.name for p in out.iterdir())
+    assert left and all(name.startswith(".") for name in left), left
+    assert any(name.endswith(".resume") for name in left), left
+    p = subprocess.run([FLEECE, "restore", "--repo", str(world.repo_dir), "--vm", "hardvm", "--out", str(out),
+                        "--resume", "--json"], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    assert p.returncode == 0, p.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["vda", "vda.qcow2", "vdb", "vdb.qcow2"]  # no leftovers
+    for disk, ref in world.refs.items():
+        identical(out / f"{disk}.qcow2", ref)
 
 
 def test_failed_restore_removes_the_out_it_made_and_keeps_one_it_did_not(world: World, tmp_path: Path) -> None:
