@@ -132,7 +132,8 @@ def _run(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
 #: What an interrupted command leaves (each unwinds before it exits).
 INTERRUPTED = {
     "backup": "interrupted; everything was rolled back (the VM keeps running, no point was written)",
-    "restore": "interrupted; the images this restore had begun were removed",
+    "restore": "interrupted; no image was put in place: run the same restore with --resume to continue it "
+               "(its partial images are kept in --out), or without to start over",
     "init": "interrupted",
     "key": "interrupted; a key slot already added stays ('fleece key list' shows the slots)",
     "forget": "interrupted; the points already removed are gone, every other point is intact (run forget again)",
