@@ -361,13 +361,14 @@ def _restore(args: argparse.Namespace) -> int:
                                                       workers=args.workers, force=args.force, progress=bar,
                                                       mode=args.mode, verify_only=args.verify_only,
                                                       resume=args.resume))
+            requests = repo.requests()
     finally:
         if bar is not None:
             bar.close()
     if args.verify_only:
-        return _verified(args, result)
+        return _verified(args, result, requests)
     doc = {"vm": args.vm, "point": result.point.id, "kind": result.point.kind, "mode": "flat" if args.flat else "chain",
-           "seconds": result.seconds, "mb_per_s": result.mb_per_s,
+           "seconds": result.seconds, "mb_per_s": result.mb_per_s, "backend_requests": requests,
            "resumed_bytes": sum(d.stats.get("resumed_bytes", 0) for d in result.disks),
            # per disk, "point" is the point holding its newest layer up to the requested one ("in_point": the
            # requested point itself; otherwise a --disk backup left it out, or the disk left the VM)
@@ -385,10 +386,10 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verified(args: argparse.Namespace, result: Any) -> int:
+def _verified(args: argparse.Namespace, result: Any, requests: dict[str, int]) -> int:
     """The report of ``restore --verify-only`` (it raised on any damage: reaching here means it restores)."""
     doc = {"vm": args.vm, "point": result.point.id, "kind": result.point.kind, "mode": "flat" if args.flat else "chain",
-           "verify_only": True, "seconds": result.seconds, "mb_per_s": result.mb_per_s,
+           "verify_only": True, "seconds": result.seconds, "mb_per_s": result.mb_per_s, "backend_requests": requests,
            "disks": {d.disk: {**d.stats, "point": d.point, "in_point": d.point == result.point.id}
                      for d in result.disks}}
     if args.json:

@@ -149,6 +149,43 @@ def test_restored_images_are_thin_and_zeros_mask_older_data(chain: Chain, tmp_pa
     assert "Pattern verification failed" not in p.stdout and p.returncode == 0
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "chain"])
+def test_a_restore_fetches_exactly_the_bytes_of_the_blobs_it_needs(chain: Chain, tmp_path: Path, flat: bool) -> None:
+    """Issue #13: a restore from S3 never reads a byte of a pack it does not need — not the blobs a newer
+    layer replaced that sit between needed ones, not a blob twice. Its ranged reads add up to exactly the
+    stored length of each distinct blob it writes, and it reads no pack whole."""
+    repo = Repository.open(str(chain.repo_dir))
+    last = chain.points[-1]
+    res = run_restore(repo, RestoreRequest(vm="testvm", out=tmp_path, point=last.id, flat=flat, workers=3))
+    index = repo.load_index()
+    for d in res.disks:
+        top = repo.manifest("testvm", d.point)  # the point holding the disk's newest layer
+        if flat:
+            needed = {p.blob for p in repo.resolve(top, d.disk) if p.blob is not None}
+        else:
+            needed = {b for m in repo.disk_chain(top, d.disk) for _, _, b in m.disks[d.disk].extents if b is not None}
+        assert d.stats["fetched_bytes"] == sum(index.lookup(b).length for b in needed), d.disk
+        assert d.stats["blobs"] == len(needed)
+
+
+def test_restore_verify_only_checks_what_the_restore_writes_and_writes_nothing(chain: Chain, tmp_path: Path) -> None:
+    """``restore --verify-only``: the same blobs as the restore, decoded and checked, nothing made; a
+    damaged blob fails it like the restore."""
+    out = tmp_path / "never"
+    p = fleece("restore", "--repo", str(chain.repo_dir), "--vm", "testvm", "--flat", "--verify-only", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["verify_only"] is True and doc["mb_per_s"] > 0 and not out.exists()
+    repo = Repository.open(str(chain.repo_dir))
+    for disk in ("vda", "vdb"):
+        needed = {q.blob for q in repo.resolve(chain.points[-1], disk) if q.blob is not None}
+        assert doc["disks"][disk]["blobs"] == len(needed)
+        st = doc["disks"][disk]  # every byte the flat view describes, found data or zero
+        assert st["data_bytes"] + st["zero_bytes"] == sum(q.length for q in repo.resolve(chain.points[-1], disk))
+    p = fleece("restore", "--repo", str(chain.repo_dir), "--vm", "testvm", "--json")
+    assert p.returncode == 2 and "--verify-only" in json.loads(p.stdout)["error"]["message"]
+
+
 def test_flatten_the_chain_with_qemu_img(chain: Chain, tmp_path: Path) -> None:
     repo = Repository.open(str(chain.repo_dir))
     run_restore(repo, RestoreRequest(vm="testvm", out=tmp_path / "c"))
