@@ -57,7 +57,10 @@ class DirectFile:
 
     def __init__(self, path: Path, extents: list[tuple[int, int, int]] | None = None) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise RestoreError(f"cannot open {path}: {exc.strerror}", object=str(path)) from None
         self._direct: int | None = None
         try:
             self._direct = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECT)

@@ -253,6 +253,7 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
             try:
                 data = memoryview(repo.read_range(rng.pack, rng.start, rng.end - rng.start))
                 for blob, loc in rng.items:
+                    _check_pieces(blob, loc.raw_length, uses[blob])
                     slot = free.get(cancel=pool)
                     try:
                         repo.decode_into(blob, loc, data[loc.offset - rng.start:loc.offset - rng.start + loc.length],
@@ -301,6 +302,15 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
 
 def _page_round(n: int) -> int:
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _check_pieces(blob: bytes, length: int, pieces: list[Piece]) -> None:
+    """A piece never reads past its blob: the pooled buffer holds another blob's bytes there."""
+    for p in pieces:
+        if p.skip + p.length > length:
+            raise IntegrityError(f"the manifest takes bytes {p.skip}..{p.skip + p.length} of blob {blob.hex()} "
+                                 f"(at disk offset {p.offset}), which holds {length}: the point's manifest is "
+                                 "damaged; run 'fleece verify'")
 
 
 def _writes(slot: _Slot, pieces: list[Piece], mask: bool) -> tuple[list[_Write], int, int]:
