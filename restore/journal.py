@@ -124,9 +124,13 @@ class Journal:
         self._complete.discard(layer)
 
     def _append(self, entry: dict[str, Any]) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+            end = os.fstat(fd).st_size
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                line = b"\n" + line  # after a torn line (a killed append): never merge with it
+            os.write(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -255,6 +255,7 @@ def _stats(total: FillStats, s: FillStats) -> None:
     total.data_bytes += s.data_bytes
     total.zero_bytes += s.zero_bytes
     total.plain_bytes += s.plain_bytes
+    total.resumed_bytes += s.resumed_bytes
 
 
 def direct_worthwhile(data_bytes: int, virtual_size: int) -> bool:
