@@ -16,12 +16,18 @@ log, and each disk's ``point`` in the result, say which point). A disk removed f
 too, at its last layer, since the manifests cannot tell it from a disk left out by ``--disk``.
 ``disks`` narrows the restore to the disks named.
 
-Images are built under temporary names and renamed into place only when complete: a failed restore
-never leaves a half-written image under a final name. A restore killed outright (SIGKILL) leaves its
-partial images (``DIR/.<disk>.partial``, ``DIR/.<disk>.<format>.partial``) and its run directory in
-``$TMPDIR``; the next restore into the same ``--out`` removes the former, the next restore anywhere the
-latter (:mod:`fleece.repository.rundir`). A failed or interrupted restore also removes the ``--out`` directories it made,
-when they are empty again.
+Images are built under temporary names — every disk's — and renamed into place only when all are
+complete: a failed restore never leaves an image under a final name. Fresh images (a flat image, a
+chain's base) are written directly (:mod:`.direct`), overlays through qemu-nbd (:mod:`.targets`).
+
+An interrupted restore (Ctrl-C, SIGTERM, the storage gone after its retries; also SIGKILL) keeps its
+partial images (``DIR/.<disk>.partial/``, ``DIR/.<disk>.<format>.partial``) and their journals
+(``DIR/.<disk>.resume``, :mod:`.journal`): ``resume`` continues them, skipping what is durable already.
+Any other failure removes them, and a restore without ``resume`` removes a previous one's leftovers
+before it starts. A restore killed outright also leaves its run directory in ``$TMPDIR``, which the next
+restore anywhere removes (:mod:`fleece.repository.rundir`). A failed or interrupted restore removes the
+``--out`` directories it made when they are empty again. ``verify_only`` runs the whole restore into
+nothing (:func:`verify_restore`).
 
 Before any work (:mod:`.guard`): ``--out`` must be a directory this user can write, or be creatable;
 and no file restore would replace or write into may be open in a running QEMU — not even with
