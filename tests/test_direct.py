@@ -200,17 +200,23 @@ def test_filesystem_without_o_direct_gets_buffered_writes() -> None:
         if direct_open_works(path):
             pytest.skip(f"tmpfs on this kernel ({os.uname().release}) takes O_DIRECT: no filesystem "
                         "without it to test the fallback on")
-        f = DirectFile(path)
-        assert not f.direct
-        model = bytearray(64 * KiB)
-        for data, offset in [(rand(16 * KiB, 50), 0), (rand(4096 * 3 + 100, 51), 20 * KiB), (rand(5000, 52), 512)]:
-            f.write(page_buffer(data), offset, offset % ALIGN == 0)
-            model[offset:offset + len(data)] = data
-        assert f.direct_bytes == 0
-        f.close()
-        assert path.read_bytes() == model
+        assert_buffered_throughout(path, 50)
     finally:
         path.unlink(missing_ok=True)
+
+
+def assert_buffered_throughout(path: Path, seed: int) -> None:
+    """Writes aligned and not on a 64 KiB file where O_DIRECT is refused: all buffered, all exact."""
+    f = DirectFile(path)
+    assert not f.direct
+    model = bytearray(64 * KiB)
+    for data, offset in [(rand(16 * KiB, seed), 0), (rand(4096 * 3 + 100, seed + 1), 20 * KiB),
+                         (rand(5000, seed + 2), 512)]:
+        f.write(page_buffer(data), offset, offset % ALIGN == 0)
+        model[offset:offset + len(data)] = data
+    assert f.direct_bytes == 0
+    f.close()
+    assert path.read_bytes() == model
 
 
 def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,15 +237,7 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, mon
 
     monkeypatch.setattr(direct_mod.os, "open", no_direct)
     path = sparse_file(tmp_path / "f", 64 * KiB)
-    f = DirectFile(path)
-    assert not f.direct
-    model = bytearray(64 * KiB)
-    for data, offset in [(rand(16 * KiB, 53), 0), (rand(4096 * 3 + 100, 54), 20 * KiB), (rand(5000, 55), 512)]:
-        f.write(page_buffer(data), offset, offset % ALIGN == 0)
-        model[offset:offset + len(data)] = data
-    assert f.direct_bytes == 0
-    f.close()
-    assert path.read_bytes() == model
+    assert_buffered_throughout(path, 53)
     refusal[0] = errno.EACCES
     with pytest.raises(RestoreError):
         DirectFile(path)
