@@ -76,11 +76,9 @@ class Codec:
             try:
                 data = self._decompressor.decompress(payload, max_output_size=raw_length)
             except zstandard.ZstdError as exc:
-                raise IntegrityError(f"blob {expected_id.hex()} in {where} does not decompress ({exc}); "
-                                     "the pack is damaged: run 'fleece verify --read-data'") from None
+                raise _undecompressable(expected_id, where, exc) from None
         else:
-            raise IntegrityError(f"blob {expected_id.hex()} in {where} has unknown encoding {encoding}; "
-                                 "was it written by a newer fleece?")
+            raise _unknown_encoding(expected_id, where, encoding)
         if len(data) != raw_length or self.ident(data) != expected_id:
             raise _mismatch(expected_id, where)
         return data
@@ -108,13 +106,11 @@ class Codec:
                     got += n
                 longer = reader.read(1)
             except zstandard.ZstdError as exc:
-                raise IntegrityError(f"blob {expected_id.hex()} in {where} does not decompress ({exc}); "
-                                     "the pack is damaged: run 'fleece verify --read-data'") from None
+                raise _undecompressable(expected_id, where, exc) from None
             if got != raw_length or longer:
                 raise _mismatch(expected_id, where)
         else:
-            raise IntegrityError(f"blob {expected_id.hex()} in {where} has unknown encoding {encoding}; "
-                                 "was it written by a newer fleece?")
+            raise _unknown_encoding(expected_id, where, encoding)
         if self.ident(out[:raw_length]) != expected_id:
             raise _mismatch(expected_id, where)
 
@@ -122,6 +118,16 @@ class Codec:
 def _mismatch(blob: bytes, where: str) -> IntegrityError:
     return IntegrityError(f"blob {blob.hex()} in {where} does not match its id "
                           "(damaged pack or index); run 'fleece verify --read-data'")
+
+
+def _undecompressable(blob: bytes, where: str, exc: Exception) -> IntegrityError:
+    return IntegrityError(f"blob {blob.hex()} in {where} does not decompress ({exc}); "
+                          "the pack is damaged: run 'fleece verify --read-data'")
+
+
+def _unknown_encoding(blob: bytes, where: str, encoding: int) -> IntegrityError:
+    return IntegrityError(f"blob {blob.hex()} in {where} has unknown encoding {encoding}; "
+                          "was it written by a newer fleece?")
 
 
 class CodecPool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import nbd
 
@@ -52,6 +52,11 @@ class FillStats:
     resumed_bytes: int = 0  # bytes of pieces an interrupted restore wrote already (skipped: --resume)
     data_bytes: int = 0  # bytes written to the target
     zero_bytes: int = 0  # bytes of zeros skipped or written as zero clusters
+
+    def add(self, other: FillStats) -> None:
+        """Add *other*'s counts (a chain's layers into its disk's): every field, so none is forgotten."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class _Slot:
@@ -179,13 +184,11 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
         raise IntegrityError(f"{where}: {exc}", object=exc.object) from None
     stats.zero_bytes += sum(p.length for p in zero_pieces)
     if skip:
-        kept = [r for r in ranges if range_key(r) not in skip]
-        for r in ranges:
-            if range_key(r) in skip:
-                stats.resumed_bytes += sum(p.length for blob, _ in r.items for p in uses[blob])
+        done_before = [r for r in ranges if range_key(r) in skip]
+        ranges = [r for r in ranges if range_key(r) not in skip]
+        stats.resumed_bytes = sum(p.length for r in done_before for blob, _ in r.items for p in uses[blob])
         if progress is not None and stats.resumed_bytes:
             progress(stats.resumed_bytes)
-        ranges = kept
     if not ranges and not (zero_pieces and mask):
         return stats
     completed: list[str] = []
@@ -214,6 +217,7 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
             if keys:
                 w.flush()  # type: ignore[attr-defined]
                 checkpoint(keys)
+
     decoders = max(1, min(workers, len(ranges)))
     direct = getattr(target, "direct_writes", False)
     blob_size = max((loc.raw_length for r in ranges for _, loc in r.items), default=0)
@@ -269,12 +273,11 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
                     with lock:
                         pending.left += len(jobs)
                         pending.bytes += written
+                        stats.data_bytes += written
+                        stats.zero_bytes += zeros
                     for job in jobs:
                         job.pending = pending
                         writers.submit(job)
-                    with lock:
-                        stats.data_bytes += written
-                        stats.zero_bytes += zeros
                     if progress is not None and zeros:
                         progress(zeros)
             except IntegrityError as exc:

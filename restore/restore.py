@@ -210,13 +210,16 @@ def verify_restore(repo: Repository, req: RestoreRequest, manifest: Manifest, vi
         layers = [view[d]] if req.flat else list(reversed(repo.disk_chain(view[d], d)))
         total = FillStats()
         for point in layers:
-            rec = point.disks[d]
-            pieces = (repo.resolve(view[d], d) if req.flat else
-                      [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents])
-            _stats(total, fill(repo, NullTarget(), pieces, mask=False, workers=req.workers, progress=req.progress,
-                               where=f"restore of VM {manifest.vm} point {point.id} disk {d}"))
+            pieces = repo.resolve(point, d) if req.flat else _layer_pieces(point.disks[d])
+            total.add(fill(repo, NullTarget(), pieces, mask=False, workers=req.workers, progress=req.progress,
+                           where=f"restore of VM {manifest.vm} point {point.id} disk {d}"))
         results.append(DiskRestore(d, None, [], total.__dict__, view[d].id))
     return RestoreResult(manifest, results, round(time.monotonic() - started, 3))
+
+
+def _layer_pieces(rec: Any) -> list[Piece]:
+    """What one layer's own image holds: its extents, each with the part of its blob it takes."""
+    return [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
 
 
 def _outputs(req: RestoreRequest, disk: str) -> list[Path]:
@@ -253,15 +256,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def _stats(total: FillStats, s: FillStats) -> None:
-    total.blobs += s.blobs
-    total.fetched_bytes += s.fetched_bytes
-    total.data_bytes += s.data_bytes
-    total.zero_bytes += s.zero_bytes
-    total.plain_bytes += s.plain_bytes
-    total.resumed_bytes += s.resumed_bytes
 
 
 def direct_worthwhile(data_bytes: int, virtual_size: int) -> bool:
@@ -336,7 +330,7 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
     for i, point in enumerate(layers):
         rec = point.disks[disk]
         image = partial / f"{point.id}.qcow2"
-        pieces = [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
+        pieces = _layer_pieces(rec)
         if i == 0:
             def make(image: Path = image, rec: Any = rec, pieces: list[Piece] = pieces) -> Any:
                 return _fresh_qcow2(image, rec.virtual_size, rec.qcow2, pieces, _file_mode(req), run_dir, req.workers)
@@ -351,8 +345,8 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
 
             def reopen(image: Path = image) -> Any:
                 return _reopen_nbd(image, run_dir, req.workers)
-        _stats(total, _layer(repo, req, journal, point.id, image, pieces, make, reopen, mask=i > 0,
-                             where=f"restore of VM {manifest.vm} point {point.id} disk {disk}"))
+        total.add(_layer(repo, req, journal, point.id, image, pieces, make, reopen, mask=i > 0,
+                         where=f"restore of VM {manifest.vm} point {point.id} disk {disk}"))
     log.info("disk %s: restored a chain of %d layer(s)", disk, len(layers))
     return DiskRestore(disk, req.out / f"{disk}.qcow2", [req.out / disk / f"{p.id}.qcow2" for p in layers],
                        total.__dict__, manifest.id)

@@ -1,8 +1,11 @@
-"""Where restored bytes go: a qcow2 through ``qemu-nbd`` + libnbd, or a sparse raw file directly.
+"""Where restored bytes go through QEMU: a qcow2 served by ``qemu-nbd`` + libnbd (overlays, very sparse
+disks), and what every target shares (private files and directories, ``qemu-img create``). Fresh dense
+images are written without NBD: :mod:`.direct`.
 
 ``qemu-img``/``qemu-nbd`` own the qcow2 format, so a restored image is exactly what QEMU itself would
-write — fleece never produces qcow2 metadata on its own. Several libnbd connections share one
-``qemu-nbd`` (``-e``), one per restore worker.
+write — fleece never produces qcow2 metadata on its own (:mod:`.direct` writes only data, into metadata
+``qemu-img`` preallocated). Several libnbd connections share one ``qemu-nbd`` (``-e``), one per restore
+worker.
 
 Zeros are handled by what the target must show:
 
