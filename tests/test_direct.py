@@ -679,19 +679,27 @@ def test_damaged_pack_fails_fill_with_where_and_no_thread_left(tmp_path: Path, f
 
 # -- mask: an overlay's zeros hide its backing file (through qemu-nbd) ------------------------------------
 
+def backed_overlay(tmp_path: Path, size: int, seed: int) -> tuple[bytes, Path]:
+    """A base qcow2 full of random data (written through qemu-nbd) and an empty overlay on it: the
+    overlay's path and the base's bytes."""
+    base_data = rand(size, seed)
+    base = tmp_path / "base.qcow2"
+    create_qcow2(base, size, {})
+    t = QemuNbdTarget(base, tmp_path, 1)
+    t.writer().pwrite(base_data, 0)
+    t.close()
+    top = tmp_path / "top.qcow2"
+    create_qcow2(top, size, {}, backing="base.qcow2")
+    return base_data, top
+
+
 @pytest.mark.parametrize("mask", [True, False])
 def test_mask_hides_the_backing_file(stored: tuple[Path, dict[str, bytes]], tmp_path: Path, mask: bool) -> None:
     """Zero pieces and zero grains inside data become zero clusters of the overlay when ``mask``; without
     it (the control) the backing file shows through them."""
     path, ids = stored
     size = 4 * MiB
-    base_data = rand(size, 140)
-    base = tmp_path / "base.qcow2"
-    create_qcow2(base, size, {})
-    t = QemuNbdTarget(base, tmp_path, 1)
-    t.writer().pwrite(base_data, 0)
-    t.close()
-
+    base_data, top = backed_overlay(tmp_path, size, 140)
     layout = [
         (M, 256 * KiB, None, 0),  # a zero piece
         (2 * M, CH, "B", 0),  # zero grains on the grid
@@ -699,8 +707,6 @@ def test_mask_hides_the_backing_file(stored: tuple[Path, dict[str, bytes]], tmp_
         (512 * KiB + 512, 5000, "A", 333),
         (3 * M + 512 * KiB, CH, "E", 0),  # all zeros
     ]
-    top = tmp_path / "top.qcow2"
-    create_qcow2(top, size, {}, backing="base.qcow2")
     target = QemuNbdTarget(top, tmp_path, 2)
     try:
         stats = fill(reopen(path), target, pieces_of(ids, layout), mask=mask, workers=2, where="overlay")
@@ -720,14 +726,7 @@ def test_mask_with_zero_pieces_only(stored: tuple[Path, dict[str, bytes]], tmp_p
     """An overlay that only zeroes (a discard-only incremental): no blob to read, the zeros still written."""
     path, _ = stored
     size = 2 * MiB
-    base_data = rand(size, 150)
-    base = tmp_path / "base.qcow2"
-    create_qcow2(base, size, {})
-    t = QemuNbdTarget(base, tmp_path, 1)
-    t.writer().pwrite(base_data, 0)
-    t.close()
-    top = tmp_path / "top.qcow2"
-    create_qcow2(top, size, {}, backing="base.qcow2")
+    base_data, top = backed_overlay(tmp_path, size, 150)
     layout = [(0, 64 * KiB, None, 0), (MiB + 512, 70000, None, 0)]
     target = QemuNbdTarget(top, tmp_path, 2)
     try:
