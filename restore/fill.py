@@ -104,6 +104,9 @@ class _Write:
     slot: _Slot | None = None
     slot_offset: int = 0
     pending: _Pending | None = None
+    #: no I/O: the end of a range read's writes, so that its completion (and the checkpoint it may be due
+    #: for, which needs a writer's connection to flush) always happens in a writer
+    marker: bool = False
 
 
 def range_key(rng: ReadRange) -> str:
@@ -195,8 +198,8 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
     since = [0]  # data bytes completed since the last checkpoint
     ckpt = threading.Lock()
 
-    def done(pending: _Pending, w: object | None) -> None:
-        """*pending* lost one write; when it has none left, its range joins the next checkpoint, which a
+    def done(pending: _Pending, w: object) -> None:
+        """*pending* lost one write; when it has none left, its range joins the next checkpoint, which the
         writer (*w*, whose connection flushes the target) takes once enough data is complete."""
         with lock:
             pending.left -= 1
@@ -204,7 +207,7 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
                 return
             completed.append(pending.key)
             since[0] += pending.bytes
-            due = checkpoint is not None and w is not None and since[0] >= checkpoint_bytes
+            due = checkpoint is not None and since[0] >= checkpoint_bytes
         if due:
             take_checkpoint(w)
 
@@ -230,7 +233,9 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
 
         def write(job: _Write) -> None:
             try:
-                if job.data is None:
+                if job.marker:
+                    pass
+                elif job.data is None:
                     w.zero(job.length, job.offset)
                 elif direct:
                     w.pwrite(job.data, job.offset, job.slot_offset % mmap.PAGESIZE == 0)
@@ -286,7 +291,7 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
                 stats.blobs += len(rng.items)
                 stats.fetched_bytes += rng.end - rng.start
                 stats.plain_bytes += sum(loc.raw_length for _, loc in rng.items)
-            done(pending, None)  # the extra write: the range completes when its last real write does
+            writers.submit(_Write(0, 0, pending=pending, marker=True))  # drops the extra write, in a writer
 
         return decode
 
