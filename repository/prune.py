@@ -123,10 +123,11 @@ class _Pruner:
         scan = self._scan()
         self.emit("scanned", {"packs": len(scan.packs)})
         pending = gc.pending_packs(scan.records)
-        holder = self._choose(scan, pending)
+        last = pending - self._revived(scan, pending)  # condemned packs that stay condemned
+        holder = self._choose(scan, last)
         locked = self.repo.config.object_lock
         if not locked:  # locked packs are kept, never rewritten
-            self._repack(scan, holder, pending)
+            self._repack(scan, holder, last)
         else:
             self._extend_locks(scan, set(holder.values()), locked["days"] * 86400.0)
         used = set(holder.values())
@@ -219,6 +220,22 @@ class _Pruner:
         return pack_id, entries, header
 
     # -- 2. choose --------------------------------------------------------------------------------------
+
+    def _revived(self, scan: _Scan, pending: set[str]) -> set[str]:
+        """Condemned packs whose grace is over and that hold a needed blob no pack outside a condemnation
+        holds: a point committed in the grace needs them, so this run's deleting phase would rescue them.
+        They are chosen and repacked like the live packs they are about to become — not ranked last and
+        kept whole: condemned for being unused, they are mostly garbage, and a rescued pack kept whole would
+        be repacked (condemned again) by the next prune, which no longer sees it condemned. One run must
+        leave nothing for the next (the fixed point the prune torture checks)."""
+        now = self.now()
+        due = {p for r in scan.records if r.due(now) for p in r.packs} & pending
+        if not due:
+            return set()
+        live = {e.id for p, (_, entries, _) in scan.tables.items() if p in scan.packs and p not in pending
+                for e in entries}
+        return {p for p in due if p in scan.packs and p in scan.tables
+                and any(e.id in scan.needed and e.id not in live for e in scan.tables[p][1])}
 
     def _choose(self, scan: _Scan, pending: set[str]) -> dict[bytes, str]:
         """Needed blob → the pack that keeps it: listed, not condemned when another holds it, and

@@ -880,3 +880,31 @@ def test_a_repack_leaves_duplicated_blobs_in_the_packs_that_stay_so_the_next_pru
     fresh = reopen(path)
     assert materialize(fresh, fresh.manifest(VM, m.id), "vda") == bytes(disk)
     assert_clean(path)
+
+
+def test_a_rescued_pack_is_repacked_in_the_same_prune_so_the_next_prune_finds_nothing(path: Path) -> None:
+    """A condemned pack that a point committed in the grace needs is rescued — but it was condemned for
+    being unused, so most of it is still garbage. Kept whole, the next prune (which no longer sees it as
+    condemned) would repack it and condemn it again: prune would not reach a fixed point in one run
+    (found by the prune torture). The prune whose grace ends treats such a pack as the live pack it is
+    about to become: ranked and repacked like any other, so only the needed blob is written again."""
+    repo = create(path)
+    vm = Vm(repo)
+    vm.point([(0, vm.rand(CH))], full=True)
+    content = vm.rand(CH)
+    [blob, *_], _ = store(repo, [content] + [vm.rand(CH) for _ in range(3)])  # a run that never committed
+    pack = repo.load_index().lookup(blob).pack
+    backup = reopen(path)  # loaded the index before the prune: deduplicates against the pack
+    m = vm.prepare([(2 * CH, content)], repo=backup)
+    first = prune(reopen(path), grace=HOUR)
+    assert (first.condemned_packs, first.deleted_packs) == (1, 0)
+    vm.commit(m, backup)  # in the grace: allowed
+    (record,) = gc.read_records(repo.backend, repo.envelope)
+    second = prune(reopen(path), grace=HOUR, now=lambda: record.deadline)
+    assert (second.repacked_packs, second.rescued_packs, second.deleted_packs) == (1, 0, 1), second
+    assert second.condemned_packs == 0  # the condemned pack is not condemned twice
+    assert pack not in packs_listed(reopen(path))
+    third = prune(reopen(path), grace=HOUR, now=lambda: record.deadline + 1)
+    assert (third.repacked_packs, third.condemned_packs, third.rescued_packs) == (0, 0, 0), third
+    vm.assert_restores(path)
+    assert_clean(path)
