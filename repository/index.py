@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 
 import zstandard
 
+from .codec import ID_SIZE
 from .crypto import PACK_HEADER_SIZE, Sealer
 from .errors import FormatMismatch, IntegrityError
 from .pack import ENTRY_SIZE, PackEntry
@@ -40,6 +43,10 @@ _PACK = struct.Struct("<32sI")
 _PACK2 = struct.Struct(f"<32s{PACK_HEADER_SIZE}sI")
 _AD = b"index"
 MAX_INDEX_BODY = 1 << 30
+_ENTRY_ID = struct.Struct(f"{ID_SIZE}s{ENTRY_SIZE - ID_SIZE}x")  # an entry's id, the rest skipped
+#: :func:`find_entries` searches the bytes for at most this many ids, and walks the entries for more: one
+#: search costs ~9.5 ns per entry (``bytes.find``, C), one walk ~115 ns (measured, 1M entries, 52 MB)
+FIND_MAX = 12
 
 #: one pack's part of an index: (pack id, its table, its sealed key — empty in format 1)
 PackRecord = tuple[str, list[PackEntry], bytes]
@@ -133,9 +140,12 @@ def decode_index(index_id: str, data: bytes, meta: Sealer | None = None) -> list
 def find_entries(index_id: str, data: bytes, meta: Sealer | None, wanted: set[bytes]
                  ) -> list[tuple[str, PackEntry, bytes]]:
     """The entries of *wanted* blobs in one index object, without building the whole table in memory:
-    the packs' records are walked (one step per pack) and each id is searched in C (``bytes.find``), an
-    offset counting only where a 52-byte entry starts. For a backup that needs a few locations (its
-    audit) in a repository of millions of blobs."""
+    the packs' records are walked (one step per pack), then for a few ids (at most :data:`FIND_MAX`) each
+    is searched in C (``bytes.find``), an offset counting only where a 52-byte entry starts; for more —
+    a restore locating a disk's 100,000 blobs — the entries' ids are walked once at the entry stride and
+    tested against the set (C iterators: ``struct.iter_unpack``, ``set.__contains__``). Both give every
+    entry of a wanted id, in any order. For a backup that needs a few locations (its audit), or a restore
+    that needs a point's, in a repository of millions of blobs."""
     where = f"index/{index_id}"
     body = _body(index_id, data, meta)
     record = _PACK if meta is None else _PACK2
@@ -153,8 +163,15 @@ def find_entries(index_id: str, data: bytes, meta: Sealer | None, wanted: set[by
         raise IntegrityError(f"{where} is truncated inside its tables", object=where) from None
     if pos != len(body):
         raise IntegrityError(f"{where} has {len(body) - pos} trailing bytes", object=where)
-    starts = [r[0] for r in regions]
     out = []
+    if len(wanted) > FIND_MAX:
+        view = memoryview(body)
+        for start, end, pack_id, header in regions:
+            ids = map(itemgetter(0), _ENTRY_ID.iter_unpack(view[start:end]))
+            for at in itertools.compress(range(start, end, ENTRY_SIZE), map(wanted.__contains__, ids)):
+                out.append((pack_id, PackEntry.decode(body, at), header))
+        return out
+    starts = [r[0] for r in regions]
     for ident in wanted:
         at = body.find(ident)
         while at != -1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,8 +39,6 @@ from .writer import BlobWriter, Committed
 log = logging.getLogger(__name__)
 
 KEYS_PREFIX = "keys/"
-#: at most this many blobs are located by searching the index objects instead of loading the index
-SCAN_LIMIT = 256
 _TOKEN = re.compile(r"[0-9a-f]{32}")  # a format 2 VM directory (Keys.name_token)
 
 #: what opens an encrypted repository: a credential, a function asked only when one is needed (the CLI's
@@ -867,31 +865,47 @@ class Repository:
     def locate(self, blob: bytes) -> Location:
         loc = self.load_index().lookup(blob)
         if loc is None:
-            raise IntegrityError(f"blob {blob.hex()} is not in the repository index (a pack or index object is "
-                                 "missing); run 'fleece verify' and 'fleece rebuild-index'")
+            raise _unindexed(blob)
         return loc
 
     def locate_many(self, blobs: list[bytes], hints: Sequence[str] = ()) -> dict[bytes, Location]:
-        """Where *blobs* are. From the loaded index; or, when it is not loaded and they are few (an
-        incremental's audit), by searching index objects one at a time (``index.find_entries``) —
-        memory bounded by one index object, no table of every blob built: first the *hints* (the index
-        objects of the runs that wrote the points the blobs come from, ``Manifest.index_hints``: usually
-        one GET each), then, for what they do not hold, every index object."""
-        if self._index is not None or len(blobs) > SCAN_LIMIT:
+        """Where *blobs* are (in the order asked). From the index when it is loaded already; otherwise,
+        however many they are, by searching the index objects one at a time (``index.find_entries``) and
+        never building the table of every blob: first the *hints* (the index objects of the runs that
+        wrote the points the blobs come from, ``Manifest.index_hints``: usually one GET each), then, for
+        what they do not hold, each listed index object once — and, if blobs are still missing, the ones a
+        second listing adds (a prune consolidating meanwhile writes its replacement before it deletes).
+        Peak memory: one index object plus the locations found.
+
+        Why never load the index here, however many blobs: this reads each index object at most once, as
+        loading does, but keeps only what was asked for — a restore or an audit then costs memory and time
+        in proportion to the point, not to the repository. Measured with 1M index entries of other blobs:
+        loading took 8–13 s and 340 MiB; locating a point's 16,384 blobs this way 0.2 s with its hint,
+        0.4 s without (every index object read), under 50 MiB. A caller that locates many sets of blobs
+        without hints (``verify``) loads the index first, and its lookups then come from it.
+
+        A blob found only in a pack a prune condemned is looked for further, and a live copy preferred.
+        A blob found nowhere is the error :meth:`locate` raises."""
+        if self._index is not None:
             return {b: self.locate(b) for b in blobs}
-        condemned = self._guard().excluded  # a live copy is preferred to one a prune condemned
+        if not blobs:
+            return {}
+        condemned = self._guard().excluded
         found: dict[bytes, Location] = {}
+        wanted = set(blobs)  # not found yet, or found only in a condemned pack
+        searched: set[str] = set()
 
         def search(names: Iterable[str]) -> None:
             for name in names:
-                # a blob found only in a condemned pack is looked for further: a live copy is preferred
-                wanted = {b for b in blobs if b not in found or found[b].pack in condemned}
                 if not wanted:
                     return
+                if name in searched:
+                    continue  # objects never change: one that was searched holds none of what is still wanted
                 try:
                     data = self.backend.get(name)
                 except ObjectNotFound:
-                    continue  # consolidated by a prune meanwhile (its replacement was written first)
+                    continue  # a stale hint, or consolidated by a prune meanwhile (its replacement came first)
+                searched.add(name)
                 try:
                     entries = find_entries(name.split("/", 1)[1], data, self.envelope.meta, wanted)
                 except FormatMismatch:
@@ -899,20 +913,23 @@ class Repository:
                 except IntegrityError as exc:  # the same words as load_index: what is damaged, how to repair
                     raise IntegrityError(f"{exc} (to repair it: fleece rebuild-index --repo {self.url})",
                                          object=name) from None
+                del data
                 for pack_id, e, header in entries:
                     known = found.get(e.id)
                     if known is None or (known.pack in condemned and pack_id not in condemned):
                         found[e.id] = Location(pack_id, e.offset, e.length, e.raw_length, e.encoding, header)
+                    if pack_id not in condemned:
+                        wanted.discard(e.id)
 
         search(dict.fromkeys(h for h in hints if h.startswith("index/")))
         for _ in range(2):  # a prune consolidating meanwhile may delete an object after it was listed
-            if all(b in found and found[b].pack not in condemned for b in blobs):
+            if not wanted:
                 break
-            search(info.name for info in self.backend.list("index/"))
+            search([info.name for info in self.backend.list("index/")])
         for b in blobs:
             if b not in found:
-                found[b] = self.locate(b)  # loads the index, to be sure; raises the usual error if absent
-        return found
+                raise _unindexed(b)
+        return {b: found[b] for b in blobs}
 
     def read_range(self, pack: str, offset: int, length: int) -> bytes:
         """Raw bytes of a pack; a short read means a truncated pack."""
@@ -943,10 +960,19 @@ class Repository:
         return self.decode(blob, loc, self.read_range(loc.pack, loc.offset, loc.length))
 
     def plan_reads(self, blobs: Iterable[bytes], max_range: int = 16 << 20,
-                   max_gap: int = 256 << 10, hints: Sequence[str] = ()) -> list[ReadRange]:
-        """Group *blobs* by pack into coalesced range reads (one GET each, at most *max_range* bytes)."""
+                   max_gap: int = 256 << 10, hints: Sequence[str] = (),
+                   located: Mapping[bytes, Location] | None = None) -> list[ReadRange]:
+        """Group *blobs* by pack into coalesced range reads (one GET each, at most *max_range* bytes).
+        *located*: locations known already (a chain restore looks up all its layers' blobs at once);
+        the others are looked up with *hints* (:meth:`locate_many`)."""
+        wanted = list(dict.fromkeys(blobs))
+        known = located if located is not None else {}
+        where = {b: known[b] for b in wanted if b in known}
+        missing = [b for b in wanted if b not in where]
+        if missing:
+            where.update(self.locate_many(missing, hints))
         by_pack: dict[str, list[tuple[bytes, Location]]] = {}
-        for blob, loc in self.locate_many(list(dict.fromkeys(blobs)), hints).items():
+        for blob, loc in where.items():
             by_pack.setdefault(loc.pack, []).append((blob, loc))
         out: list[ReadRange] = []
         for pack, items in by_pack.items():
@@ -973,6 +999,11 @@ class Repository:
         *hints*: index objects likely to hold them (see :meth:`locate_many`)."""
         for rng in self.plan_reads(blobs, hints=hints):
             yield from self.read_blobs(rng)
+
+
+def _unindexed(blob: bytes) -> IntegrityError:
+    return IntegrityError(f"blob {blob.hex()} is not in the repository index (a pack or index object is "
+                          "missing); run 'fleece verify' and 'fleece rebuild-index'")
 
 
 #: a slot is a few hundred bytes; a bigger ``keys/`` object is damage, named without being read whole

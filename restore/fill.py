@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import nbd
 
 from fleece.repository import Piece, Repository
 from fleece.repository.errors import IntegrityError
+from fleece.repository.index import Location
 from fleece.repository.repo import ReadRange
 from fleece.repository.workers import WorkQueue, Workers
 
@@ -166,8 +167,12 @@ Checkpoint = Callable[[list[str]], None]
 
 def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, workers: int,
          progress: Callable[[int], None] | None = None, where: str = "", skip: set[str] | None = None,
-         checkpoint: Checkpoint | None = None, checkpoint_bytes: int = 256 << 20) -> FillStats:
+         checkpoint: Checkpoint | None = None, checkpoint_bytes: int = 256 << 20, hints: Sequence[str] = (),
+         located: Mapping[bytes, Location] | None = None) -> FillStats:
     """Write *pieces* into *target*. *mask*: the target is an overlay (zeros must hide older data).
+
+    The blobs are looked up in *located* (what the caller located already), else in the index objects
+    *hints* name, else in every index object — never by loading the whole index (``Repository.locate_many``).
 
     Resuming (:mod:`.journal`): range reads named in *skip* are durable in the target already and are not
     read again; *checkpoint* is called, from a writer thread, with the range reads completed since the last
@@ -182,7 +187,7 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
         else:
             uses.setdefault(p.blob, []).append(p)
     try:
-        ranges = repo.plan_reads(uses, MAX_RANGE, MAX_GAP)
+        ranges = repo.plan_reads(uses, MAX_RANGE, MAX_GAP, hints, located)
     except IntegrityError as exc:  # the same error, said where (its object stays: scripts act on it)
         raise IntegrityError(f"{where}: {exc}", object=exc.object) from None
     stats.zero_bytes += sum(p.length for p in zero_pieces)

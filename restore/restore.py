@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from fleece.repository import Manifest, Piece, Repository, rundir
-from fleece.repository.errors import FleeceError, Interrupted, TransientBackendError, UsageError
+from fleece.repository.errors import FleeceError, IntegrityError, Interrupted, TransientBackendError, UsageError
+from fleece.repository.index import Location
 
 from .direct import PreallocatedQcow2, RawTarget
 from .fill import FillStats, NullTarget, fill
@@ -207,12 +208,16 @@ def verify_restore(repo: Repository, req: RestoreRequest, manifest: Manifest, vi
     so its time is the restore's minus the writing. A damaged blob is the restore's error."""
     results = []
     for d in disks:
-        layers = [view[d]] if req.flat else list(reversed(repo.disk_chain(view[d], d)))
+        chain = repo.disk_chain(view[d], d)
+        hints = _hints(chain)
+        layers = [view[d]] if req.flat else list(reversed(chain))
+        located = None if req.flat else _chain_locations(repo, chain, d, hints)
         total = FillStats()
         for point in layers:
             pieces = repo.resolve(point, d) if req.flat else _layer_pieces(point.disks[d])
             total.add(fill(repo, NullTarget(), pieces, mask=False, workers=req.workers, progress=req.progress,
-                           where=f"restore of VM {manifest.vm} point {point.id} disk {d}"))
+                           where=f"restore of VM {manifest.vm} point {point.id} disk {d}", hints=hints,
+                           located=located))
         results.append(DiskRestore(d, None, [], total.__dict__, view[d].id))
     return RestoreResult(manifest, results, round(time.monotonic() - started, 3))
 
@@ -220,6 +225,26 @@ def verify_restore(repo: Repository, req: RestoreRequest, manifest: Manifest, vi
 def _layer_pieces(rec: Any) -> list[Piece]:
     """What one layer's own image holds: its extents, each with the part of its blob it takes."""
     return [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
+
+
+def _hints(chain: list[Manifest]) -> list[str]:
+    """The index objects of the runs that wrote *chain*'s layers (``Manifest.index_hints``, newest
+    first): where a restore looks its blobs up, so that it never loads the repository's whole index —
+    its memory and time follow the point, not the repository (``Repository.locate_many``)."""
+    return list(dict.fromkeys(h for m in chain for h in m.index_hints))
+
+
+def _chain_locations(repo: Repository, chain: list[Manifest], disk: str,
+                     hints: list[str]) -> dict[bytes, Location] | None:
+    """Where the blobs of every layer of *disk* in *chain* are, looked up once for the chain: once a
+    prune has consolidated the index, the hints are gone and each layer's own lookup would read every
+    index object again. ``None`` when that fails (a blob no index object has, a damaged one): each
+    layer's fill then looks its own blobs up, and its error names the layer."""
+    blobs = list(dict.fromkeys(b for m in chain for _, _, b in m.disks[disk].extents if b is not None))
+    try:
+        return repo.locate_many(blobs, hints)
+    except IntegrityError:
+        return None
 
 
 def _outputs(req: RestoreRequest, disk: str) -> list[Path]:
@@ -285,9 +310,11 @@ def _journal(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: st
 
 
 def _layer(repo: Repository, req: RestoreRequest, journal: Journal, layer: str, image: Path, pieces: list[Piece],
-           make: Callable[[], Any], reopen: Callable[[], Any], mask: bool, where: str) -> FillStats:
+           make: Callable[[], Any], reopen: Callable[[], Any], mask: bool, where: str, hints: list[str],
+           located: dict[bytes, Location] | None = None) -> FillStats:
     """Write one image (a layer, or a flat image) through the journal: skipped when it is complete, its
-    durable ranges skipped when it can be reopened, made anew otherwise."""
+    durable ranges skipped when it can be reopened, made anew otherwise. *hints*, *located*: where its
+    blobs are (:func:`_hints`, :func:`_chain_locations`)."""
     if journal.complete(layer) and image.exists():
         log.info("%s: complete already (resumed)", image.name)
         resumed = sum(p.length for p in pieces if p.blob is not None)
@@ -308,7 +335,7 @@ def _layer(repo: Repository, req: RestoreRequest, journal: Journal, layer: str, 
     try:
         stats = fill(repo, target, pieces, mask=mask, workers=req.workers, progress=req.progress, where=where,
                      skip=journal.done(layer), checkpoint=lambda keys: journal.record(layer, keys),
-                     checkpoint_bytes=journal_mod.CHECKPOINT_BYTES)
+                     checkpoint_bytes=journal_mod.CHECKPOINT_BYTES, hints=hints, located=located)
     finally:
         target.close()
     journal.finish(layer)
@@ -317,7 +344,8 @@ def _layer(repo: Repository, req: RestoreRequest, journal: Journal, layer: str, 
 
 def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, run_dir: Path) -> DiskRestore:
     """Build *disk*'s chain in ``DIR/.<disk>.partial/`` (installed by :func:`_install`)."""
-    layers = list(reversed(repo.disk_chain(manifest, disk)))  # the full first
+    chain = repo.disk_chain(manifest, disk)
+    layers = list(reversed(chain))  # the full first
     partial = req.out / f".{disk}.partial"
     journal, resumed = _journal(repo, req, manifest, disk)
     for p in _partials(req, disk):
@@ -326,6 +354,8 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
     if not partial.is_dir():
         _remove(partial)
         make_dir(partial, dir_mode(_file_mode(req)))
+    hints = _hints(chain)
+    located = _chain_locations(repo, chain, disk, hints)
     total = FillStats()
     for i, point in enumerate(layers):
         rec = point.disks[disk]
@@ -346,7 +376,8 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
             def reopen(image: Path = image) -> Any:
                 return _reopen_nbd(image, run_dir, req.workers)
         total.add(_layer(repo, req, journal, point.id, image, pieces, make, reopen, mask=i > 0,
-                         where=f"restore of VM {manifest.vm} point {point.id} disk {disk}"))
+                         where=f"restore of VM {manifest.vm} point {point.id} disk {disk}", hints=hints,
+                         located=located))
     log.info("disk %s: restored a chain of %d layer(s)", disk, len(layers))
     return DiskRestore(disk, req.out / f"{disk}.qcow2", [req.out / disk / f"{p.id}.qcow2" for p in layers],
                        total.__dict__, manifest.id)
@@ -374,7 +405,8 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
         def reopen() -> Any:
             return _reopen_qcow2(partial, rec.virtual_size, pieces, run_dir, req.workers)
     stats = _layer(repo, req, journal, manifest.id, partial, pieces, make, reopen, mask=False,
-                   where=f"restore of VM {manifest.vm} point {manifest.id} disk {disk}")
+                   where=f"restore of VM {manifest.vm} point {manifest.id} disk {disk}",
+                   hints=_hints(repo.disk_chain(manifest, disk)))
     final = req.out / f"{disk}.{req.format}"
     return DiskRestore(disk, final, [final], stats.__dict__, manifest.id)
 

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from fleece.exporter.backup import BackupRequest, run_backup
 from fleece.repository import IntegrityError, Manifest, RepoConfig, Repository, UsageError
 from fleece.repository.check import verify
 from fleece.restore import RestoreRequest, run_restore
+from fleece.repository.prune import prune
 from test_backup import Recorder, backup, seed
+from test_locate import handle
 from vm import TestVM, random_bytes, text_bytes
 
 
@@ -191,6 +194,40 @@ def test_flatten_the_chain_with_qemu_img(chain: Chain, tmp_path: Path) -> None:
     run_restore(repo, RestoreRequest(vm="testvm", out=tmp_path / "c"))
     assert qemu_img("convert", "-O", "qcow2", str(tmp_path / "c" / "vdb.qcow2"), str(tmp_path / "f.qcow2")).returncode == 0
     identical(tmp_path / "f.qcow2", chain.refs[-1]["vdb"])
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "chain"])
+def test_a_restore_never_loads_the_whole_index_and_reads_only_its_chains_hints(chain: Chain, tmp_path: Path,
+                                                                               flat: bool) -> None:
+    """Memory and time follow the point, not the repository: the blobs are located in the index objects
+    the chain's manifests name (``Manifest.index_hints``), each read once per disk, and no other."""
+    for index in (0, 4):
+        point = chain.points[index]
+        repo, reads = handle(chain.repo_dir)  # loading the whole index fails the test
+        out = tmp_path / f"p{index}"
+        run_restore(repo, RestoreRequest(vm="testvm", out=out, point=point.id, flat=flat, workers=2))
+        assert repo._index is None
+        for disk in ("vda", "vdb"):
+            identical(out / f"{disk}.qcow2", chain.refs[index][disk])
+        hints = {h for m in chain.points[:index + 1] for h in m.index_hints}
+        assert hints and set(reads.index) <= hints and "index/" not in reads.listed
+        assert all(n <= 2 for n in Counter(reads.index).values())  # once per disk
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "chain"])
+def test_a_restore_after_a_prune_consolidated_the_index_still_restores(chain: Chain, repo_copy: Repository,
+                                                                       tmp_path: Path, flat: bool) -> None:
+    """Every hint stale (a prune merged the index objects into one): each listed index object is read
+    once per disk instead, the whole index still never loaded."""
+    prune(Repository.open(repo_copy.url))
+    after = {i.name for i in repo_copy.backend.list("index/")}
+    assert not after & {h for m in chain.points for h in m.index_hints}
+    repo, reads = handle(Path(repo_copy.url))
+    run_restore(repo, RestoreRequest(vm="testvm", out=tmp_path, point=chain.points[3].id, flat=flat))
+    for disk in ("vda", "vdb"):
+        identical(tmp_path / f"{disk}.qcow2", chain.refs[3][disk])
+    assert set(reads.index) - after == {h for m in chain.points[:4] for h in m.index_hints}  # tried, gone
+    assert Counter(n for n in reads.index if n in after) == Counter({n: 2 for n in after})
 
 
 def referenced_blobs(points: list[Manifest]) -> set[bytes]:
