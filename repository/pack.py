@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import re
 import struct
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 from .codec import ID_SIZE, Encoded
 from .crypto import OVERHEAD, PACK_HEADER_SIZE, Sealer
 from .errors import FormatMismatch, IntegrityError
+from .spill import Spill
 
 if TYPE_CHECKING:
     from .crypto import Keys
@@ -74,20 +76,26 @@ def pack_name(pack_id: str) -> str:
 
 
 class PackBuilder:
-    """Accumulates encoded blobs in a reusable buffer and produces one finished pack.
+    """Accumulates encoded blobs and produces one finished pack, in a :class:`~.spill.Spill`.
 
-    The buffer is allocated once per builder and reused for every pack it builds: allocating (and
-    page-faulting) a fresh 16 MiB object per pack cost as much CPU as hashing the data. It is anonymous
-    ``mmap`` memory, hence page aligned, so the local backend can hand it to ``O_DIRECT`` writes as is.
+    The pack's bytes go to a private unnamed file as they are packed, not to a buffer of the pack's size:
+    a writer has a pack filling while others upload, and those buffers were most of a backup's RSS
+    (see ``spill``). One builder (and its file) is reused for every pack it builds. Sealing (format 2)
+    goes through a :class:`Stage`.
     """
 
-    def __init__(self, capacity: int, layout: PackLayout | None = None) -> None:
-        self._buf = mmap.mmap(-1, capacity)
+    def __init__(self, capacity: int, layout: PackLayout | None = None,
+                 directory: str | os.PathLike[str] | None = None, stage: Stage | None = None) -> None:
+        self.capacity = capacity
+        #: where a sealed blob is built; builders that never add concurrently may share one
+        self._stage = stage or Stage()
+        self._spill = Spill(directory)
         self._entries: list[PackEntry] = []
         self.size = 0
         self.layout: PackLayout = layout or PLAIN
         self._key: Sealer | None = None
         self._header = b""
+        self._finished: str | None = None  # the pack id, once the trailer is written
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,28 +107,57 @@ class PackBuilder:
 
     def fits(self, blob: Encoded) -> bool:
         need = self.size + len(blob.payload) + self.layout.overhead + self.layout.span(len(self._entries) + 1)
-        return need <= len(self._buf)
+        return need <= self.capacity
 
     def add(self, blob: Encoded) -> None:
-        if not self.fits(blob):
-            raise ValueError("blob does not fit in this pack buffer")
+        if not self.fits(blob) or self._finished is not None:
+            raise ValueError("blob does not fit in this pack (or the pack is finished)")
         if not self._entries:
             self._key, self._header = self.layout.new_key()  # a fresh key for every pack
-        n = self.layout.write(self._key, blob.id, blob.payload, memoryview(self._buf)[self.size:])
+        if self.layout.overhead:
+            stage = self._stage.get(len(blob.payload) + self.layout.overhead)
+            n = self.layout.write(self._key, blob.id, blob.payload, stage)
+            self._spill.write(stage[:n])
+        else:  # plaintext layout: the payload is stored as it is, no staging copy
+            n = len(blob.payload)
+            self._spill.write(blob.payload)
         self._entries.append(PackEntry(blob.id, self.size, n, blob.raw_length, blob.encoding))
         self.size += n
 
-    def finish(self) -> tuple[str, memoryview, list[PackEntry]]:
-        """Return ``(pack id, pack bytes, entries)``. The view is valid until :meth:`reset`."""
-        trailer = self.layout.trailer(self._entries, self._header)
-        end = self.size + len(trailer)
-        self._buf[self.size:end] = trailer
-        return pack_id_of(trailer), memoryview(self._buf)[:end], self._entries
+    def finish(self) -> tuple[str, Spill, list[PackEntry]]:
+        """Return ``(pack id, pack bytes, entries)``. The bytes are valid until :meth:`reset`."""
+        if self._finished is None:
+            trailer = self.layout.trailer(self._entries, self._header)
+            self._spill.write(trailer)
+            self._finished = pack_id_of(trailer)
+        return self._finished, self._spill, self._entries
 
     def reset(self) -> None:
         self._entries = []
         self.size = 0
         self._key, self._header = None, b""
+        self._finished = None
+        self._spill.reset()
+
+    def close(self) -> None:
+        """Release the file (only once nothing reads the last pack any more)."""
+        self._spill.close()
+
+
+class Stage:
+    """A growable, reused buffer to seal one blob into before it is written to its pack's file.
+
+    One per writer, shared by its builders: they add blobs one at a time (under the writer's pack lock),
+    so one buffer serves them all. Allocated once and grown in whole MiB: a fresh buffer per blob
+    page-faults as much CPU as hashing the data."""
+
+    def __init__(self) -> None:
+        self._buf: mmap.mmap | None = None
+
+    def get(self, size: int) -> memoryview:
+        if self._buf is None or len(self._buf) < size:
+            self._buf = mmap.mmap(-1, -(-size // (1 << 20)) << 20)
+        return memoryview(self._buf)
 
 
 def pack_id_of(trailer: bytes | memoryview) -> str:

@@ -217,6 +217,13 @@ class Workers(Generic[T]):
         return self._run.cancelled or self.queue.closed
 
     @property
+    def idle(self) -> bool:
+        """Whether no worker thread runs (none started, or every one has left): what the items' resources
+        may be released after."""
+        with self._done:
+            return not self._running
+
+    @property
     def error(self) -> BaseException | None:
         """The run's first error, if any."""
         return self._run.error

@@ -25,7 +25,8 @@ from .config import RepoConfig
 from .envelope import Envelope
 from .errors import FleeceError, RepositoryError
 from .index import Index, encode_index
-from .pack import PackBuilder, PackEntry, pack_name
+from .pack import PackBuilder, PackEntry, Stage, pack_name
+from .spill import Spill
 from .workers import Closed, WorkQueue, Workers
 
 #: Most blobs one pack may hold (bounds the table of packs full of tiny, well-compressed blobs).
@@ -36,7 +37,7 @@ MAX_PACK_ENTRIES = 16384
 BlobDone = Callable[[bytes, int], None]
 
 _Blob = tuple[Data, BlobDone | None]
-_Upload = tuple[PackBuilder, str, memoryview, list[PackEntry], bytes]
+_Upload = tuple[PackBuilder, str, Spill, list[PackEntry], bytes]
 
 #: ``on_committed(raw bytes, stored bytes)``, from a worker thread: plaintext now durable in the repository
 #: — a pack's blobs once its upload finished (stored: the pack's size), a duplicate when found (stored 0).
@@ -63,7 +64,7 @@ class BlobWriter:
     def __init__(self, backend: Backend, config: RepoConfig, index: Index, *, threads: int | None = None,
                  uploads: int | None = None, pending: int | None = None, on_committed: Committed | None = None,
                  envelope: Envelope | None = None, exclude: set[str] | None = None,
-                 known: set[bytes] | None = None) -> None:
+                 known: set[bytes] | None = None, spill_dir: str | os.PathLike[str] | None = None) -> None:
         self.backend = backend
         self.config = config
         self.index = index
@@ -81,8 +82,9 @@ class BlobWriter:
         uploads = uploads or backend.parallelism
         self._level = config.compression.get("level", 3)
         # Memory bound: *pending* blobs waiting or being encoded (the queue holds what the encoders do not,
-        # at least one), plus one pack buffer per upload and one being filled. add() blocks while the
-        # queue is full, and an encoder while every pack buffer is uploading: that is the back-pressure.
+        # at least one). Packs are built in private files (``spill``), one per upload and one being
+        # filled: page cache, not the process's memory. add() blocks while the queue is full, and an
+        # encoder while every pack is uploading: that is the back-pressure.
         self._encoders: Workers[_Blob] = Workers(self._encoder, workers=threads, name="fleece-zstd",
                                                   depth=max(1, (pending or threads + 2) - threads))
         self._uploaders: Workers[_Upload] = Workers(lambda: self._upload, workers=uploads, depth=uploads + 1,
@@ -92,8 +94,10 @@ class BlobWriter:
         capacity = (config.pack_target + config.chunk_size + self.envelope.packs.span(MAX_PACK_ENTRIES)
                     + self.envelope.packs.overhead)
         self._free: WorkQueue[PackBuilder] = WorkQueue(uploads + 1)
-        for _ in range(uploads + 1):
-            self._free.put(PackBuilder(capacity, self.envelope.packs))
+        stage = Stage()  # blobs are added under _pack_lock, one at a time: one staging buffer for all
+        self._builders = [PackBuilder(capacity, self.envelope.packs, spill_dir, stage) for _ in range(uploads + 1)]
+        for builder in self._builders:
+            self._free.put(builder)
         self._encoders.on_close(self._free.close)  # wakes an encoder waiting for a pack buffer
         self._builder: PackBuilder | None = None
         self._lock = threading.Lock()  # stats, dedup set, written packs; never held while blocking
@@ -145,6 +149,7 @@ class BlobWriter:
             if self._encoders.closed:  # failed or interrupted: no thread may outlive the writer
                 self._encoders.abort()
                 self._uploaders.abort()
+            self._close_builders()
         if cancelled:
             self._raise_if_failed()
             raise RepositoryError("backup aborted")
@@ -174,6 +179,13 @@ class BlobWriter:
         self._aborted = True
         self._encoders.abort()  # also closes the linked upload pool and wakes everything waiting
         self._uploaders.abort()
+        self._close_builders()
+
+    def _close_builders(self) -> None:
+        """Release the packs' files — only once no worker thread can read one any more."""
+        if self._encoders.idle and self._uploaders.idle:
+            for builder in self._builders:
+                builder.close()
 
     def __enter__(self) -> BlobWriter:
         return self

@@ -27,9 +27,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from ..spill import Spill
+
 _NAME = re.compile(r"^[A-Za-z0-9._%-]+(/[A-Za-z0-9._%-]+)*$")
 
-Data = bytes | bytearray | memoryview
+Data = bytes | bytearray | memoryview | Spill  # a Spill: a pack built in a private file (``spill``)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ObjectNotFound, PermanentBackendError, RepositoryError, TransientBackendError, UsageError
+from ..spill import Spill, data_size, pieces
 from .base import Backend, Data, ObjectInfo, check_name
 
 _PIECE = 1 << 20  # write in pieces of this size
@@ -154,28 +155,29 @@ class LocalBackend(Backend):
     def _write_temp(self, path: Path, data: Data) -> Path:
         self._ensure_dir(path.parent)
         tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(6)}")
-        view = memoryview(data).cast("B")
-        fd, direct = self._open_temp(tmp, len(view) >= _DIRECT_MIN)
+        fd, direct = self._open_temp(tmp, data_size(data) >= _DIRECT_MIN)
         try:
-            bounce = self._bounce() if direct else None
-            source_aligned = direct and _page_aligned(view)  # pieces start at multiples of _PIECE
-            while view:
-                piece = view[:_PIECE]
-                if bounce is not None:
+            if isinstance(data, Spill):  # read piece by piece into the (page-aligned) bounce buffer
+                source, source_aligned = pieces(data, memoryview(self._bounce())), True
+            else:
+                view = memoryview(data).cast("B")
+                source, source_aligned = (view[i:i + _PIECE] for i in range(0, len(view), _PIECE)), _page_aligned(view)
+            for piece in source:  # pieces start at multiples of _PIECE
+                if direct:
                     aligned = len(piece) - len(piece) % _ALIGN
-                    if aligned and source_aligned:  # straight from the caller's page-aligned buffer
+                    if aligned and source_aligned:  # straight from a page-aligned buffer
                         self._write_all(fd, piece[:aligned])
                     elif aligned:
+                        bounce = self._bounce()
                         bounce[:aligned] = piece[:aligned]
                         with memoryview(bounce) as b:
                             self._write_all(fd, b[:aligned])
                     if aligned != len(piece):  # unaligned tail: only at the very end of the object
                         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                        bounce = None
+                        direct = False
                         self._write_all(fd, piece[aligned:])
                 else:
                     self._write_all(fd, piece)
-                view = view[len(piece):]
             os.fsync(fd)
         except BaseException:
             os.close(fd)

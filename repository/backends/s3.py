@@ -58,6 +58,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConfigParseError, C
                                  ProfileNotFound, ReadTimeoutError, ResponseStreamingError)
 
 from ..errors import ObjectNotFound, PermanentBackendError, TransientBackendError, UsageError
+from ..spill import Spill, data_size, pieces
 from .base import Backend, Data, ObjectInfo, check_name, has_userinfo, redact_url
 
 T = TypeVar("T")
@@ -82,29 +83,42 @@ _NETWORK = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError,
             ResponseStreamingError, ConnectionError, TimeoutError)
 
 
-class _ViewReader:
-    """A seekable, read-only file over a memoryview: lets boto3 sign and send a pack without copying it
-    (retries seek back to 0)."""
+class _BodyReader:
+    """A seekable, read-only file over ``data[start:end]`` — a buffer or a :class:`~..spill.Spill` — that
+    lets boto3 sign and send a pack without copying it whole (retries seek back to 0). A spill is read
+    in the pieces boto3 asks for: the pack never sits in this process's memory."""
 
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
+    def __init__(self, data: Data, start: int = 0, end: int | None = None) -> None:
+        self._data = data if isinstance(data, Spill) else memoryview(data).cast("B")
+        self._start = start
+        self._end = data_size(data) if end is None else min(end, data_size(data))
         self._pos = 0
 
     def __len__(self) -> int:
-        return len(self._view)
+        return self._end - self._start
 
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._view) if n is None or n < 0 else min(len(self._view), self._pos + n)
-        out = bytes(self._view[self._pos:end])
-        self._pos = end
-        return out
+    def read(self, n: int | None = -1) -> bytes:
+        left = len(self) - self._pos
+        count = left if n is None or n < 0 else max(0, min(left, n))
+        at = self._start + self._pos
+        self._pos += count
+        if isinstance(self._data, Spill):
+            return self._data.read(at, count)
+        return bytes(self._data[at:at + count])
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else len(self._view) + pos
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else len(self) + pos
         return self._pos
 
     def tell(self) -> int:
         return self._pos
+
+
+def _md5(data: Data) -> bytes:
+    digest = hashlib.md5()
+    for piece in pieces(data, memoryview(bytearray(1 << 20))):
+        digest.update(piece)
+    return digest.digest()
 
 
 def check_bucket(bucket: str) -> str:
@@ -284,7 +298,7 @@ class S3Backend(Backend):
     def _locked(self, name: str) -> bool:
         return self.object_lock is not None and (name == "config" or name.startswith(LOCKED_PREFIXES))
 
-    def _lock_args(self, name: str, body: memoryview | bytes) -> dict[str, Any]:
+    def _lock_args(self, name: str, body: Data) -> dict[str, Any]:
         """Retention headers for a new object of a locked repository (with the Content-MD5 AWS requires)."""
         if not self._locked(name):
             return {}
@@ -292,7 +306,7 @@ class S3Backend(Backend):
         mode, days = self.object_lock
         until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
         return {"ObjectLockMode": mode, "ObjectLockRetainUntilDate": until,
-                "ContentMD5": base64.b64encode(hashlib.md5(body).digest()).decode()}
+                "ContentMD5": base64.b64encode(_md5(body)).decode()}
 
     def extend_lock(self, name: str, until: float) -> None:
         if self.object_lock is None:
@@ -306,12 +320,11 @@ class S3Backend(Backend):
 
     def put(self, name: str, data: Data) -> None:
         key = self._key(name)
-        view = memoryview(data).cast("B")
-        if len(view) >= self.multipart_threshold:
-            self._multipart(name, key, view)
+        if data_size(data) >= self.multipart_threshold:
+            self._multipart(name, key, data)
             return
-        lock = self._lock_args(name, view)
-        self._call("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=_ViewReader(view),
+        lock = self._lock_args(name, data)
+        self._call("PUT", name, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=_BodyReader(data),
                                                                **lock))
 
     def put_if_absent(self, name: str, data: Data) -> bool:
@@ -358,13 +371,13 @@ class S3Backend(Backend):
             self._call("DELETE", name, lambda: self.client.delete_object(Bucket=self.bucket, Key=key, VersionId=mine))
         return False
 
-    def _multipart(self, name: str, key: str, view: memoryview) -> None:
+    def _multipart(self, name: str, key: str, data: Data) -> None:
         upload = self._call("PUT", name, lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=key))
         upload_id = upload["UploadId"]
         try:
             parts = []
-            for number, start in enumerate(range(0, len(view), self.part_size), 1):
-                piece = _ViewReader(view[start:start + self.part_size])
+            for number, start in enumerate(range(0, data_size(data), self.part_size), 1):
+                piece = _BodyReader(data, start, start + self.part_size)
                 r = self._call("PUT", name, lambda n=number, b=piece: self.client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=b))
                 parts.append({"PartNumber": number, "ETag": r["ETag"]})
@@ -374,7 +387,7 @@ class S3Backend(Backend):
             except PermanentBackendError as exc:
                 # A proxy that replayed the request after losing the first reply finds the upload
                 # already completed: the object is there, whole.
-                if exc.code != "NoSuchUpload" or self.head(name).size != len(view):
+                if exc.code != "NoSuchUpload" or self.head(name).size != data_size(data):
                     raise
             if self._locked(name):
                 # RGW ignores retention given to create_multipart_upload: set it on the completed object

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from ..errors import TransientBackendError
 from ..ratelimit import Pauses, TokenBucket
+from ..spill import data_size
 from .base import Backend, Data, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -280,11 +281,11 @@ class RateLimited(BackendWrapper):
         super().cancel()
 
     def put(self, name: str, data: Data) -> None:
-        self.bucket.consume(memoryview(data).nbytes)
+        self.bucket.consume(data_size(data))
         self.inner.put(name, data)
 
     def put_if_absent(self, name: str, data: Data) -> bool:
-        self.bucket.consume(memoryview(data).nbytes)
+        self.bucket.consume(data_size(data))
         return self.inner.put_if_absent(name, data)
 
 
@@ -362,11 +363,11 @@ class Counting(BackendWrapper):
         return self.snapshot()["requests"]
 
     def put(self, name: str, data: Data) -> None:
-        self._counted("put", lambda: self.inner.put(name, data), memoryview(data).nbytes)
+        self._counted("put", lambda: self.inner.put(name, data), data_size(data))
         self._wrote(name)
 
     def put_if_absent(self, name: str, data: Data) -> bool:
-        stored = self._counted("put_if_absent", lambda: self.inner.put_if_absent(name, data), memoryview(data).nbytes)
+        stored = self._counted("put_if_absent", lambda: self.inner.put_if_absent(name, data), data_size(data))
         if stored:
             self._wrote(name)
         return stored
