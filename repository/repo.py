@@ -943,6 +943,34 @@ class Repository:
                                  f"got {len(data)}")
         return data
 
+    def read_pieces(self, rng: ReadRange, buf: memoryview) -> Iterator[tuple[bytes, Location, memoryview]]:
+        """The stored payload of each blob of *rng*, in offset order, read from one request as it arrives
+        into *buf* (at least the longest payload; each view is valid until the next): a range is never
+        held whole in memory. Gaps between blobs are read past; a pack that ends early is an
+        :class:`IntegrityError` naming it."""
+        name = pack_name(rng.pack)
+        try:
+            reader = self.backend.open_range(name, rng.start, rng.end - rng.start)
+        except ObjectNotFound:
+            raise IntegrityError(f"pack {name} is missing from {self.url}") from None
+        try:
+            pos = rng.start
+            for blob, loc in sorted(rng.items, key=lambda it: it[1].offset):
+                while pos < loc.offset:  # a gap the plan coalesced over
+                    skip = min(len(buf), loc.offset - pos)
+                    if reader.readinto(buf[:skip]) != skip:
+                        raise IntegrityError(f"pack {name} is truncated: wanted bytes {rng.start}..{rng.end}")
+                    pos += skip
+                view = buf[:loc.length]
+                got = reader.readinto(view)
+                if got != loc.length:
+                    raise IntegrityError(f"pack {name} is truncated: wanted bytes {rng.start}..{rng.end}, "
+                                         f"got {pos + got - rng.start}")
+                pos += got
+                yield blob, loc, view
+        finally:
+            reader.close()
+
     def decode(self, blob: bytes, loc: Location, payload: bytes | memoryview) -> bytes:
         """Open (format 2), decompress and verify one blob's payload."""
         where = f"pack {loc.pack} at offset {loc.offset}"

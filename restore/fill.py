@@ -13,10 +13,12 @@ of decoding *plus* writing. Why pooled buffers: a fresh 4 MiB ``bytes`` per blob
 (zeroed pages) — measured 3.6 s of CPU per 1.9 GB on the benchmark machine, as much as decompressing —
 and page-aligned memory is what ``O_DIRECT`` writes need (:mod:`.direct`).
 
-Memory is bounded whatever the disk size: ``workers`` range reads of at most :data:`MAX_RANGE` bytes,
-and one buffer of one blob per decoder plus :data:`WRITE_SLOTS` being written (blobs are at most the
-repository's chunk size); the writer queue holds views into those buffers, never copies. With the
-defaults (4 workers, 4 MiB chunks): 32 + 24 MiB, whatever the disk size.
+Memory is bounded whatever the disk size: a decoder reads its range's blobs one at a time from the
+range's single request (``Repository.read_pieces``) into its own buffer of one stored blob, decodes it
+into one of the pooled buffers — one per decoder plus :data:`WRITE_SLOTS` being written (blobs are at
+most the repository's chunk size) — and the writer queue holds views into those, never copies. With the
+defaults (4 workers, 4 MiB chunks): 16 + 24 MiB, whatever the disk and range sizes; ranges can be long
+(:data:`MAX_RANGE`), so a restore from S3 makes few requests.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from fleece.repository.workers import WorkQueue, Workers
 
 from .targets import ZERO_GRAIN, Target
 
-MAX_RANGE = 8 << 20  # one GET: enough to amortise a request, small enough to bound memory per worker
+MAX_RANGE = 32 << 20  # one GET: streamed blob by blob, so its length costs no memory; still a unit of work
 #: read across gaps between wanted blobs of a pack no larger than this: none. A restore from S3 never
 #: fetches a byte it does not need (blobs a newer layer replaced sit between needed ones in old packs);
 #: the requests a gap costs run in parallel, ``workers`` of them at a time
@@ -259,19 +261,23 @@ def fill(repo: Repository, target: Target, pieces: list[Piece], *, mask: bool, w
     writers: Workers[_Write] = Workers(writer, workers=DIRECT_WRITERS if direct else max(1, workers),
                                        depth=4 * max(1, workers), name="fleece-restore-write")
 
+    payload_size = _page_round(max((loc.length for r in ranges for _, loc in r.items), default=0))
+
     def decoder() -> Callable[[ReadRange], None]:
+        # one stored payload at a time, read from the range's request as it arrives: a decoder holds one
+        # blob's bytes, not a whole range (ranges can then be long: fewer requests for the same memory)
+        payload = memoryview(mmap.mmap(-1, max(payload_size, mmap.PAGESIZE)))
+
         def decode(rng: ReadRange) -> None:
             # one write more than the range makes, dropped when its last job is queued: the range cannot
             # complete while its writes are still being queued
             pending = _Pending(range_key(rng), 1, 0)
             try:
-                data = memoryview(repo.read_range(rng.pack, rng.start, rng.end - rng.start))
-                for blob, loc in rng.items:
+                for blob, loc, stored in repo.read_pieces(rng, payload):
                     _check_pieces(blob, loc.raw_length, uses[blob])
                     slot = free.get(cancel=pool)
                     try:
-                        repo.decode_into(blob, loc, data[loc.offset - rng.start:loc.offset - rng.start + loc.length],
-                                         slot.view)
+                        repo.decode_into(blob, loc, stored, slot.view)
                         jobs, written, zeros = _writes(slot, uses[blob], mask)
                     except BaseException:
                         free.put(slot)

@@ -188,3 +188,22 @@ def test_interrupted_put_leaves_nothing(backend: Backend) -> None:
     for info in backend.list():
         assert info.size == size and backend.get(info.name) == data, f"partial object {info.name}"
     assert backend.put_if_absent("points/vm/partial", b"whole") is True
+
+
+def test_open_range_reads_the_range_in_pieces(backend: Backend) -> None:
+    """What a restore reads: one request per range, its blobs read one by one into the caller's buffer."""
+    data = os.urandom((3 << 20) + 777)
+    backend.put("data/44/ranged", data)
+    reader = backend.open_range("data/44/ranged", 1000, 2 << 20)
+    buf = memoryview(bytearray(300_000))
+    got = bytearray()
+    while n := reader.readinto(buf):
+        got += buf[:n]
+    reader.close()
+    assert bytes(got) == data[1000:1000 + (2 << 20)]
+    tail = backend.open_range("data/44/ranged", len(data) - 10, 1000)  # the object ends first: fewer bytes
+    assert tail.readinto(buf) == 10 and bytes(buf[:10]) == data[-10:]
+    assert tail.readinto(buf) == 0
+    tail.close()
+    with pytest.raises(ObjectNotFound):
+        backend.open_range("data/44/missing", 0, 100).readinto(buf)

@@ -11,7 +11,9 @@ import pytest
 
 from faults import Fault, Faulty
 from fleece.repository import Repository
-from fleece.repository.backends import (Counting, LocalBackend, RateLimited, Retrying, layer, open_backend)
+from fleece.repository.backends import (BackendWrapper, Counting, LocalBackend, RateLimited, Retrying, layer,
+                                        open_backend)
+from fleece.repository.backends.base import RangeReader
 from fleece.repository.errors import ObjectNotFound, PermanentBackendError, TransientBackendError
 
 
@@ -113,6 +115,69 @@ def test_a_listing_that_keeps_failing_gives_up(local) -> None:
     faulty = Faulty(local, Fault("list", error=lambda: transient("index/"), times=None))
     with pytest.raises(TransientBackendError, match="gave up after 2 attempts"):
         list(retrying(faulty, attempts=2).list("index/"))
+
+
+class CutMidway(BackendWrapper):
+    """open_range whose first *times* bodies break after *after* bytes (a connection reset mid-GET)."""
+
+    def __init__(self, inner, after: int, times: int) -> None:
+        super().__init__(inner)
+        self.after, self.times, self.opened = after, times, []
+
+    def open_range(self, name: str, offset: int, length: int) -> RangeReader:
+        self.opened.append((offset, length))
+        reader, cut = self.inner.open_range(name, offset, length), len(self.opened) <= self.times
+        left = [self.after]
+
+        class Broken(RangeReader):
+            def readinto(self, out: memoryview) -> int:
+                if cut and left[0] <= 0:
+                    raise transient(name)
+                n = reader.readinto(out[:left[0]] if cut else out)
+                left[0] -= n
+                return n
+
+            def close(self) -> None:
+                reader.close()
+
+        return Broken(b"")
+
+
+def test_a_range_cut_midway_is_resumed_from_where_it_stopped(local) -> None:
+    data = random.Random(3).randbytes(1 << 20)
+    local.put("data/aa/p", data)
+    cut = CutMidway(local, after=100_000, times=2)
+    sleeps: list[float] = []
+    counting = Counting(cut)
+    reader = retrying(counting, sleeps=sleeps).open_range("data/aa/p", 5000, 600_000)
+    out = memoryview(bytearray(600_000))
+    assert reader.readinto(out) == 600_000
+    reader.close()
+    assert bytes(out) == data[5000:605_000]
+    # two bodies broke after 100,000 bytes each: the rest was asked for, never the whole range again
+    assert cut.opened == [(5000, 600_000), (105_000, 500_000), (205_000, 400_000)]
+    assert len(sleeps) == 2
+    snap = counting.snapshot()
+    assert snap["operations"] == {"get": 3} and snap["errors"] == {"get": 2}
+    assert snap["received_bytes"] == 600_000
+
+
+def test_a_range_that_keeps_breaking_gives_up(local) -> None:
+    local.put("data/aa/p", bytes(300_000))
+    reader = retrying(CutMidway(local, after=1000, times=99), attempts=3).open_range("data/aa/p", 0, 300_000)
+    with pytest.raises(TransientBackendError, match="gave up after 3 attempts"):
+        reader.readinto(memoryview(bytearray(300_000)))
+
+
+def test_a_wrapper_that_only_overrides_get_is_in_the_path_of_open_range(local) -> None:
+    """The contract's default open_range reads through get: a fault injector (or any wrapper that knows
+    only get) sees the restore's reads."""
+    local.put("data/aa/p", b"0123456789")
+    faulty = Faulty(local, Fault("get", error=lambda: transient("data/aa/p"), times=1))
+    reader = retrying(faulty).open_range("data/aa/p", 2, 5)
+    out = memoryview(bytearray(5))
+    assert reader.readinto(out) == 5 and bytes(out) == b"23456"
+    assert faulty.ops("get") == ["data/aa/p"] * 2
 
 
 # -- Counting ---------------------------------------------------------------------------------------------

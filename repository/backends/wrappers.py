@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from ..errors import TransientBackendError
 from ..ratelimit import Pauses, TokenBucket
 from ..spill import data_size
-from .base import Backend, Data, ObjectInfo
+from .base import Backend, Data, ObjectInfo, RangeReader
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,9 @@ class Retrying(BackendWrapper):
     def head(self, name: str) -> ObjectInfo:
         return self.call("head", name, lambda: self.inner.head(name))
 
+    def open_range(self, name: str, offset: int, length: int) -> RangeReader:
+        return _ResumingRange(self, name, offset, length)
+
     def delete(self, name: str) -> None:
         self.call("delete", name, lambda: self.inner.delete(name))
 
@@ -259,6 +262,51 @@ class Retrying(BackendWrapper):
                 self._pause_or_give_up(exc, attempt, f"list {prefix or '/'}", started)
 
 
+class _ResumingRange(RangeReader):
+    """A range read under the retry policy: a failure opening it or in the middle of its body opens the
+    rest of the range again (one policy — attempts and deadline — for the whole range)."""
+
+    def __init__(self, policy: Retrying, name: str, offset: int, length: int) -> None:
+        self._policy, self._name = policy, name
+        self._pos, self._end = offset, offset + length
+        self._started = policy._start()
+        self._attempt = 0
+        self._inner: RangeReader | None = None
+        self._open()
+
+    def _open(self) -> None:
+        while True:
+            self._attempt += 1
+            try:
+                self._inner = self._policy.inner.open_range(self._name, self._pos, self._end - self._pos)
+                return
+            except TransientBackendError as exc:
+                self._policy._pause_or_give_up(exc, self._attempt, f"get {self._name}", self._started)
+
+    def readinto(self, out: memoryview) -> int:
+        done = 0
+        while done < len(out) and self._pos < self._end:
+            assert self._inner is not None
+            try:
+                n = self._inner.readinto(out[done:])
+            except TransientBackendError as exc:
+                self._inner.close()
+                self._inner = None
+                self._policy._pause_or_give_up(exc, self._attempt, f"get {self._name}", self._started)
+                self._open()
+                continue
+            if n == 0:
+                break
+            done += n
+            self._pos += n
+        return done
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+            self._inner = None
+
+
 # -- rate limiting ---------------------------------------------------------------------------------------
 
 class RateLimited(BackendWrapper):
@@ -279,6 +327,9 @@ class RateLimited(BackendWrapper):
     def cancel(self) -> None:
         self.bucket.cancel()
         super().cancel()
+
+    def open_range(self, name: str, offset: int, length: int) -> RangeReader:
+        return self.inner.open_range(name, offset, length)  # reads are not limited
 
     def put(self, name: str, data: Data) -> None:
         self.bucket.consume(data_size(data))
@@ -303,6 +354,23 @@ def _innermost(backend: Backend) -> Backend:
     while isinstance(backend, BackendWrapper):
         backend = backend.inner
     return backend
+
+
+class _CountedRange(RangeReader):
+    def __init__(self, counter: Counting, inner: RangeReader) -> None:
+        self._counter, self._inner = counter, inner
+
+    def readinto(self, out: memoryview) -> int:
+        try:
+            n = self._inner.readinto(out)
+        except BaseException:
+            self._counter._done_bytes(0, failed="get")  # a body lost midway: the request failed after all
+            raise
+        self._counter._done_bytes(n)
+        return n
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class Counting(BackendWrapper):
@@ -337,6 +405,13 @@ class Counting(BackendWrapper):
             self._received += received
             if failed:
                 self._errors[op] += 1
+
+    def _done_bytes(self, received: int, failed: str | None = None) -> None:
+        """Bytes of a request counted already (a streamed range); *failed*: it failed midway."""
+        with self._lock:
+            self._received += received
+            if failed:
+                self._errors[failed] += 1
 
     def _counted(self, op: str, fn: Callable[[], T], sent: int = 0) -> T:
         try:
@@ -374,6 +449,11 @@ class Counting(BackendWrapper):
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._counted("get", lambda: self.inner.get(name, offset, length))
+
+    def open_range(self, name: str, offset: int, length: int) -> RangeReader:
+        """One ``get`` (its request), whose bytes are counted as they are read."""
+        reader = self._counted("get", lambda: self.inner.open_range(name, offset, length))
+        return _CountedRange(self, reader)
 
     def head(self, name: str) -> ObjectInfo:
         return self._counted("head", lambda: self.inner.head(name))
