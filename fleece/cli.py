@@ -7,6 +7,7 @@ log lines and progress go to stderr.
 from __future__ import annotations
 
 import argparse
+import gc
 import ctypes
 import logging
 import os
@@ -99,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # another Ctrl-C while the first was being reported: it was reported
         _ignore_signals()
         return Interrupted.exit
+    finally:
+        # the command is over: interpreter exit then skips collecting every object left (boto3's model
+        # graph made exit take 0.26–0.39 s per S3 command here, 0.02 s frozen)
+        gc.freeze()
 
 
 def _ignore_signals() -> None:
