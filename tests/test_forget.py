@@ -99,8 +99,10 @@ class History:
 
 
 def _run_meanwhile(args: list[str], url: str, during: Callable[[], None]) -> subprocess.CompletedProcess[str]:
-    """Run *args* (a slow backup into *url*), call *during* once a new pack is stored, then let it finish;
-    *during* must be over before the backup is (or the race it stages did not happen)."""
+    """Run *args* (a slow backup into *url*), call *during* once a new pack is stored, then let it finish.
+    The backup is stopped (SIGSTOP) while *during* runs: frozen after it stored a pack and before it
+    commits, it cannot finish first however slow *during* is on a loaded machine (a 2 MiB/s limit alone
+    left ~3 s, which a CI run under load exceeded: the race did not happen)."""
     before = pack_files(url)
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env_with())
@@ -110,8 +112,12 @@ def _run_meanwhile(args: list[str], url: str, during: Callable[[], None]) -> sub
             assert proc.poll() is None, f"the backup ended before it stored a pack: {proc.stderr.read()}"
             assert time.monotonic() < deadline, "the backup stored no pack"
             time.sleep(0.02)
-        during()
-        assert proc.poll() is None, "the backup had already finished: it raced nothing"
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            assert proc.poll() is None, "the backup had already finished: it raced nothing"
+            during()
+        finally:
+            proc.send_signal(signal.SIGCONT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
