@@ -38,7 +38,7 @@ from fleece.repository.merge import MAX_CHAIN, MAX_HINTS, merged_record
 from fleece.repository.manifest import (KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, annotation_fields,
                                        check_vm_name, new_point_id)
 
-from . import bitmaps, graph
+from . import bitmaps, graph, pause
 from fleece.repository.errors import ExportReadError, QemuError, RepositoryError
 from .audit import DEFAULT_SAMPLE, AuditReport, audit, choose_sample
 from .identity import Machine, check_history
@@ -54,7 +54,8 @@ TOOL = f"fleece {__version__}"
 #: More parallel NBD connections than this only queue inside QEMU's one I/O thread per disk.
 MAX_WORKERS = 64
 
-#: ``event(name, data)``, in run order: "frozen" (the point in time is fixed, nothing exported yet),
+#: ``event(name, data)``, in run order: "freezing" (a running guest is paused, its bitmaps not yet switched:
+#: keep the hook quick), "frozen" (the point in time is fixed, the guest runs again, nothing exported yet),
 #: "exported" (every NBD export is up, nothing planned; "disks": the ids to read), per disk "planning" (its
 #: live status is read, the fleece target not yet) and "disk" (planned, about to be read: planned sizes;
 #: "job_bytes" = what its blobs and zero ranges cover, the unit of ``on_committed``), "pulled" (every disk
@@ -222,7 +223,12 @@ class _Run:
             self._adopted = True
 
     def _recover(self, vm: str, info: VmInfo) -> VmInfo:
-        """Unwind what an earlier, killed run left in QEMU (we hold the lock: no live run owns it)."""
+        """Unwind what an earlier, killed run left in QEMU (we hold the lock: no live run owns it).
+
+        A guest it left paused is resumed first: the VM runs again before anything else is tried.
+        """
+        for line in pause.recover(self.mon):
+            log.warning("%s", line)
         for what in graph.unwind(self.mon):
             log.warning("cleaned up after an interrupted run: removed %s", what)
         info = inspect(self.mon)
@@ -316,20 +322,16 @@ class _Run:
                 graph.add_cbw(self.mon, f)
 
             # The point in time: bitmaps switch and filters go in while the guest is paused.
-            was_running = info.running
+            # A run killed inside the pause leaves a marker the next run resumes the guest by (pause.py).
             t0 = time.perf_counter()
-            if was_running:
-                self.mon.cmd("stop")
-            try:
+            with pause.paused(self.mon, point_id, info.running):
+                self.event("freezing", {"point": point_id, "paused": info.running})
                 actions = [a for f in fleeces for a in bitmaps.freeze_actions(f.disk.node, new_bitmaps[f.disk.id],
                                                                               levels[f.disk.id], None)]
                 bitmaps.transaction(self.mon, actions)
                 switched = True
                 for f in fleeces:
                     graph.insert_cbw(self.mon, f)
-            finally:
-                if was_running:
-                    self.mon.cmd("cont")
             stats["pause_ms"] = round((time.perf_counter() - t0) * 1000, 2)
             log.info("point in time fixed for %d disk(s); guest paused %.1f ms", len(fleeces), stats["pause_ms"])
             self.event("frozen", {"point": point_id, "pause_ms": stats["pause_ms"]})

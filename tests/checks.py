@@ -95,7 +95,7 @@ def fleece_bitmaps(mon: Monitor) -> dict[str, list[tuple[str, bool]]]:
 
 
 def assert_clean(mon: Monitor) -> None:
-    """No fleece exports, nodes or filters left; every device on its own node; the VM running."""
+    """No fleece exports, nodes, filters or objects left; every device on its own node; the VM running."""
     assert mon.cmd("query-block-exports") == []
     nodes = [n["node-name"] for n in mon.cmd("query-named-block-nodes", {"flat": True})]
     assert not [n for n in nodes if n.startswith("fleece-")], nodes
@@ -103,6 +103,8 @@ def assert_clean(mon: Monitor) -> None:
         if dev.get("inserted"):
             assert not dev["inserted"]["node-name"].startswith("fleece-")
     assert mon.cmd("query-status")["status"] == "running"
+    objects = [o["name"] for o in mon.cmd("qom-list", {"path": "/objects"})]
+    assert not [o for o in objects if o.startswith("fleece-")], objects
     jobs = mon.cmd("query-block-jobs")
     assert jobs == []
 
