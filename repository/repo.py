@@ -937,11 +937,13 @@ class Repository:
         try:
             data = self.backend.get(name, offset, length)
         except ObjectNotFound:
-            raise IntegrityError(f"pack {name} is missing from {self.url}") from None
+            raise self._pack_missing(name) from None
         if len(data) != length:
-            raise IntegrityError(f"pack {name} is truncated: wanted bytes {offset}..{offset + length}, "
-                                 f"got {len(data)}")
+            raise _pack_truncated(name, offset, offset + length, len(data))
         return data
+
+    def _pack_missing(self, name: str) -> IntegrityError:
+        return IntegrityError(f"pack {name} is missing from {self.url}")
 
     def read_pieces(self, rng: ReadRange, buf: memoryview) -> Iterator[tuple[bytes, Location, memoryview]]:
         """The stored payload of each blob of *rng*, in offset order, read from one request as it arrives
@@ -952,20 +954,20 @@ class Repository:
         try:
             reader = self.backend.open_range(name, rng.start, rng.end - rng.start)
         except ObjectNotFound:
-            raise IntegrityError(f"pack {name} is missing from {self.url}") from None
+            raise self._pack_missing(name) from None
         try:
             pos = rng.start
             for blob, loc in sorted(rng.items, key=lambda it: it[1].offset):
                 while pos < loc.offset:  # a gap the plan coalesced over
                     skip = min(len(buf), loc.offset - pos)
-                    if reader.readinto(buf[:skip]) != skip:
-                        raise IntegrityError(f"pack {name} is truncated: wanted bytes {rng.start}..{rng.end}")
+                    got = reader.readinto(buf[:skip])
+                    if got != skip:
+                        raise _pack_truncated(name, rng.start, rng.end, pos + got - rng.start)
                     pos += skip
                 view = buf[:loc.length]
                 got = reader.readinto(view)
                 if got != loc.length:
-                    raise IntegrityError(f"pack {name} is truncated: wanted bytes {rng.start}..{rng.end}, "
-                                         f"got {pos + got - rng.start}")
+                    raise _pack_truncated(name, rng.start, rng.end, pos + got - rng.start)
                 pos += got
                 yield blob, loc, view
         finally:
@@ -1090,3 +1092,7 @@ def _make_slot(keys: Keys, credential: Credential, repo_id: str, access: str, kd
     scrypt_n = tune_scrypt(seconds) if credential.kind == "passphrase" else None
     return new_slot(keys, credential.secret, repo=repo_id, kind=credential.kind, access=access, scrypt_n=scrypt_n,
                     label=label)
+
+
+def _pack_truncated(name: str, start: int, end: int, got: int) -> IntegrityError:
+    return IntegrityError(f"pack {name} is truncated: wanted bytes {start}..{end}, got {got}")

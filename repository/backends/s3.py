@@ -115,6 +115,8 @@ class _BodyReader:
 
 
 def _md5(data: Data) -> bytes:
+    if not isinstance(data, Spill):
+        return hashlib.md5(data).digest()  # a buffer in memory needs no bounce buffer
     digest = hashlib.md5()
     for piece in pieces(data, memoryview(bytearray(1 << 20))):
         digest.update(piece)
@@ -405,17 +407,13 @@ class S3Backend(Backend):
         if length is not None and length <= 0:
             self.head(name)
             return b""
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if offset or length is not None:
-            args["Range"] = f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
+        rng = None if not offset and length is None else f"bytes={offset}-" + (
+            "" if length is None else str(offset + length - 1))
 
         def fetch() -> bytes:
-            try:
-                r = self.client.get_object(**args)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                    return b""  # offset at or past the end
-                raise
+            r = self._get_object(key, rng)
+            if r is None:
+                return b""
             body = r["Body"].read()  # a connection reset here is retried like any other transient error
             expected = r.get("ContentLength")
             if expected is not None and len(body) != expected:
@@ -428,20 +426,23 @@ class S3Backend(Backend):
         """One ranged GET whose body is read as the caller asks: the range never sits whole in memory."""
         if length <= 0:
             return RangeReader(self.get(name, offset, length))
-        args = {"Bucket": self.bucket, "Key": self._key(name), "Range": f"bytes={offset}-{offset + length - 1}"}
-
-        def fetch() -> Any:
-            try:
-                return self.client.get_object(**args)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                    return None  # offset at or past the end
-                raise
-
-        r = self._call("GET", name, fetch)
+        key, rng = self._key(name), f"bytes={offset}-{offset + length - 1}"
+        r = self._call("GET", name, lambda: self._get_object(key, rng))
         if r is None:
             return RangeReader(b"")
         return _S3Range(self, name, r["Body"], int(r.get("ContentLength") or 0))
+
+    def _get_object(self, key: str, rng: str | None) -> Any:
+        """One GET (of *rng*, an HTTP Range, if given); None if the range starts at or past the end."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if rng is not None:
+            args["Range"] = rng
+        try:
+            return self.client.get_object(**args)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return None
+            raise
 
     def head(self, name: str) -> ObjectInfo:
         key = self._key(name)
