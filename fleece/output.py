@@ -43,9 +43,11 @@ def stdout_errors() -> Iterator[None]:
         raise OutputError(f"cannot write to stdout: {exc.strerror or exc} (the command itself completed)") from None
 
 
-def emit_json(doc: Any) -> None:
+def emit_json(doc: Any, one_line: bool = False) -> None:
+    """The command's one JSON document. *one_line*: for a command that keeps running after it (``serve``
+    prints it once ready), so a script can read one line and go on."""
     with stdout_errors():
-        json.dump(doc, sys.stdout, indent=1, sort_keys=True, default=str)
+        json.dump(doc, sys.stdout, indent=None if one_line else 1, sort_keys=True, default=str)
         sys.stdout.write("\n")
 
 

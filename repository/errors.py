@@ -27,6 +27,7 @@
      ├── WrongKeyError               kind "key"          exit 1   no key slot opens with the password / key file
      │    └── KeyAccessError         kind "key-access"           a write-only key cannot read disk contents
      └── RestoreError                kind "restore"      exit 1   a target image cannot be made or written
+          └── ServeError             kind "serve"                nbdkit could not serve a point, or died
 
 Every message is one line meant for a user as-is: it names the object or device involved and says what
 to do next. Decisions are made on the class and its fields (``code``, ``status``, ``object``), never on
@@ -254,3 +255,10 @@ class RestoreError(FleeceError):
     """The target image could not be created or written."""
 
     kind = "restore"
+
+
+class ServeError(RestoreError):
+    """``fleece serve``: nbdkit could not start serving the point (the plugin's reason is the message), or
+    stopped on its own."""
+
+    kind = "serve"
