@@ -1,14 +1,21 @@
-"""``fleece serve``: a point's disks as NBD exports, in the foreground until SIGTERM or Ctrl-C.
+"""``fleece serve`` and ``fleece live-restore``: a point's disks served from the repository.
 
-Thin: arguments → ``restore.serve`` → the exports' URIs once they accept connections (one line each, or
-one JSON document with ``--json``, flushed at once so a script can wait for it) → wait.
+``serve``: arguments → ``restore.serve`` → the exports' URIs once they accept connections (one line each,
+or one JSON document on one line with ``--json``, flushed at once so a script can wait for it) → wait
+for SIGTERM or Ctrl-C.
+
+``live-restore``: arguments → ``restore.live`` → the QEMU arguments to start the VM with, as soon as the
+images exist (``--json``: a first line ``{"stage": "ready", …}``) → the stream's progress → a last line
+``{"stage": "done", …}`` once the images stand alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +89,82 @@ def serve_run(args: argparse.Namespace) -> int:
             return 0
         finally:
             server.stop()
+
+
+def live_args(p: argparse.ArgumentParser) -> None:
+    c = _commands()
+    c.add_repo(p)
+    p.add_argument("--vm", required=True, type=c.vm_name, help="the VM whose point to restore")
+    p.add_argument("--point", default="latest", metavar="ID|latest", help="point id (or a unique prefix); default latest")
+    p.add_argument("--disk", action="append", metavar="ID", help="only this disk (repeatable)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="directory for the local images (DIR/<disk>.qcow2), made 0700 if missing")
+    p.add_argument("--qmp", type=Path, metavar="SOCK",
+                   help="the QMP socket the new QEMU opens (default: DIR/qmp.sock, in the printed -qmp argument)")
+    p.add_argument("--qmp-timeout", type=c.whole_number(1, 86400), default=600, metavar="S",
+                   help="seconds to wait for that QEMU (default 600)")
+    p.add_argument("--speed", type=c.whole_number(0), default=0, metavar="MB/S",
+                   help="cap each disk's stream (default 0: as fast as it goes)")
+    p.add_argument("--stream-retries", type=c.whole_number(0, 100), default=5, metavar="N",
+                   help="times a stream paused by a read error is resumed (after 1, 2, 4 … s) before it is "
+                        "cancelled (default 5)")
+    p.add_argument("--force", action="store_true", help="replace existing images in DIR")
+    p.add_argument("--workers", type=c.workers_count, default=4, metavar="N",
+                   help="parallel fetches from the repository per disk (default 4)")
+
+
+def live_run(args: argparse.Namespace) -> int:
+    from fleece.restore.live import LiveRequest, LiveRestore
+
+    from .output import Progress
+
+    req = LiveRequest(vm=args.vm, out=args.out, point=args.point, disks=args.disk, qmp=args.qmp,
+                      qmp_timeout=args.qmp_timeout, force=args.force, speed=args.speed * 1_000_000,
+                      workers=args.workers, resume_attempts=args.stream_retries)
+    bar: Progress | None = None
+    with _commands().open_repo(args, workers=args.workers) as repo:
+        live = LiveRestore(repo, req, endpoint=args.s3_endpoint)
+        try:
+            started = time.monotonic()
+            plan = live.prepare()
+            ready = {"stage": "ready", "vm": plan.vm, "point": plan.point, "qmp": str(plan.qmp),
+                     "images": {d.disk: str(d.image) for d in plan.disks.values()},
+                     "nodes": {d.disk: d.node for d in plan.disks.values()}, "qemu_args": plan.qemu_args,
+                     "devices": plan.devices(), "exports": plan.export_uri}
+            if args.json:
+                emit_json(ready, one_line=True)
+            else:
+                print(f"images ready for VM {plan.vm} point {plan.point}; start QEMU with:")
+                print("  " + " ".join(shlex.quote(a) for a in plan.qemu_args))
+                for d, dev in plan.devices().items():
+                    print(f"  -device {dev}    (disk {d}; any bus will do)")
+                print(f"waiting for its QMP socket {plan.qmp} ...")
+            sys.stdout.flush()
+            waited = live.attach()
+            log.info("QEMU is up on %s after %.1f s; streaming", plan.qmp, waited)
+            bar = Progress("live restore", sum(d.size for d in plan.disks.values()), "copied")
+            seen = [0]
+
+            def progress(done: int, total: int) -> None:
+                bar(done - seen[0], total)  # type: ignore[misc]
+                seen[0] = done
+            seconds = live.stream(progress)
+        except KeyboardInterrupt:
+            if live.mon is not None:
+                log.warning("interrupted while streaming: the server stops now, so the VM's reads of blocks not "
+                            "yet copied will fail; the images themselves are intact")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            live.close()
+    doc = {"stage": "done", "vm": plan.vm, "point": plan.point, "seconds": round(time.monotonic() - started, 3),
+           "waited_for_qemu_s": round(waited, 3), "stream_s": round(seconds, 3),
+           "images": {d.disk: str(d.image) for d in plan.disks.values()},
+           "disks": {d.disk: {"size": d.size, "resumes": d.resumes} for d in plan.disks.values()}}
+    if args.json:
+        emit_json(doc, one_line=True)
+    else:
+        print(f"live restore done in {seconds:.1f} s of streaming: the images stand alone (no backing file); "
+              "the VM runs on them")
+    return 0

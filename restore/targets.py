@@ -139,7 +139,7 @@ def create_file(path: Path, mode: int = FILE_MODE, flags: int = os.O_WRONLY) -> 
 
 
 def create_qcow2(path: Path, size: int, options: dict[str, Any], backing: str | None = None,
-                 mode: int = FILE_MODE, preallocation: str | None = None) -> None:
+                 mode: int = FILE_MODE, preallocation: str | None = None, backing_format: str = "qcow2") -> None:
     """A qcow2 like the source (cluster size, compat); *backing* is a name relative to *path*'s directory;
     *preallocation* ``"metadata"`` for :class:`fleece.restore.direct.PreallocatedQcow2`.
 
@@ -154,7 +154,7 @@ def create_qcow2(path: Path, size: int, options: dict[str, Any], backing: str | 
     if opts:
         args += ["-o", ",".join(opts)]
     if backing is not None:
-        args += ["-b", backing, "-F", "qcow2"]
+        args += ["-b", backing, "-F", backing_format]
     try:
         qemu_img(*args, str(path), str(size))
     except BaseException:

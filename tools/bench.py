@@ -66,6 +66,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -590,6 +591,9 @@ def one_rep(rep: int, qcow2: Path, raw: Path, work: Path, incs: int, rgw: Rgw | 
     out.append(Result("qemu-img-convert", rep, **t, extra={"layers": len(points)}))
     converted.unlink()
     out += verify_cases(rep, str(repo), points[-1], flat_data, work)
+    out += serve_cases(rep, str(repo), disk, work, flat_data)
+    if rgw is not None:
+        out += serve_cases(rep, s3repo, disk, work, flat_data, rgw.env, "-s3")
     # The VM quit: its image is the last point's disk (the restores equal the twin, and so does it).
     if rep == 0:
         same_disk(disk, twin, "raw")
@@ -644,6 +648,64 @@ def verify_cases(rep: int, repo: str, point: str, data_bytes: int, work: Path) -
                       extra={"mb_per_s": doc.get("mb_per_s") or round(data_bytes / 1e6 / t["wall_s"], 1),
                              "mb_per_s_reported": "mb_per_s" in doc, "seconds": doc.get("seconds"),
                              "fetched_bytes": doc["disks"]["vda"].get("fetched_bytes")}))
+    return out
+
+
+def serve_cases(rep: int, repo: str, disk: Path, work: Path, data: int, env: dict[str, str] | None = None,
+                suffix: str = "") -> list[Result]:
+    """``fleece serve`` of the last point: seconds from starting the command to the answer of a first 4 KiB
+    read of data (what a booting VM waits for), then ``nbdcopy`` of the whole export to ``null:`` (its
+    sequential read rate, holes skipped by block status), and the server's peak RSS (nbdkit's, which
+    holds the cache). With no suffix also the baseline: ``nbdcopy`` of the local qcow2 holding the same
+    disk (through qemu-nbd)."""
+    out: list[Result] = []
+    sock = work / f"serve{suffix}.sock"
+    subprocess.run(["sync"], check=True)
+    started = time.monotonic()
+    proc = subprocess.Popen([FLEECE, "serve", "--repo", repo, "--vm", "benchvm", "--socket", str(sock), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleece_env(env))
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"fleece serve failed: {proc.stderr.read()[-2000:]}")
+        doc = json.loads(line)
+        h = nbd.NBD()
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.connect_uri(doc["default"])
+        first: list[int] = []
+
+        def found(meta: str, offset: int, entries: list[int], err: int) -> int:
+            at = offset
+            for i in range(0, len(entries), 2):
+                if not entries[i + 1] & nbd.STATE_HOLE and not first:
+                    first.append(at)
+                at += entries[i]
+            return 0
+        pos = 0
+        while not first and pos < h.get_size():
+            h.block_status(min(1 << 30, h.get_size() - pos), pos, found)
+            pos += 1 << 30
+        h.pread(4096, first[0] if first else 0)
+        ttfb = time.monotonic() - started
+        h.shutdown()
+        p, t = timed(["nbdcopy", "--connections=4", doc["default"], "null:"])
+        status = Path(f"/proc/{doc['pid']}/status").read_text()
+        hwm = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:"))
+        out.append(Result(f"fleece-serve-first-byte{suffix}", rep, wall_s=round(ttfb, 3)))
+        # rss_mib: the server's (nbdkit with the plugin), not nbdcopy's; bytes_in: the point's data
+        out.append(Result(f"fleece-serve-nbdcopy{suffix}", rep, wall_s=t["wall_s"], rss_mib=hwm / 1024,
+                          bytes_in=data, extra={"nbdcopy_cpu_s": t["cpu_s"]}))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if not suffix:
+        p, t = timed(["nbdcopy", "--connections=4", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(disk), "]",
+                      "null:"])
+        out.append(Result("nbdcopy-qcow2", rep, **t))
     return out
 
 
@@ -886,6 +948,25 @@ def report(results: list[Result], reps: int) -> str:
     if m("fleece-full-sparse-1t"):
         checks.append(("full of a 1 TiB sparse disk with 2,000 scattered 64 KiB clusters (s)",
                        m("fleece-full-sparse-1t"), "≤ 2.0"))
+    if m("fleece-serve-nbdcopy"):
+        mb = m("fleece-serve-nbdcopy", "bytes_in")
+        checks.append(("serve: seconds from start to a first 4 KiB read of data (local)", m("fleece-serve-first-byte"),
+                       "(info)"))
+        checks.append(("serve: sequential read by nbdcopy, MB/s of the point's data (local)",
+                       mb / 1e6 / m("fleece-serve-nbdcopy"), "(info)"))
+        if m("nbdcopy-qcow2"):
+            checks.append(("serve: nbdcopy of the export / nbdcopy of the local qcow2 (wall)",
+                           m("fleece-serve-nbdcopy") / m("nbdcopy-qcow2"), "(info)"))
+        if m("fleece-restore-flat"):
+            checks.append(("serve: nbdcopy of the export / flat restore (wall)",
+                           m("fleece-serve-nbdcopy") / m("fleece-restore-flat"), "(info)"))
+        checks.append(("serve: peak RSS of the server (nbdkit + plugin, MiB)", m("fleece-serve-nbdcopy", "rss_mib"),
+                       "(info)"))
+    if m("fleece-serve-nbdcopy-s3"):
+        checks.append(("serve from RGW: seconds from start to a first 4 KiB read of data",
+                       m("fleece-serve-first-byte-s3"), "(info)"))
+        checks.append(("serve from RGW: sequential read by nbdcopy, MB/s of the point's data",
+                       m("fleece-serve-nbdcopy-s3", "bytes_in") / 1e6 / m("fleece-serve-nbdcopy-s3"), "(info)"))
     # the memory target is for backups and restores; a password unlock's scrypt alone takes 128 MiB
     # (n = 2^17, r = 8: its cost is its memory) and verify holds a point's index, so they are shown apart
     moving = ("fleece-full", "fleece-inc", "fleece-restore")
