@@ -465,12 +465,14 @@ def _register_key() -> None:
     COMMANDS["prune"] = ("delete the data no point needs (safe while backups run)", m.prune_args, m.prune_run)
     COMMANDS["protect"] = ("protect a point from forget (and set its note and tags)", m.protect_args, m.protect_run)
     COMMANDS["unprotect"] = ("let forget remove a point again", m.protect_args, m.unprotect_run)
-    from .servecmd import live_args, live_run, serve_args, serve_run
+    from .servecmd import live_args, live_run, mount_args, mount_run, serve_args, serve_run
 
     COMMANDS["serve"] = ("serve a point's disks as NBD exports from the repository (boot a VM from a backup)",
                          serve_args, serve_run)
     COMMANDS["live-restore"] = ("start a VM on a point at once and copy its disks home while it runs", live_args,
                                 live_run)
+    COMMANDS["mount"] = ("show a point's disk as a read-only file on this host (FUSE), for file-level restore",
+                         mount_args, mount_run)
 
 
 _register_key()

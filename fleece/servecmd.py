@@ -168,3 +168,62 @@ def live_run(args: argparse.Namespace) -> int:
         print(f"live restore done in {seconds:.1f} s of streaming: the images stand alone (no backing file); "
               "the VM runs on them")
     return 0
+
+
+def mount_args(p: argparse.ArgumentParser) -> None:
+    c = _commands()
+    c.add_repo(p)
+    p.add_argument("--vm", required=True, type=c.vm_name, help="the VM whose point to mount")
+    p.add_argument("--point", default="latest", metavar="ID|latest", help="point id (or a unique prefix); default latest")
+    p.add_argument("--disk", metavar="ID", help="the disk to show (required when the VM has several)")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT",
+                   help="an empty directory: the disk appears in it as the read-only file MOUNTPOINT/<disk>")
+    p.add_argument("--cache-mib", type=c.whole_number(16, 1 << 20), default=64, metavar="MIB",
+                   help="decoded blobs kept in memory (default 64)")
+
+
+def mount_run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fleece.repository import rundir
+    from fleece.restore.mount import Mount, check_fuse
+    from fleece.restore.serve import Server, ServeRequest, plan_serve
+
+    check_fuse()
+    req = ServeRequest(vm=args.vm, point=args.point, disks=[args.disk] if args.disk else None,
+                       cache_bytes=args.cache_mib << 20, verbose=args.verbose)
+    with _commands().open_repo(args) as repo:
+        plan = plan_serve(repo, req)
+        if len(plan.disks) != 1:
+            from fleece.repository.errors import UsageError
+
+            raise UsageError(f"VM {plan.point.vm} has {len(plan.disks)} disks as of point {plan.point.id} "
+                             f"({', '.join(plan.disks)}): name one with --disk")
+        run_dir = rundir.make_run_dir(Path(tempfile.gettempdir()), "fleece-mount-")
+        req.socket = run_dir / "nbd.sock"
+        server = Server(repo, req, plan, endpoint=args.s3_endpoint)
+        mount = Mount(server, plan.disks[0], args.mountpoint)
+        try:
+            server.start()
+            mount.start()
+            doc = {"vm": plan.point.vm, "point": plan.point.id, "disk": plan.disks[0], "path": str(mount.path),
+                   "size": plan.sizes[plan.disks[0]], "pid": mount.proc.pid if mount.proc else None}
+            if args.json:
+                emit_json(doc, one_line=True)
+            else:
+                print(f"point {plan.point.id} of VM {plan.point.vm}: disk {plan.disks[0]} is {mount.describe()}")
+                print(f"  a filesystem: mount -o ro,loop {mount.path} DIR; partitions: losetup -r -P --show -f "
+                      f"{mount.path}; Ctrl-C or SIGTERM unmounts")
+            sys.stdout.flush()
+            code = mount.proc.wait() if mount.proc else 0
+            from fleece.repository.errors import ServeError
+
+            raise ServeError(f"nbdfuse stopped on its own (status {code}; unmounted by someone?)")
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            mount.stop()
+            server.stop()
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)

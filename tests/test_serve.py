@@ -351,3 +351,43 @@ def test_reader_reads_ahead_of_a_sequential_reader(history) -> None:
             assert r.stats.misses == before
         finally:
             r.close()
+
+
+# -- fleece mount: the disk as a file through FUSE -----------------------------------------------------------
+
+def test_mount_shows_the_disk_as_a_private_read_only_file(history, tmp_path) -> None:
+    if not os.path.exists("/dev/fuse") or shutil.which("nbdfuse") is None:
+        pytest.skip("no FUSE here (/dev/fuse, nbdfuse): fleece mount says so itself, tested below")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    p = fleece("mount", "--repo", history["repo"], "--vm", "servevm", str(mp))
+    assert p.returncode == 2 and "name one with --disk" in p.stderr
+    proc = subprocess.Popen([FLEECE, "mount", "--repo", history["repo"], "--vm", "servevm", "--disk", "vdb", str(mp),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        doc = json.loads(proc.stdout.readline() or "{}")
+        assert doc.get("path") == str(mp / "vdb"), proc.stderr.read() if proc.poll() is not None else doc
+        assert os.path.ismount(mp)
+        f = mp / "vdb"
+        assert f.stat().st_size == ODD_SIZE
+        assert f.read_bytes() == history["refs"]["vdb"].read_bytes()
+        with pytest.raises(OSError):
+            open(f, "r+b")  # read-only
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not os.path.ismount(mp) and not list(mp.iterdir()), "unmounted, nothing left"
+    again = fleece("mount", "--repo", history["repo"], "--vm", "servevm", "--disk", "vdb", str(tmp_path / "none"))
+    assert again.returncode == 2 and "is not a directory" in again.stderr
+
+
+def test_mount_without_fuse_says_what_to_do(history, tmp_path, monkeypatch) -> None:
+    from fleece.repository.errors import HostError
+    from fleece.restore import mount
+
+    monkeypatch.setattr(mount.shutil, "which", lambda name: None)  # a machine without nbdfuse
+    with pytest.raises(HostError, match="nbdfuse is not installed.*fleece serve"):
+        mount.check_fuse()
