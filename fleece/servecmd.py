@@ -100,7 +100,14 @@ def live_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="directory for the local images (DIR/<disk>.qcow2), made 0700 if missing")
     p.add_argument("--qmp", type=Path, metavar="SOCK",
-                   help="the QMP socket the new QEMU opens (default: DIR/qmp.sock, in the printed -qmp argument)")
+                   help="the QMP socket of the new QEMU (default: DIR/qmp.sock, in the printed -qmp argument); a "
+                        "QEMU started with -S and without the images gets them from fleece, then runs")
+    p.add_argument("--print-qemu-args", action="store_true",
+                   help="print the QEMU arguments for the images and wait for that QEMU (what happens anyway; "
+                        "the flag says it in scripts)")
+    p.add_argument("--device", default="virtio-blk-pci", metavar="DRIVER[,PROP=V...]",
+                   help="device a -S QEMU gets each disk as (default virtio-blk-pci; on q35 it needs a free "
+                        "hot-plug slot, e.g. virtio-blk-pci,bus=rp0 with -device pcie-root-port,id=rp0,chassis=1)")
     p.add_argument("--qmp-timeout", type=c.whole_number(1, 86400), default=600, metavar="S",
                    help="seconds to wait for that QEMU (default 600)")
     p.add_argument("--speed", type=c.whole_number(0), default=0, metavar="MB/S",
@@ -120,7 +127,8 @@ def live_run(args: argparse.Namespace) -> int:
 
     req = LiveRequest(vm=args.vm, out=args.out, point=args.point, disks=args.disk, qmp=args.qmp,
                       qmp_timeout=args.qmp_timeout, force=args.force, speed=args.speed * 1_000_000,
-                      workers=args.workers, resume_attempts=args.stream_retries)
+                      workers=args.workers, resume_attempts=args.stream_retries,
+                      device=args.device)
     bar: Progress | None = None
     with _commands().open_repo(args, workers=args.workers) as repo:
         live = LiveRestore(repo, req, endpoint=args.s3_endpoint)

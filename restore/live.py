@@ -13,7 +13,9 @@ Sequence (:class:`LiveRestore`):
    and say how to start QEMU on them (:attr:`LivePlan.qemu_args`: one ``-blockdev`` per disk with a fixed
    node name, and a ``-qmp`` socket in ``OUT`` unless the caller names the QMP socket its QEMU opens).
 2. :meth:`~LiveRestore.attach` — wait until that QEMU's QMP socket answers; check that each node is
-   there and backed by this server (a QEMU started with other images must not be streamed into).
+   there and backed by this server (a QEMU started with other images must not be streamed into). A QEMU
+   started with ``-S`` and without the images gets them from fleece (``blockdev-add``, ``device_add``)
+   and is then let run (``cont``).
 3. :meth:`~LiveRestore.stream` — one ``block-stream`` per disk (no base: everything; ``on-error=stop``,
    kept after it ends so its outcome is read, not guessed). A read error (the bucket unreachable, a
    damaged blob — the server returns EIO, never wrong bytes) *pauses* the job: it is resumed after a
@@ -73,6 +75,7 @@ class LiveRequest:
     force: bool = False  # replace images in OUT
     speed: int = 0  # bytes/s per stream job (0: unlimited)
     resume_attempts: int = RESUME_ATTEMPTS  # of a stream paused by a read error, before it is cancelled
+    device: str = "virtio-blk-pci"  # what a QEMU started with -S gets its disks as (see LiveRestore._plug)
     cache_bytes: int = 64 << 20
     workers: int = 4
 
@@ -184,6 +187,10 @@ class LiveRestore:
             time.sleep(0.2)
         self._attached = True
         nodes = {n.get("node-name"): n for n in self.mon.cmd("query-named-block-nodes", {"flat": True})}
+        missing = [d for d in self.plan.disks.values() if d.node not in nodes]
+        if missing:
+            self._plug(missing)
+            nodes = {n.get("node-name"): n for n in self.mon.cmd("query-named-block-nodes", {"flat": True})}
         for d in self.plan.disks.values():
             node = nodes.get(d.node)
             if node is None:
@@ -194,6 +201,32 @@ class LiveRestore:
                 raise LiveRestoreError(f"block node {d.node} of the QEMU at {path} is not {d.image}: it was started "
                                        "with other images; nothing was streamed")
         return time.monotonic() - started
+
+    def _plug(self, disks: list[DiskStream]) -> None:
+        """A QEMU started without the images (``--qmp`` of a VM started with ``-S``): add each image as a
+        block node and a device (:attr:`LiveRequest.device`, id = the disk), then let the VM run. Only a VM
+        that has not run yet (``prelaunch``: ``-S``) is changed — hot-plugging disks into a running guest
+        that did not ask for them is not a restore."""
+        assert self.mon is not None
+        status = self.mon.cmd("query-status").get("status")
+        if status != "prelaunch":
+            raise LiveRestoreError(f"the QEMU at {self.plan.qmp if self.plan else '?'} has no node "  # type: ignore[union-attr]
+                                   f"{disks[0].node} and is {status}: start it with the printed -blockdev "
+                                   "arguments, or with -S (fleece then adds the disks and starts it)")
+        for d in disks:
+            self.mon.cmd("blockdev-add", {"driver": "qcow2", "node-name": d.node,
+                                          "file": {"driver": "file", "filename": str(d.image)}})
+            driver, *options = self.req.device.split(",")
+            props = dict(o.split("=", 1) for o in options if "=" in o)
+            try:
+                self.mon.cmd("device_add", {"driver": driver, **props, "drive": d.node, "id": d.disk})
+            except CommandError as exc:
+                raise LiveRestoreError(f"QEMU refused to add disk {d.disk} as {self.req.device}: {exc.desc} — on "
+                                       "q35 give it a free slot: -device pcie-root-port,id=rp0,chassis=1 and "
+                                       "--device virtio-blk-pci,bus=rp0 (one port per disk), or start QEMU with the "
+                                       "printed -blockdev arguments instead") from None
+            log.info("disk %s: added %s as a %s (id %s)", d.disk, d.image, self.req.device, d.disk)
+        self.mon.cmd("cont")
 
     # -- 3. stream ----------------------------------------------------------------------------------------
 

@@ -47,8 +47,11 @@ RUN_PREFIX = "fleece-serve-"
 PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 #: seconds nbdkit gets to open the repository and listen (an S3 bucket far away, a large index)
 START_TIMEOUT = 120.0
-#: seconds nbdkit gets to finish after SIGTERM before it is killed
-STOP_TIMEOUT = 10.0
+#: seconds nbdkit gets to finish after SIGTERM before it is killed. nbdkit stops accepting on SIGTERM but
+#: then waits for every connected client to disconnect (measured: an idle client kept it up for as long as
+#: it stayed connected, a second signal changes nothing) — a stop with a VM still attached must not wait
+#: for that VM, and killing nbdkit loses nothing (read-only plugin; the cow overlay is meant to go)
+STOP_TIMEOUT = 2.0
 
 
 @dataclass
@@ -275,7 +278,7 @@ class Server:
             try:
                 proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                log.warning("nbdkit did not stop within %.0f s of SIGTERM: killed", STOP_TIMEOUT)
+                log.info("nbdkit still had clients connected %.0f s after SIGTERM: killed", STOP_TIMEOUT)
                 proc.kill()
                 proc.wait()
         if self._socket_ino is not None:

@@ -179,3 +179,43 @@ def test_nothing_is_left_when_no_qemu_comes(point, tmp_path) -> None:
     assert not list(out.glob("*.qcow2")), "images no QEMU ever used are removed"
     p = fleece("live-restore", "--repo", point["repo"], "--vm", "livevm", "--out", str(out), "--point", "nosuch")
     assert p.returncode == 1 and "has no point" in p.stderr
+
+
+def test_a_qemu_started_with_S_gets_the_disks_and_runs(point, tmp_path) -> None:
+    qmp = tmp_path / "vm-qmp.sock"
+    test_qmp = tmp_path / "t.sock"
+    qemu = subprocess.Popen([QEMU, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-S",
+                             "-device", "pcie-root-port,id=rp0,chassis=1",  # q35: a slot a device may be added to
+                             "-qmp", f"unix:{qmp},server=on,wait=off", "-qmp", f"unix:{test_qmp},server=on,wait=off"])
+    try:
+        out = tmp_path / "out"
+        p = fleece("live-restore", "--repo", point["repo"], "--vm", "livevm", "--out", str(out), "--qmp", str(qmp),
+                   "--device", "virtio-blk-pci,bus=rp0", "--json")
+        assert p.returncode == 0, p.stderr
+        ready, done = (json.loads(ln) for ln in p.stdout.splitlines())
+        assert "-qmp" not in ready["qemu_args"] and done["stage"] == "done"
+        with Monitor(str(test_qmp)) as mon:
+            assert mon.cmd("query-status")["status"] == "running"
+            devices = {b.get("qdev", "") for b in mon.cmd("query-block")}
+            assert any("/machine/peripheral/vda" in q for q in devices), devices
+            mon.cmd("quit")
+        qemu.wait(30)
+        cmp = qemu_img("compare", "-F", "raw", ready["images"]["vda"], str(point["ref"]))
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+
+
+def test_a_running_qemu_without_the_images_is_left_alone(point, tmp_path) -> None:
+    qmp = tmp_path / "vm-qmp.sock"
+    qemu = subprocess.Popen([QEMU, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
+                             "-qmp", f"unix:{qmp},server=on,wait=off"])
+    try:
+        p = fleece("live-restore", "--repo", point["repo"], "--vm", "livevm", "--out", str(tmp_path / "o"),
+                   "--qmp", str(qmp))
+        assert p.returncode == 1 and "with -S" in p.stderr, p.stderr
+    finally:
+        qemu.kill()
+        qemu.wait()

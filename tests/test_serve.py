@@ -72,14 +72,16 @@ class Served:
         self.stderr = ""
 
     def stop(self) -> int:
-        """SIGTERM, as a service manager stops it; its exit status."""
+        """SIGTERM, as a service manager stops it; its exit status. Its stderr must reach EOF too: a child
+        still holding it open (an nbdkit left running) fails here, not as a hang."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            code = self.proc.wait(30)
-        finally:
-            self.stderr = self.proc.stderr.read()
-        return code
+            _, self.stderr = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,cmd"], capture_output=True, text=True).stdout
+            raise AssertionError(f"fleece serve (exit {self.proc.poll()}) left its stderr open:\n{ps}") from None
+        return self.proc.returncode
 
     def __enter__(self) -> Served:
         return self

@@ -830,6 +830,85 @@ def big_cases(rgw: Rgw | None) -> list[Result]:
     return out
 
 
+LIVE_FILES = 256  # 1 GiB
+
+
+def live_cases(rgw: Rgw, reps: int = 3) -> list[Result]:
+    """Instant recovery from RGW with a real guest (tests/guest.py: Debian's kernel, busybox, ext4 root on
+    vda), *reps* times: a 1.5 GiB root filesystem holding :data:`LIVE_FILES` × 4 MiB of incompressible
+    files is backed up to RGW once; then each repetition times
+
+    * ``live-restore-s3``: from starting ``fleece live-restore`` to the guest's ``FLEECE-GUEST-WROTE`` (it
+      booted, read its root, wrote) — ``wall_s`` — and to the stream's end (``extra["stream_done_s"]``);
+    * ``restore-then-boot-s3``: a plain ``fleece restore --flat`` from RGW, then the guest booted from it,
+      to the same console line (``extra["restore_s"]``: the restore alone).
+    """
+    sys.path.insert(0, str(ROOT / "tests"))
+    import guest  # tests/guest.py
+
+    guest.build()
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-live-", dir=CACHE))
+    out: list[Result] = []
+    bucket = f"bench-live-{os.getpid()}"
+    s3repo = f"s3://{bucket}/fleece"
+    try:
+        # 1 GiB of incompressible files in a 1.5 GiB root: enough that a restore takes longer than a boot
+        tree = work / "tree" / "data"
+        tree.mkdir(parents=True)
+        for i in range(LIVE_FILES):
+            (tree / f"f{i:03d}").write_bytes(os.urandom(4 << 20))
+        (work / "init").write_text(guest.MARKER_INIT)
+        raw = work / "root.raw"
+        subprocess.run([str(guest.TOOL), "rootfs", str(raw), "1536", str(work / "init"), str(work / "tree")],
+                       check=True, capture_output=True)
+        shutil.rmtree(work / "tree")
+        root = work / "root.qcow2"
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(root)], check=True)
+        raw.unlink()
+        rgw.create_bucket(bucket)
+        vm = BenchVM(work, {"vda": root})  # "benchvm", as restore_case expects
+        try:
+            fleece_json(["backup", "--qmp", vm.qmp, "--repo", s3repo, "--scratch", str(work)], rgw.env)
+        finally:
+            vm.quit()
+        for rep in range(reps):
+            d = work / f"live{rep}"
+            started = time.monotonic()
+            proc = subprocess.Popen([FLEECE, "live-restore", "--repo", s3repo, "--vm", "benchvm", "--out",
+                                     str(d / "out"), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=fleece_env(rgw.env))
+            ready = json.loads(proc.stdout.readline() or "null") or {}
+            if ready.get("stage") != "ready":
+                raise RuntimeError(f"live-restore failed: {proc.stderr.read()[-2000:]}")
+            g = guest.Guest(d / "g", [*ready["qemu_args"], "-device", ready["devices"]["vda"]], qmp=False)
+            try:
+                g.wait_for("FLEECE-GUEST-WROTE", timeout=300)
+                runs = time.monotonic() - started
+                if proc.wait(600) != 0:
+                    raise RuntimeError(f"live-restore failed: {proc.stderr.read()[-2000:]}")
+                done = json.loads(proc.stdout.readline())
+                stream_done = time.monotonic() - started
+            finally:
+                g.stop()
+            out.append(Result("live-restore-s3", rep, wall_s=round(runs, 3),
+                              extra={"stream_done_s": round(stream_done, 3), "stream_s": done["stream_s"]}))
+            started = time.monotonic()
+            r, _ = restore_case("restore-then-boot-s3", rep, s3repo, d / "flat", ["--flat"], rgw.env, None)
+            restore_s = time.monotonic() - started
+            img = d / "flat" / "vda.qcow2"
+            with guest.Guest(d / "g2", ["-drive", f"file={img},format=qcow2,if=none,id=d0",
+                                        "-device", "virtio-blk-pci,drive=d0,id=vda"], qmp=False) as g2:
+                g2.wait_for("FLEECE-GUEST-WROTE", timeout=300)
+                total = time.monotonic() - started
+            out.append(Result("restore-then-boot-s3", rep, wall_s=round(total, 3),
+                              extra={"restore_s": round(restore_s, 3)}))
+            shutil.rmtree(d, ignore_errors=True)
+    finally:
+        rgw.delete_bucket(bucket)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def median(results: list[Result], case: str, attr: str) -> float | None:
     """The median of *attr* (a :class:`Result` field, or a key of its ``extra``) over *case*'s rows."""
     values = [v for r in results if r.case == case
@@ -967,6 +1046,14 @@ def report(results: list[Result], reps: int) -> str:
                        m("fleece-serve-first-byte-s3"), "(info)"))
         checks.append(("serve from RGW: sequential read by nbdcopy, MB/s of the point's data",
                        m("fleece-serve-nbdcopy-s3", "bytes_in") / 1e6 / m("fleece-serve-nbdcopy-s3"), "(info)"))
+    if m("live-restore-s3"):
+        checks.append(("live restore from RGW: seconds until the guest runs (booted, wrote)", m("live-restore-s3"),
+                       "(info)"))
+        checks.append(("plain restore from RGW, then boot: seconds until the guest runs", m("restore-then-boot-s3"),
+                       "(info)"))
+        checks.append(("live restore from RGW: seconds until the stream is done (the image stands alone)",
+                       m("live-restore-s3", "stream_done_s"), "(info)"))
+        checks.append(("plain restore from RGW alone (s)", m("restore-then-boot-s3", "restore_s"), "(info)"))
     # the memory target is for backups and restores; a password unlock's scrypt alone takes 128 MiB
     # (n = 2^17, r = 8: its cost is its memory) and verify holds a point's index, so they are shown apart
     moving = ("fleece-full", "fleece-inc", "fleece-restore")
@@ -990,6 +1077,8 @@ def report(results: list[Result], reps: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
+                    help="live restore from RGW with a real guest vs restore-then-boot (default: on, with the RGW)")
     ap.add_argument("--quick", action="store_true", help="1 GiB disk, 1 repetition, 2 incrementals (~2 minutes)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"), help="directory for the JSON-lines results")
@@ -1023,6 +1112,9 @@ def main() -> int:
         if big:
             print(f"64 GiB disk: building / reusing it in {CACHE}, then its cases ...", file=sys.stderr, flush=True)
             results += big_cases(rgw)
+        if rgw is not None and args.live:
+            print("live restore from RGW with a real guest ...", file=sys.stderr, flush=True)
+            results += live_cases(rgw, 1 if args.quick else 3)
     finally:
         if rgw is not None:
             rgw.stop()
