@@ -118,10 +118,11 @@ def _run(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
         _flush_stdout()
         return code
     except FleeceError as exc:
-        return _fail(exc, args.json)
+        return _fail(exc, args.json, args.command in LINE_COMMANDS)
     except KeyboardInterrupt:
         _ignore_signals()
-        return _fail(Interrupted(INTERRUPTED.get(args.command, "interrupted")), args.json)
+        return _fail(Interrupted(INTERRUPTED.get(args.command, "interrupted")), args.json,
+                     args.command in LINE_COMMANDS)
     except BrokenPipeError:  # `fleece list | head`: the reader is gone, nothing more to say
         _silence_stdout()
         return 1
@@ -140,6 +141,8 @@ INTERRUPTED = {
     "restore": "interrupted; no image was put in place: run the same restore with --resume to continue it "
                "(its partial images are kept in --out), or without to start over",
     "init": "interrupted",
+    "live-restore": "interrupted; the images are intact (with what the guest wrote) but still read what was not "
+                    "copied from the server, which stopped: shut the VM down and restore the point",
     "key": "interrupted; a key slot already added stays ('fleece key list' shows the slots)",
     "forget": "interrupted; the points already removed are gone, every other point is intact (run forget again)",
     "prune": "interrupted; nothing a point needs was deleted (run prune again to finish)",
@@ -152,14 +155,19 @@ def _os_error(exc: OSError) -> FleeceError:
     return HostError(f"{exc.strerror or exc}{where}", object=str(exc.filename) if exc.filename else None)
 
 
-def _fail(exc: FleeceError, as_json: bool) -> int:
+#: commands that print JSON lines while they run (serve: ready; live-restore: ready, done): their error
+#: document is one line too, so a script reading lines gets it whole
+LINE_COMMANDS = ("serve", "live-restore", "mount")
+
+
+def _fail(exc: FleeceError, as_json: bool, one_line: bool = False) -> int:
     message = " ".join(str(exc).split())  # one line, whatever QEMU or a server put into the text
     sys.stderr.write(f"fleece: error: {message}\n")
     if as_json:
         doc = exc.to_json()
         doc["error"]["message"] = message
         try:
-            emit_json(doc)
+            emit_json(doc, one_line=one_line)
             sys.stdout.flush()
         except (OSError, ValueError, FleeceError):  # stdout closed, full or gone: stderr said it all
             _silence_stdout()

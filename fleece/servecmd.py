@@ -121,7 +121,7 @@ def live_args(p: argparse.ArgumentParser) -> None:
 
 
 def live_run(args: argparse.Namespace) -> int:
-    from fleece.restore.live import LiveRequest, LiveRestore
+    from fleece.restore.live import LiveRequest, LiveRestore, LiveRestoreError
 
     from .output import Progress
 
@@ -156,7 +156,11 @@ def live_run(args: argparse.Namespace) -> int:
             def progress(done: int, total: int) -> None:
                 bar(done - seen[0], total)  # type: ignore[misc]
                 seen[0] = done
-            seconds = live.stream(progress)
+            try:
+                seconds = live.stream(progress)
+            except LiveRestoreError as exc:
+                _keep_serving(live, exc, args.json)
+                raise
         except KeyboardInterrupt:
             if live.mon is not None:
                 log.warning("interrupted while streaming: the server stops now, so the VM's reads of blocks not "
@@ -176,6 +180,21 @@ def live_run(args: argparse.Namespace) -> int:
         print(f"live restore done in {seconds:.1f} s of streaming: the images stand alone (no backing file); "
               "the VM runs on them")
     return 0
+
+
+def _keep_serving(live: Any, exc: Exception, as_json: bool) -> None:
+    """A stream that could not finish: the VM still reads what was not copied from the server, so the
+    server stays until the user stops it (SIGTERM, Ctrl-C); scripts learn of it at once."""
+    if live.server is None:
+        return
+    log.error("%s", exc)
+    if as_json:
+        emit_json({"stage": "failed", "error": str(exc)}, one_line=True)
+        sys.stdout.flush()
+    try:
+        live.server.wait()
+    except KeyboardInterrupt:
+        pass
 
 
 def mount_args(p: argparse.ArgumentParser) -> None:

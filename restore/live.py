@@ -197,9 +197,16 @@ class LiveRestore:
                 raise LiveRestoreError(f"the QEMU at {path} has no block node {d.node}: start it with "
                                        f"-blockdev driver=qcow2,node-name={d.node},file.filename={d.image} (the "
                                        "arguments printed)")
-            if str(d.image) not in str(node.get("file", "")) and str(d.image) not in str(node.get("image", {})):
-                raise LiveRestoreError(f"block node {d.node} of the QEMU at {path} is not {d.image}: it was started "
-                                       "with other images; nothing was streamed")
+            opened = str(node.get("file", ""))
+            try:
+                same = os.path.samefile(opened, d.image)
+            except OSError:
+                same = False
+            backing = node.get("backing_file") or node.get("image", {}).get("backing-filename")
+            if not same or backing != self.plan.export_uri[d.disk]:
+                raise LiveRestoreError(f"block node {d.node} of the QEMU at {path} is {opened or '?'} backed by "
+                                       f"{backing or 'nothing'}, not {d.image} backed by this restore's server: it "
+                                       "was started with other images; nothing was streamed")
         return time.monotonic() - started
 
     def _plug(self, disks: list[DiskStream]) -> None:
@@ -217,7 +224,10 @@ class LiveRestore:
             self.mon.cmd("blockdev-add", {"driver": "qcow2", "node-name": d.node,
                                           "file": {"driver": "file", "filename": str(d.image)}})
             driver, *options = self.req.device.split(",")
-            props = dict(o.split("=", 1) for o in options if "=" in o)
+            if not driver or any("=" not in o for o in options):
+                raise UsageError(f"--device {self.req.device!r}: give DRIVER[,PROP=VALUE...], e.g. "
+                                 "virtio-blk-pci,bus=rp0")
+            props = dict(o.split("=", 1) for o in options)
             try:
                 self.mon.cmd("device_add", {"driver": driver, **props, "drive": d.node, "id": d.disk})
             except CommandError as exc:
@@ -268,8 +278,9 @@ class LiveRestore:
         if failed:
             raise LiveRestoreError(
                 "; ".join(f"disk {d.disk}: the stream stopped ({d.error})" for d in failed) +
-                ": the images are intact and still read the rest from the server — the VM keeps running only as "
-                "long as this command does; fix the storage and restore the point, or keep it running and retry")
+                ": the images are intact (with the guest's writes) and read the rest from the server, which this "
+                "command keeps running until SIGTERM or Ctrl-C — shut the VM down first (once the server stops, its "
+                "reads of blocks not copied fail), then restore the point with 'fleece restore'")
         for d in self.plan.disks.values():
             self._check_standalone(d)
         return time.monotonic() - started

@@ -60,8 +60,10 @@ class Mount:
             raise UsageError(f"{self.mountpoint} is not empty: mount on an empty directory")
         sock = self.server.req.socket
         assert sock is not None, "mount serves on a Unix socket"
-        self.proc = subprocess.Popen(["nbdfuse", "-r", str(self.path), "--unix", str(sock)],
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        cmd = ["nbdfuse", "-r", str(self.path), "--unix", str(sock)]
+        if shutil.which("setpriv"):  # a killed fleece: nbdfuse gets SIGTERM, on which it unmounts and exits
+            cmd = ["setpriv", "--pdeathsig", "TERM", *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         size = self.server.plan.sizes[self.disk]
         while True:

@@ -53,8 +53,27 @@ def _fail_start(message: str) -> None:
     os._exit(1)
 
 
+def _watch_launcher(fd: int) -> None:
+    """End nbdkit the moment the launching fleece is gone (its end of the *lifeline* pipe closes: EOF).
+    nbdkit's ``--exit-with-parent`` sends SIGTERM, after which nbdkit waits for its clients for as long as
+    they stay; and a parent-death SIGKILL set with setpriv did not reach it once a client was connected
+    (measured): a reader on a pipe always wakes."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
+    os.write(2, b"fleece serve: the fleece that started this server is gone: stopping\n")
+    os._exit(0)
+
+
 def config_complete():  # noqa: D103
     global _default, _repo
+    if _params.get("lifefd"):
+        import threading
+
+        threading.Thread(target=_watch_launcher, args=(int(_params["lifefd"]),), name="fleece-lifeline",
+                         daemon=True).start()
     # the launcher's path first, in its order (Debian's dist-packages holds older cryptography and boto3
     # than the venv does), then .pth files processed for the editable install's import hook
     first = [d for d in _params.get("sitedirs", "").split(os.pathsep) if d]

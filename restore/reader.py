@@ -123,19 +123,24 @@ class PointReader:
         self._recent: deque[int] = deque(maxlen=RECENT_READS)
         self._workers = workers
         self._pool: Workers[ReadRange] | None = None
+        self._closed = False
 
     # -- the pool ----------------------------------------------------------------------------------------
 
     def _get_pool(self) -> Workers[ReadRange]:
         """Started on first use, in the serving process (nbdkit may fork after loading the plugin)."""
         with self._lock:
+            if self._closed:
+                raise FleeceError(f"disk {self.disk}: the server is stopping")
             if self._pool is None:
                 self._pool = Workers(self._fetcher, workers=self._workers, depth=4 * self._workers,
                                      name=f"fleece-serve-{self.disk}").start()
             return self._pool
 
     def close(self) -> None:
+        """Stop fetching: waiting reads fail, later ones too (no new pool behind a closing server)."""
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()  # drops queued ranges: their blobs' waiters must not wait for ever
@@ -227,9 +232,9 @@ class PointReader:
                         self.stats.misses += 1
                 out[b] = f
         if start:
-            ranges = self.repo.plan_reads(start, max_range=MAX_RANGE, max_gap=0, located=self._where)
-            pool = self._get_pool()
             try:
+                ranges = self.repo.plan_reads(start, max_range=MAX_RANGE, max_gap=0, located=self._where)
+                pool = self._get_pool()
                 for rng in ranges:
                     pool.submit(rng)
             except BaseException as exc:  # the pool is closing (shutdown): fail what was not handed over

@@ -19,8 +19,13 @@ What the launcher (:class:`Server`) guarantees:
   next to the path asked for, and the socket is chmodded and then hard-linked into place (never over
   anything: a path that appeared meanwhile is an error); a TCP port listens on 127.0.0.1 unless told otherwise, and the ``cow`` overlay and the
   pid file live in a ``0700`` run directory removed at the end.
-* **Nothing left running**: nbdkit runs with ``--exit-with-parent`` (a killed ``fleece serve`` takes it
-  along); :meth:`Server.stop` (SIGTERM, Ctrl-C) stops it and waits for it to be gone.
+* **Nothing left running**: the plugin holds the read end of a *lifeline* pipe whose write end only this
+  process has; when it closes (this process exits, however it dies) the plugin ends nbdkit at once.
+  nbdkit's own ``--exit-with-parent`` sends SIGTERM, after which nbdkit waits for its clients for as long
+  as they stay connected (measured), and a parent-death SIGKILL did not reach it once a client was
+  connected (measured too). :meth:`Server.stop` (SIGTERM, Ctrl-C) stops it and waits for it to be gone.
+* **No credentials in nbdkit's environment**: the ``FLEECE_*`` secrets are removed (the key comes through
+  the pipe), and the ``AWS_*`` ones too unless the repository is in S3 (the plugin's boto3 needs them).
 """
 
 from __future__ import annotations
@@ -44,7 +49,13 @@ from fleece.repository.errors import HostError, KeyAccessError, ServeError, Usag
 log = logging.getLogger(__name__)
 
 RUN_PREFIX = "fleece-serve-"
+BIND_PREFIX = ".fs-"  # short: the socket path must stay under 108 bytes
 PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
+#: the longest Unix socket path (sun_path holds 108 bytes with the NUL)
+MAX_SOCKET_PATH = 107
+#: credential variables nbdkit never needs (the key goes through a pipe)
+SECRET_VARIABLES = ("FLEECE_PASSWORD", "FLEECE_PASSWORD_FILE", "FLEECE_PASSWORD_COMMAND", "FLEECE_KEY_FILE",
+                    "FLEECE_NEW_PASSWORD", "FLEECE_NEW_PASSWORD_FILE", "FLEECE_NEW_PASSWORD_COMMAND")
 #: seconds nbdkit gets to open the repository and listen (an S3 bucket far away, a large index)
 START_TIMEOUT = 120.0
 #: seconds nbdkit gets to finish after SIGTERM before it is killed. nbdkit stops accepting on SIGTERM but
@@ -120,6 +131,7 @@ class Server:
         self.run_dir: Path | None = None
         self._bind_dir: Path | None = None  # where nbdkit binds the socket before it is private
         self._socket_ino: int | None = None  # the socket put in place (removed at stop only if still ours)
+        self._lifeline: int | None = None  # write end of the pipe whose closing ends nbdkit
 
     def __enter__(self) -> Server:
         self.start()
@@ -135,6 +147,11 @@ class Server:
         assert path is not None
         if not path.parent.is_dir():
             raise UsageError(f"--socket {path}: directory {path.parent} does not exist")
+        # nbdkit binds <parent>/.fs-<pid>-XXXXXXXX/s first: that path must fit too
+        longest = max(len(os.fsencode(path)), len(os.fsencode(path.parent)) + len(f"/.fs-{os.getpid()}-xxxxxxxx/s"))
+        if longest > MAX_SOCKET_PATH:
+            raise UsageError(f"--socket {path} is too long for a Unix socket ({longest} > {MAX_SOCKET_PATH} bytes with "
+                             "the temporary name it is bound under first): choose a shorter path")
         if os.path.lexists(path):
             if not path.is_socket():
                 raise UsageError(f"--socket {path} exists and is not a socket: choose another path")
@@ -163,12 +180,12 @@ class Server:
             os.close(w)
         return r
 
-    def command(self, keyfd: int | None, statusfd: int, pidfile: Path) -> list[str]:
+    def command(self, keyfd: int | None, statusfd: int, pidfile: Path, lifefd: int = -1) -> list[str]:
         req, plan = self.req, self.plan
         cmd = ["nbdkit", "--foreground", "--exit-with-parent", "-P", str(pidfile)]
         if req.socket is not None:
             assert self._bind_dir is not None
-            cmd += ["-U", str(self._bind_dir / "nbd.sock")]
+            cmd += ["-U", str(self._bind_dir / "s")]
         else:
             cmd += ["-i", req.bind, "-p", str(req.port)]
         if req.writable:
@@ -185,6 +202,8 @@ class Server:
                   "verbose": "1" if req.verbose else ""}
         if keyfd is not None:
             params["keyfd"] = str(keyfd)
+        if lifefd >= 0:
+            params["lifefd"] = str(lifefd)
         return cmd + ["python", str(PLUGIN)] + [f"{k}={v}" for k, v in params.items()]
 
     def start(self) -> None:
@@ -195,15 +214,18 @@ class Server:
             raise HostError("nbdkit is not installed: install Debian's nbdkit and nbdkit-plugin-python "
                             "(tools/setup does)")
         self.run_dir = rundir.make_run_dir(Path(tempfile.gettempdir()), RUN_PREFIX)
-        if self.req.socket is not None:
-            self._bind_dir = Path(tempfile.mkdtemp(prefix=".fleece-serve-", dir=self.req.socket.parent))
+        if self.req.socket is not None:  # named with the pid: a killed run's is removed by the next one
+            self._bind_dir = rundir.make_run_dir(self.req.socket.parent, BIND_PREFIX)
         pidfile = self.run_dir / "nbdkit.pid"
         keyfd = self._key_pipe()
         status_r, status_w = os.pipe()
-        fds = [status_w] + ([keyfd] if keyfd is not None else [])
-        env = dict(os.environ, TMPDIR=str(self.run_dir))  # the cow filter's overlay: private, removed with it
+        life_r, self._lifeline = os.pipe()  # the write end stays here, not inheritable: see the module doc
+        fds = [status_w, life_r] + ([keyfd] if keyfd is not None else [])
+        env = {k: v for k, v in os.environ.items()
+               if k not in SECRET_VARIABLES and (self.repo.url.startswith("s3://") or not k.startswith("AWS_"))}
+        env["TMPDIR"] = str(self.run_dir)  # the cow filter's overlay: private, removed with it
         try:
-            self.proc = subprocess.Popen(self.command(keyfd, status_w, pidfile), pass_fds=fds, env=env,
+            self.proc = subprocess.Popen(self.command(keyfd, status_w, pidfile, life_r), pass_fds=fds, env=env,
                                          stdin=subprocess.DEVNULL, umask=0o077, start_new_session=True)
         finally:
             for fd in fds:
@@ -247,7 +269,7 @@ class Server:
 
     def _place_socket(self) -> None:
         assert self._bind_dir is not None and self.req.socket is not None
-        bound = self._bind_dir / "nbd.sock"
+        bound = self._bind_dir / "s"
         os.chmod(bound, 0o600)
         try:
             os.link(bound, self.req.socket)
@@ -281,6 +303,9 @@ class Server:
                 log.info("nbdkit still had clients connected %.0f s after SIGTERM: killed", STOP_TIMEOUT)
                 proc.kill()
                 proc.wait()
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
         if self._socket_ino is not None:
             try:
                 if os.stat(self.req.socket).st_ino == self._socket_ino:  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -147,15 +148,19 @@ def test_a_stream_that_cannot_read_is_cancelled_and_the_image_stays_intact(point
     proc, ready = start_live(point, out, "--stream-retries", "1", repo=str(repo_dir))
     qemu = NewQemu(tmp_path, ready)
     try:
-        code = proc.wait(120)
+        failed = json.loads(proc.stdout.readline() or "{}")  # said at once; the server keeps serving the VM
+        assert failed.get("stage") == "failed" and "the stream stopped" in failed["error"], failed
+        assert proc.poll() is None, "the server stopped under a VM still reading from it"
+        assert qemu.job() is None, "the cancelled job is left behind in QEMU"
+        nodes = {n["node-name"]: n for n in qemu.mon.cmd("query-named-block-nodes", {"flat": True})}
+        assert nodes["fleece-live-vda"].get("backing_file"), "the image lost its backing though not all was copied"
+        proc.send_signal(signal.SIGTERM)  # the user stops it
+        code = proc.wait(60)
         err = proc.stderr.read()
         assert code == 1, err
         errors = [ln for ln in err.splitlines() if ln.startswith("fleece: error:")]
         assert len(errors) == 1 and "the stream stopped" in errors[0] and "intact" in errors[0], err
         assert loc.pack in err, "the server's log names the damaged pack"
-        assert qemu.job() is None, "the cancelled job is left behind in QEMU"
-        nodes = {n["node-name"]: n for n in qemu.mon.cmd("query-named-block-nodes", {"flat": True})}
-        assert nodes["fleece-live-vda"].get("backing_file"), "the image lost its backing though not all was copied"
         qemu.mon.cmd("quit")  # a clean close writes qcow2's cached metadata (a kill would lose the copied clusters)
         qemu.proc.wait(30)
     finally:
@@ -216,6 +221,23 @@ def test_a_running_qemu_without_the_images_is_left_alone(point, tmp_path) -> Non
         p = fleece("live-restore", "--repo", point["repo"], "--vm", "livevm", "--out", str(tmp_path / "o"),
                    "--qmp", str(qmp))
         assert p.returncode == 1 and "with -S" in p.stderr, p.stderr
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+def test_a_qemu_on_other_images_is_not_streamed_into(point, tmp_path) -> None:
+    out = tmp_path / "out"
+    proc, ready = start_live(point, out, "--qmp-timeout", "60")
+    other = tmp_path / "other.qcow2"
+    qemu_img("create", "-f", "qcow2", str(other), str(SIZE))
+    args = [a.replace(ready["images"]["vda"], str(other)) for a in ready["qemu_args"]]  # the node name, not the image
+    qemu = subprocess.Popen([QEMU, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", *args])
+    try:
+        code = proc.wait(60)
+        err = proc.stderr.read()
+        assert code == 1 and "not backed by" not in err and "was started with other images" in err, err
+        assert json.loads(qemu_img("info", "-U", "--output=json", str(other)).stdout).get("backing-filename") is None
     finally:
         qemu.kill()
         qemu.wait()

@@ -92,6 +92,15 @@ class Served:
             self.proc.wait()
 
 
+def alive(pid: int) -> bool:
+    """A process that still runs: a zombie waiting for this machine's init to reap it does not."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def connect(uri: str) -> nbd.NBD:
     h = nbd.NBD()
     h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
@@ -143,7 +152,7 @@ def test_serve_reads_every_byte_of_the_point(history, tmp_path) -> None:
         h.shutdown()
         assert s.stop() == 0, s.stderr
     assert not sock.exists(), "the socket is removed when the server stops"
-    assert not Path(f"/proc/{pid}").exists(), "nbdkit is gone with the server"
+    assert not alive(pid), "nbdkit is gone with the server"
     assert not any(p.name.startswith(f"fleece-serve-{s.proc.pid}-") for p in Path(os.environ.get("TMPDIR", "/tmp")).iterdir())
 
 
@@ -229,22 +238,30 @@ def test_bad_inputs_are_one_line_errors(history, tmp_path) -> None:
         p = fleece("serve", "--repo", history["repo"], "--vm", "servevm", "--socket", str(sock))
         assert p.returncode == 2 and "in use by a running server" in p.stderr
         s.stop()
+    p = fleece("serve", "--repo", history["repo"], "--vm", "servevm", "--socket", "/tmp/" + "x" * 110, "--json")
+    assert p.returncode == 2 and "too long for a Unix socket" in p.stderr
+    assert len(p.stdout.splitlines()) == 1 and json.loads(p.stdout)["error"]["kind"] == "usage"  # one line
     sock.write_text("not a socket")
     p = fleece("serve", "--repo", history["repo"], "--vm", "servevm", "--socket", str(sock))
     assert p.returncode == 2 and "is not a socket" in p.stderr and sock.read_text() == "not a socket"
     assert not list(sock.parent.glob("fleece-serve-*"))
 
 
-def test_a_killed_server_takes_nbdkit_along(history, tmp_path) -> None:
+def test_a_killed_server_takes_nbdkit_along_even_with_a_client(history, tmp_path) -> None:
     sock = tmp_path / "k"
     s = Served(["--repo", history["repo"], "--vm", "servevm", "--socket", str(sock)])
     pid = s.doc["pid"]
+    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    assert not [v for v in env if v.startswith((b"FLEECE_PASSWORD", b"FLEECE_KEY_FILE"))], "a secret in nbdkit's env"
+    client = connect(s.doc["exports"]["vda"])  # connected and idle: nbdkit alone would wait for it forever
+    client.pread(4096, 0)
     s.proc.kill()
     s.proc.wait()
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists(), "nbdkit outlived a SIGKILLed fleece serve"
+    assert not alive(pid), "nbdkit outlived a SIGKILLed fleece serve"
+    del client
     with Served(["--repo", history["repo"], "--vm", "servevm", "--socket", str(sock)]) as s2:  # stale socket
         assert s2.stop() == 0
 
@@ -382,6 +399,19 @@ def test_mount_shows_the_disk_as_a_private_read_only_file(history, tmp_path) -> 
             proc.kill()
             proc.wait()
     assert not os.path.ismount(mp) and not list(mp.iterdir()), "unmounted, nothing left"
+    # a SIGKILLed mount: nbdfuse unmounts and exits, nbdkit dies with it
+    proc = subprocess.Popen([FLEECE, "mount", "--repo", history["repo"], "--vm", "servevm", "--disk", "vdb", str(mp),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    json.loads(proc.stdout.readline())
+    left = children(proc.pid)
+    assert left, "no nbdkit/nbdfuse under fleece mount"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while (os.path.ismount(mp) or any(alive(c) for c in left)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.ismount(mp), "a SIGKILLed fleece mount left its mount"
+    assert not [c for c in left if alive(c)], "a SIGKILLed fleece mount left processes"
     again = fleece("mount", "--repo", history["repo"], "--vm", "servevm", "--disk", "vdb", str(tmp_path / "none"))
     assert again.returncode == 2 and "is not a directory" in again.stderr
 
