@@ -121,7 +121,8 @@ def live_args(p: argparse.ArgumentParser) -> None:
 
 
 def live_run(args: argparse.Namespace) -> int:
-    from fleece.restore.live import LiveRequest, LiveRestore, LiveRestoreError
+    from fleece.repository.errors import LiveRestoreError
+    from fleece.restore.live import LiveRequest, LiveRestore
 
     from .output import Progress
 

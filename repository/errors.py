@@ -27,7 +27,8 @@
      ├── WrongKeyError               kind "key"          exit 1   no key slot opens with the password / key file
      │    └── KeyAccessError         kind "key-access"           a write-only key cannot read disk contents
      └── RestoreError                kind "restore"      exit 1   a target image cannot be made or written
-          └── ServeError             kind "serve"                nbdkit could not serve a point, or died
+          ├── ServeError             kind "serve"                nbdkit could not serve a point, or died
+          └── LiveRestoreError       kind "live-restore"         a stream could not finish (images intact)
 
 Every message is one line meant for a user as-is: it names the object or device involved and says what
 to do next. Decisions are made on the class and its fields (``code``, ``status``, ``object``), never on
@@ -262,3 +263,10 @@ class ServeError(RestoreError):
     stopped on its own."""
 
     kind = "serve"
+
+
+class LiveRestoreError(RestoreError):
+    """``fleece live-restore``: the stream could not finish, or the QEMU is not one it may stream into; the
+    images are intact (still backed by the server)."""
+
+    kind = "live-restore"

@@ -43,7 +43,7 @@ from typing import Any
 
 from fleece.exporter.qmp import Monitor  # the QMP facade only: no backup logic (see the issue note)
 from fleece.repository import Repository, rundir
-from fleece.repository.errors import CommandError, QemuError, QmpConnectError, RestoreError, UsageError
+from fleece.repository.errors import CommandError, LiveRestoreError, QemuError, QmpConnectError, UsageError
 
 from .serve import Server, ServePlan, ServeRequest, plan_serve, uri
 from .targets import FILE_MODE, create_qcow2, dir_mode, make_dirs
@@ -56,12 +56,6 @@ JOB_PREFIX = "fleece-live-"
 #: a paused (failed) stream is resumed this many times, after 1, 2, 4 … seconds, before it is cancelled
 RESUME_ATTEMPTS = 5
 POLL_S = 0.5
-
-
-class LiveRestoreError(RestoreError):
-    """The stream could not finish; the images are intact (still backed by the server)."""
-
-    kind = "live-restore"
 
 
 @dataclass

@@ -185,15 +185,25 @@ def run_restore(repo: Repository, req: RestoreRequest) -> RestoreResult:
     return RestoreResult(manifest, results, round(time.monotonic() - started, 3))
 
 
-def _selection(repo: Repository, req: RestoreRequest) -> tuple[Manifest, dict[str, Manifest], list[str]]:
-    """The point, its view (disk → the point holding its newest layer) and the disks to restore."""
-    manifest = repo.find_point(req.vm, req.point)
-    view = repo.point_view(manifest, req.disks)
-    disks = list(dict.fromkeys(req.disks)) if req.disks else sorted(view)
+def select_disks(repo: Repository, vm: str, point: str | None,
+                 wanted: list[str] | None) -> tuple[Manifest, dict[str, Manifest], list[str]]:
+    """The point (``None``/``latest``: the newest), its view (disk → the point holding its newest layer,
+    :meth:`Repository.point_view`) and the disks asked for (all of the view's without *wanted*) — a disk
+    the VM did not have then is a :class:`UsageError` listing the ones it had. Restore, serve and live
+    restore choose their disks the same way."""
+    manifest = repo.find_point(vm, point)
+    view = repo.point_view(manifest, wanted)
+    disks = list(dict.fromkeys(wanted)) if wanted else sorted(view)
     missing = [d for d in disks if d not in view]
     if missing:
         raise UsageError(f"VM {manifest.vm} had no disk {', '.join(missing)} as of point {manifest.id}; it had: "
                          f"{', '.join(sorted(repo.point_view(manifest)))}")
+    return manifest, view, disks
+
+
+def _selection(repo: Repository, req: RestoreRequest) -> tuple[Manifest, dict[str, Manifest], list[str]]:
+    """The point, its view (disk → the point holding its newest layer) and the disks to restore."""
+    manifest, view, disks = select_disks(repo, req.vm, req.point, req.disks)
     for d in disks:
         if view[d] is not manifest:
             log.info("disk %s: not in point %s (a --disk backup of other disks, or the disk left the VM); "

@@ -46,6 +46,8 @@ from fleece.repository import Manifest, Repository, rundir
 from fleece.repository.crypto import MasterKey, export_paper
 from fleece.repository.errors import HostError, KeyAccessError, ServeError, UsageError
 
+from .restore import select_disks
+
 log = logging.getLogger(__name__)
 
 RUN_PREFIX = "fleece-serve-"
@@ -97,13 +99,7 @@ def plan_serve(repo: Repository, req: ServeRequest) -> ServePlan:
     if repo.encrypted and repo.keys is not None and not repo.keys.can_read:
         raise KeyAccessError("this key can only add backups (write-only): serving a disk reads it, which needs a "
                              "full key (a passphrase or key file of a full key slot)")
-    manifest = repo.find_point(req.vm, req.point)
-    view = repo.point_view(manifest, req.disks)
-    disks = list(dict.fromkeys(req.disks)) if req.disks else sorted(view)
-    missing = [d for d in disks if d not in view]
-    if missing:
-        raise UsageError(f"VM {manifest.vm} had no disk {', '.join(missing)} as of point {manifest.id}; it had: "
-                         f"{', '.join(sorted(repo.point_view(manifest)))}")
+    manifest, view, disks = select_disks(repo, req.vm, req.point, req.disks)
     default = disks[0] if len(disks) == 1 else ""
     return ServePlan(manifest, view, disks, default, {d: view[d].disks[d].virtual_size for d in disks})
 
