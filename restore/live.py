@@ -45,6 +45,7 @@ from fleece.exporter.qmp import Monitor  # the QMP facade only: no backup logic 
 from fleece.repository import Repository, rundir
 from fleece.repository.errors import CommandError, LiveRestoreError, QemuError, QmpConnectError, UsageError
 
+from .guard import check_out, refuse_in_use
 from .serve import Server, ServePlan, ServeRequest, plan_serve, uri
 from .targets import FILE_MODE, create_qcow2, dir_mode, make_dirs
 
@@ -139,6 +140,8 @@ class LiveRestore:
         if existing and not req.force:
             raise UsageError(f"{', '.join(existing)} exist already: choose another --out, or pass --force to "
                              "replace them")
+        refuse_in_use([p for p in images.values() if os.path.lexists(p)])  # not even --force: a VM runs on it
+        check_out(out)
         make_dirs(out, dir_mode(FILE_MODE))
         self._run_dir = rundir.make_run_dir(Path(tempfile.gettempdir()), RUN_PREFIX)
         serve_req.socket = self._run_dir / "nbd.sock"

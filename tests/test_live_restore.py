@@ -114,6 +114,8 @@ def test_live_restore_with_writes_during_the_stream(point, tmp_path) -> None:
         assert proc.wait(120) == 0, proc.stderr.read()
         done = json.loads(proc.stdout.readline())
         assert done["stage"] == "done" and done["stream_s"] > 0
+        again = fleece("live-restore", "--repo", point["repo"], "--vm", "livevm", "--out", str(out), "--force")
+        assert again.returncode == 2 and "is in use" in again.stderr, "--force replaced the image a VM runs on"
         # the VM runs on its own images: still writable, no backing, and the server is gone
         qemu.write(3 * MiB, 0x74, 4096)
         expected[3 * MiB:3 * MiB + 4096] = b"\x74" * 4096
