@@ -211,9 +211,7 @@ def mount_args(p: argparse.ArgumentParser) -> None:
 
 
 def mount_run(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from fleece.repository import rundir
+    from fleece.repository.errors import ServeError, UsageError
     from fleece.restore.mount import Mount, check_fuse
     from fleece.restore.serve import Server, ServeRequest, plan_serve
 
@@ -223,13 +221,9 @@ def mount_run(args: argparse.Namespace) -> int:
     with _commands().open_repo(args) as repo:
         plan = plan_serve(repo, req)
         if len(plan.disks) != 1:
-            from fleece.repository.errors import UsageError
-
             raise UsageError(f"VM {plan.point.vm} has {len(plan.disks)} disks as of point {plan.point.id} "
                              f"({', '.join(plan.disks)}): name one with --disk")
-        run_dir = rundir.make_run_dir(Path(tempfile.gettempdir()), "fleece-mount-")
-        req.socket = run_dir / "nbd.sock"
-        server = Server(repo, req, plan, endpoint=args.s3_endpoint)
+        server = Server(repo, req, plan, endpoint=args.s3_endpoint)  # on a private socket, for nbdfuse
         mount = Mount(server, plan.disks[0], args.mountpoint)
         try:
             server.start()
@@ -244,14 +238,9 @@ def mount_run(args: argparse.Namespace) -> int:
                       f"{mount.path}; Ctrl-C or SIGTERM unmounts")
             sys.stdout.flush()
             code = mount.proc.wait() if mount.proc else 0
-            from fleece.repository.errors import ServeError
-
             raise ServeError(f"nbdfuse stopped on its own (status {code}; unmounted by someone?)")
         except KeyboardInterrupt:
             return 0
         finally:
             mount.stop()
             server.stop()
-            import shutil
-
-            shutil.rmtree(run_dir, ignore_errors=True)

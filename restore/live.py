@@ -8,7 +8,7 @@ drops the backing link from the image header, and the server is no longer needed
 
 Sequence (:class:`LiveRestore`):
 
-1. :meth:`~LiveRestore.prepare` — serve the point (a private socket in a ``0700`` run directory), create
+1. :meth:`~LiveRestore.prepare` — serve the point (on the server's private socket), create
    ``OUT/<disk>.qcow2`` (``0600``, the source's cluster size) backed by ``nbd+unix:///<disk>?socket=…``,
    and say how to start QEMU on them (:attr:`LivePlan.qemu_args`: one ``-blockdev`` per disk with a fixed
    node name, and a ``-qmp`` socket in ``OUT`` unless the caller names the QMP socket its QEMU opens).
@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fleece.exporter.qmp import Monitor  # the QMP facade only: no backup logic (see the issue note)
-from fleece.repository import Repository, rundir
+from fleece.repository import Repository
 from fleece.repository.errors import CommandError, LiveRestoreError, QemuError, QmpConnectError, UsageError
 
 from .guard import check_out, refuse_in_use
@@ -51,7 +49,6 @@ from .targets import FILE_MODE, create_qcow2, dir_mode, make_dirs
 
 log = logging.getLogger(__name__)
 
-RUN_PREFIX = "fleece-live-"
 NODE_PREFIX = "fleece-live-"
 JOB_PREFIX = "fleece-live-"
 #: a paused (failed) stream is resumed this many times, after 1, 2, 4 … seconds, before it is cancelled
@@ -123,7 +120,6 @@ class LiveRestore:
         self.server: Server | None = None
         self.plan: LivePlan | None = None
         self.mon: Monitor | None = None
-        self._run_dir: Path | None = None
         self._made: list[Path] = []  # images made here: removed again if no QEMU ever used them
         self._attached = False
 
@@ -143,9 +139,7 @@ class LiveRestore:
         refuse_in_use([p for p in images.values() if os.path.lexists(p)])  # not even --force: a VM runs on it
         check_out(out)
         make_dirs(out, dir_mode(FILE_MODE))
-        self._run_dir = rundir.make_run_dir(Path(tempfile.gettempdir()), RUN_PREFIX)
-        serve_req.socket = self._run_dir / "nbd.sock"
-        self.server = Server(self.repo, serve_req, splan, endpoint=self.endpoint)
+        self.server = Server(self.repo, serve_req, splan, endpoint=self.endpoint)  # on a private socket
         self.server.start()
         disks: dict[str, DiskStream] = {}
         for d in splan.disks:
@@ -329,6 +323,3 @@ class LiveRestore:
         if not self._attached:
             for p in self._made:
                 p.unlink(missing_ok=True)
-        if self._run_dir is not None:
-            shutil.rmtree(self._run_dir, ignore_errors=True)
-            self._run_dir = None

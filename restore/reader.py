@@ -42,6 +42,8 @@ from fleece.repository.index import Location
 from fleece.repository.repo import ReadRange
 from fleece.repository.workers import Workers
 
+from .restore import chain_hints
+
 log = logging.getLogger(__name__)
 
 #: NBD's largest read is 32 MiB (QEMU refuses more); one ranged read of the repository is no longer
@@ -107,7 +109,7 @@ class PointReader:
         chain = repo.disk_chain(point, disk)
         self.pieces: list[Piece] = repo.resolve(point, disk)
         self._starts = [p.offset for p in self.pieces]
-        hints = list(dict.fromkeys(h for m in chain for h in m.index_hints))
+        hints = chain_hints(chain)
         blobs = list(dict.fromkeys(p.blob for p in self.pieces if p.blob is not None))
         self._where: dict[bytes, Location] = repo.locate_many(blobs, hints)
         self.data_bytes = sum(p.length for p in self.pieces if p.blob is not None)

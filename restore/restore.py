@@ -219,7 +219,7 @@ def verify_restore(repo: Repository, req: RestoreRequest, manifest: Manifest, vi
     results = []
     for d in disks:
         chain = repo.disk_chain(view[d], d)
-        hints = _hints(chain)
+        hints = chain_hints(chain)
         layers = [view[d]] if req.flat else list(reversed(chain))
         located = None if req.flat else _chain_locations(repo, chain, d, hints)
         total = FillStats()
@@ -237,7 +237,7 @@ def _layer_pieces(rec: Any) -> list[Piece]:
     return [Piece(off, length, blob, rec.skips.get(off, 0)) for off, length, blob in rec.extents]
 
 
-def _hints(chain: list[Manifest]) -> list[str]:
+def chain_hints(chain: list[Manifest]) -> list[str]:
     """The index objects of the runs that wrote *chain*'s layers (``Manifest.index_hints``, newest
     first): where a restore looks its blobs up, so that it never loads the repository's whole index —
     its memory and time follow the point, not the repository (``Repository.locate_many``)."""
@@ -324,7 +324,7 @@ def _layer(repo: Repository, req: RestoreRequest, journal: Journal, layer: str, 
            located: dict[bytes, Location] | None = None) -> FillStats:
     """Write one image (a layer, or a flat image) through the journal: skipped when it is complete, its
     durable ranges skipped when it can be reopened, made anew otherwise. *hints*, *located*: where its
-    blobs are (:func:`_hints`, :func:`_chain_locations`)."""
+    blobs are (:func:`chain_hints`, :func:`_chain_locations`)."""
     if journal.complete(layer) and image.exists():
         log.info("%s: complete already (resumed)", image.name)
         resumed = sum(p.length for p in pieces if p.blob is not None)
@@ -364,7 +364,7 @@ def _chain(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str,
     if not partial.is_dir():
         _remove(partial)
         make_dir(partial, dir_mode(_file_mode(req)))
-    hints = _hints(chain)
+    hints = chain_hints(chain)
     located = _chain_locations(repo, chain, disk, hints)
     total = FillStats()
     for i, point in enumerate(layers):
@@ -416,7 +416,7 @@ def _flat(repo: Repository, req: RestoreRequest, manifest: Manifest, disk: str, 
             return _reopen_qcow2(partial, rec.virtual_size, pieces, run_dir, req.workers)
     stats = _layer(repo, req, journal, manifest.id, partial, pieces, make, reopen, mask=False,
                    where=f"restore of VM {manifest.vm} point {manifest.id} disk {disk}",
-                   hints=_hints(repo.disk_chain(manifest, disk)))
+                   hints=chain_hints(repo.disk_chain(manifest, disk)))
     final = req.out / f"{disk}.{req.format}"
     return DiskRestore(disk, final, [final], stats.__dict__, manifest.id)
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleece.repository import Manifest, Repository, rundir
+from fleece.repository.credentials import PASSWORD_VARIABLES
 from fleece.repository.crypto import MasterKey, export_paper
 from fleece.repository.errors import HostError, KeyAccessError, ServeError, UsageError
 
@@ -56,7 +57,7 @@ PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 #: the longest Unix socket path (sun_path holds 108 bytes with the NUL)
 MAX_SOCKET_PATH = 107
 #: credential variables nbdkit never needs (the key goes through a pipe)
-SECRET_VARIABLES = ("FLEECE_PASSWORD", "FLEECE_PASSWORD_FILE", "FLEECE_PASSWORD_COMMAND", "FLEECE_KEY_FILE",
+SECRET_VARIABLES = ("FLEECE_KEY_FILE", *PASSWORD_VARIABLES,
                     "FLEECE_NEW_PASSWORD", "FLEECE_NEW_PASSWORD_FILE", "FLEECE_NEW_PASSWORD_COMMAND")
 #: seconds nbdkit gets to open the repository and listen (an S3 bucket far away, a large index)
 START_TIMEOUT = 120.0
@@ -117,8 +118,12 @@ class Server:
 
     def __init__(self, repo: Repository, req: ServeRequest, plan: ServePlan,
                  endpoint: str | None = None) -> None:
-        if (req.socket is None) == (req.port is None):
+        """With neither ``req.socket`` nor ``req.port``, the server is for this process's own clients
+        (live restore's images, mount's nbdfuse): its socket is ``nbd.sock`` in the private run directory,
+        set into ``req.socket`` by :meth:`start`, and goes with that directory."""
+        if req.socket is not None and req.port is not None:
             raise UsageError("give one of --socket PATH or --port N: where clients connect")
+        self._private = req.socket is None and req.port is None
         self.repo = repo
         self.req = req
         self.plan = plan
@@ -179,7 +184,9 @@ class Server:
     def command(self, keyfd: int | None, statusfd: int, pidfile: Path, lifefd: int = -1) -> list[str]:
         req, plan = self.req, self.plan
         cmd = ["nbdkit", "--foreground", "--exit-with-parent", "-P", str(pidfile)]
-        if req.socket is not None:
+        if self._private:
+            cmd += ["-U", str(req.socket)]
+        elif req.socket is not None:
             assert self._bind_dir is not None
             cmd += ["-U", str(self._bind_dir / "s")]
         else:
@@ -204,13 +211,15 @@ class Server:
 
     def start(self) -> None:
         """Start nbdkit and return once it accepts connections; :class:`ServeError` if it cannot."""
-        if self.req.socket is not None:
+        if self.req.socket is not None and not self._private:
             self._check_socket()
         if shutil.which("nbdkit") is None:
             raise HostError("nbdkit is not installed: install Debian's nbdkit and nbdkit-plugin-python "
                             "(tools/setup does)")
         self.run_dir = rundir.make_run_dir(Path(tempfile.gettempdir()), RUN_PREFIX)
-        if self.req.socket is not None:  # named with the pid: a killed run's is removed by the next one
+        if self._private:  # the run directory is 0700: the socket needs no placing
+            self.req.socket = self.run_dir / "nbd.sock"
+        elif self.req.socket is not None:  # named with the pid: a killed run's is removed by the next one
             self._bind_dir = rundir.make_run_dir(self.req.socket.parent, BIND_PREFIX)
         pidfile = self.run_dir / "nbdkit.pid"
         keyfd = self._key_pipe()
@@ -228,7 +237,7 @@ class Server:
                 os.close(fd)
         try:
             self._wait_ready(pidfile, status_r)
-            if self.req.socket is not None:
+            if self._bind_dir is not None:
                 self._place_socket()
         except BaseException:
             self.stop()

@@ -121,7 +121,7 @@ def test_live_restore_with_writes_during_the_stream(point, tmp_path) -> None:
         expected[3 * MiB:3 * MiB + 4096] = b"\x74" * 4096
         nodes = {n["node-name"]: n for n in qemu.mon.cmd("query-named-block-nodes", {"flat": True})}
         assert not nodes["fleece-live-vda"].get("backing_file")
-        assert not list(Path("/tmp").glob(f"fleece-live-{proc.pid}-*"))
+        assert not list(Path("/tmp").glob(f"fleece-serve-{proc.pid}-*")), "the server's run directory (its socket) is left"
         qemu.mon.cmd("quit")
         qemu.proc.wait(30)
     finally:
