@@ -211,14 +211,14 @@ class LiveRestore:
             raise LiveRestoreError(f"the QEMU at {self.plan.qmp if self.plan else '?'} has no node "  # type: ignore[union-attr]
                                    f"{disks[0].node} and is {status}: start it with the printed -blockdev "
                                    "arguments, or with -S (fleece then adds the disks and starts it)")
+        driver, *options = self.req.device.split(",")
+        if not driver or any("=" not in o for o in options):  # before any node is added
+            raise UsageError(f"--device {self.req.device!r}: give DRIVER[,PROP=VALUE...], e.g. "
+                             "virtio-blk-pci,bus=rp0")
+        props = dict(o.split("=", 1) for o in options)
         for d in disks:
             self.mon.cmd("blockdev-add", {"driver": "qcow2", "node-name": d.node,
                                           "file": {"driver": "file", "filename": str(d.image)}})
-            driver, *options = self.req.device.split(",")
-            if not driver or any("=" not in o for o in options):
-                raise UsageError(f"--device {self.req.device!r}: give DRIVER[,PROP=VALUE...], e.g. "
-                                 "virtio-blk-pci,bus=rp0")
-            props = dict(o.split("=", 1) for o in options)
             try:
                 self.mon.cmd("device_add", {"driver": driver, **props, "drive": d.node, "id": d.disk})
             except CommandError as exc:
