@@ -16,6 +16,7 @@ to the next run, which starts by unwinding whatever ``fleece-`` objects it finds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -42,11 +43,14 @@ from . import bitmaps, graph, pause
 from fleece.repository.errors import ExportReadError, QemuError, RepositoryError
 from .audit import DEFAULT_SAMPLE, AuditReport, audit, choose_sample
 from .identity import Machine, check_history
-from .inventory import DiskInfo, VmInfo, inspect
+from .images import ImageSpec
+from .images import resolve as resolve_images
+from .inventory import DiskInfo, VmInfo, inspect, inspect_images
 from .lock import VmLock
 from .plan import ALLOCATION, DiskPlan, Job, PlanSources, plan_full, plan_incremental
 from .pull import BufferPool, Puller
 from .qmp import Monitor
+from .storage_daemon import StorageDaemon
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,8 @@ EventHook = Callable[[str, dict[str, Any]], None]
 
 @dataclass
 class BackupRequest:
-    qmp: str
+    qmp: str | None = None  # a running VM's QMP socket; or:
+    images: list[ImageSpec] | None = None  # a shut-off VM's images (``--image [ID=]PATH``; images.py)
     vm: str | None = None
     disks: list[str] | None = None
     full: bool | list[str] = False  # True: every disk full (``--full``); a list: those disk ids (``--full ID``)
@@ -101,6 +106,14 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}")
     if req.vm is not None:
         check_vm_name(req.vm)  # before any work: a name the repository cannot store fails now, not at commit
+    if req.images:
+        if req.qmp:
+            raise UsageError("--qmp and --image exclude each other: --qmp backs up a running VM, --image the "
+                             "images of a shut-off one")
+        return _backup_images(repo, req, _scratch_dir(req))
+    if req.qmp is None:
+        raise UsageError("say which VM: --qmp SOCK for a running one (the PATH of its -qmp unix:PATH,server=on), "
+                         "--image PATH for each disk image of a shut-off one")
     if not req.qmp:
         raise UsageError("--qmp is empty: pass the VM's QMP socket (the PATH of -qmp unix:PATH,server=on)")
     scratch = _scratch_dir(req)
@@ -113,6 +126,26 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
                 return _Run(repo, req, mon, scratch).run()
         finally:
             mon.close()
+
+
+def _backup_images(repo: Repository, req: BackupRequest, scratch: Path) -> BackupResult:
+    """A shut-off VM: its images opened in a qemu-storage-daemon of this run's own (storage_daemon.py).
+
+    Locks are taken per image (real path), so a second fleece run on the same image is told so by name
+    before the daemon's image lock would refuse it with QEMU's words.
+    """
+    assert req.images
+    vm, images = resolve_images(repo, req.images, req.vm)
+    with interrupt_once(), contextlib.ExitStack() as stack:
+        for image in sorted(images, key=lambda i: i.path):
+            stack.enter_context(VmLock(f"image:{image.path}", f"image {image.path}"))
+        daemon = stack.enter_context(StorageDaemon(images, scratch))
+        mon = Monitor(daemon.qmp_path)
+        stack.callback(mon.close)  # before the daemon stops (the stack unwinds in reverse)
+        nodes = daemon.open(mon)
+        run = _Run(repo, dataclasses.replace(req, vm=vm), mon, scratch,
+                   inventory=lambda: inspect_images(mon, nodes))
+        return run.run()
 
 
 def _scratch_dir(req: BackupRequest) -> Path:
@@ -161,10 +194,13 @@ def interrupt_once() -> Iterator[None]:
 
 
 class _Run:
-    def __init__(self, repo: Repository, req: BackupRequest, mon: Monitor, scratch: Path) -> None:
+    def __init__(self, repo: Repository, req: BackupRequest, mon: Monitor, scratch: Path,
+                 inventory: Callable[[], VmInfo] | None = None) -> None:
         self.repo = repo
         self.req = req
         self.mon = mon
+        #: what the VM looks like now: a running QEMU's devices, or a shut-off VM's images (storage daemon)
+        self.inventory = inventory or (lambda: inspect(mon))
         self.scratch = scratch
         self.event = req.on_event or (lambda name, data: None)
         self.prefix = bitmaps.repo_prefix(repo.config.id)
@@ -174,7 +210,7 @@ class _Run:
 
     def run(self) -> BackupResult:
         started = time.monotonic()
-        info = inspect(self.mon)
+        info = self.inventory()
         vm = self.req.vm or info.name
         if not vm:
             raise UsageError("the VM has no name (-name); pass --vm NAME to say which name its points carry")
@@ -227,11 +263,12 @@ class _Run:
 
         A guest it left paused is resumed first: the VM runs again before anything else is tried.
         """
-        for line in pause.recover(self.mon):
-            log.warning("%s", line)
-        for what in graph.unwind(self.mon):
-            log.warning("cleaned up after an interrupted run: removed %s", what)
-        info = inspect(self.mon)
+        if not info.offline:  # a storage daemon is this run's own: no guest, nothing left in it
+            for line in pause.recover(self.mon):
+                log.warning("%s", line)
+            for what in graph.unwind(self.mon):
+                log.warning("cleaned up after an interrupted run: removed %s", what)
+        info = self.inventory()
         committed_ids: set[str] | None = None
 
         def committed(point_id: str) -> bool:
@@ -245,7 +282,7 @@ class _Run:
             for line in bitmaps.recover(self.mon, d, self.prefix, committed):
                 log.warning("%s", line)
                 changed = True
-        return inspect(self.mon) if changed else info
+        return self.inventory() if changed else info
 
     def _select(self, info: VmInfo) -> list[DiskInfo]:
         by_id = {d.id: d for d in info.disks}
@@ -255,14 +292,14 @@ class _Run:
                 raise UsageError(f"no disk {', '.join(unknown)} in this VM; its disks are: "
                                  f"{', '.join(by_id) or 'none'}")
             chosen = [by_id[d] for d in dict.fromkeys(self.req.disks)]
-            detached = [d.id for d in chosen if not d.qdev]
+            detached = [d.id for d in chosen if not d.attached]
             if detached:
                 raise UsageError(f"drive {', '.join(detached)} is not attached to any guest device: nothing in the "
                                  "VM can write it, and there is no device to put the fleece in front of; leave it out")
         else:
             chosen = []
             for d in info.disks:
-                if not d.qdev:
+                if not d.attached:
                     log.info("skipping drive %s (%s): no guest device uses it", d.id, d.filename)
                     continue
                 if d.read_only:
@@ -331,9 +368,13 @@ class _Run:
                 bitmaps.transaction(self.mon, actions)
                 switched = True
                 for f in fleeces:
-                    graph.insert_cbw(self.mon, f)
+                    if not f.disk.offline:  # a shut-off VM's image: nothing but fleece writes it
+                        graph.insert_cbw(self.mon, f)
             stats["pause_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-            log.info("point in time fixed for %d disk(s); guest paused %.1f ms", len(fleeces), stats["pause_ms"])
+            if info.offline:
+                log.info("point in time fixed for %d image(s) of the shut-off VM", len(fleeces))
+            else:
+                log.info("point in time fixed for %d disk(s); guest paused %.1f ms", len(fleeces), stats["pause_ms"])
             self.event("frozen", {"point": point_id, "pause_ms": stats["pause_ms"]})
 
             for f in fleeces:
@@ -368,6 +409,7 @@ class _Run:
                 parent=max((r.parent for r in records.values() if r.parent), default=None),
                 kind=kind, disks=records, consistency="crash", tool=TOOL,
                 extra={"host": socket.gethostname(), "machine": self.machine.to_json(), "pause_ms": stats["pause_ms"],
+                       "vm_state": info.status,  # running, paused, …, or "shut off" (backup --image)
                        "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers,
                        "index": self._hints(writer.index_name, records),
                        **annotation_fields(self.req.tags, self.req.note)})
@@ -612,7 +654,7 @@ class _Run:
     def _drop_old_bitmaps(self, disk: DiskInfo, keep: str) -> None:
         """After the commit: the parent's bitmap (and stale ones of this repository) are no longer needed."""
         try:
-            current = next((d for d in inspect(self.mon).disks if d.id == disk.id), None)
+            current = next((d for d in self.inventory().disks if d.id == disk.id), None)
             if current is not None:
                 bitmaps.transaction(self.mon, bitmaps.commit_actions(current.node, keep, current.bitmaps, self.prefix))
         except Exception as e:  # noqa: BLE001 - the point is committed; the next run finishes this

@@ -53,7 +53,7 @@ class Machine:
             uuid = None
         return cls(uuid=uuid, host=socket.gethostname(),
                    images={d.id: [_absolute(name, mon.peer_pid) for name in (d.chain or [d.filename])]
-                           for d in info.disks if d.filename and not d.read_only and d.qdev})
+                           for d in info.disks if d.filename and not d.read_only and d.attached})
 
     @classmethod
     def from_json(cls, obj: Any) -> Machine | None:

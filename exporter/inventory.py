@@ -32,6 +32,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleece.repository.errors import QemuError
+
 from .qmp import Monitor
 
 _PERIPHERAL = re.compile(r"^/machine/peripheral/([^/]+)(?:/.*)?$")
@@ -72,6 +74,13 @@ class DiskInfo:
     bitmaps: list[Bitmap] = field(default_factory=list)
     #: the image files of the disk's backing chain, top first (``query-block``'s nested ``backing-image``)
     chain: list[str] = field(default_factory=list)
+    #: an image of a shut-off VM (``backup --image``): no guest device, and nothing writes it but fleece
+    offline: bool = False
+
+    @property
+    def attached(self) -> bool:
+        """Whether this disk is one the VM's guest can write: a device uses it, or it is a shut-off VM's image."""
+        return bool(self.qdev) or self.offline
 
     @property
     def qom_path(self) -> str:
@@ -91,6 +100,9 @@ class DiskInfo:
         return opts
 
 
+SHUT_OFF = "shut off"  # VmInfo.status of a shut-off VM's images (qemu-storage-daemon)
+
+
 @dataclass
 class VmInfo:
     name: str
@@ -100,6 +112,10 @@ class VmInfo:
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+    @property
+    def offline(self) -> bool:
+        return self.status == SHUT_OFF
 
 
 def qom_path(qdev: str) -> str:
@@ -174,6 +190,40 @@ def _chain(image: dict[str, Any]) -> list[str]:
     return files
 
 
+def _disk(id_: str, qdev: str, ins: dict[str, Any], offline: bool = False) -> DiskInfo:
+    """A disk from QEMU's ``BlockDeviceInfo`` (query-block's ``inserted``, or a query-named-block-nodes entry)."""
+    image = ins.get("image", {})
+    spec = image.get("format-specific", {}) or {}
+    return DiskInfo(
+        id=id_,
+        qdev=qdev,
+        node=ins.get("node-name", ""),
+        driver=ins.get("drv", ""),
+        virtual_size=int(image.get("virtual-size", 0)),
+        filename=ins.get("file", ""),
+        chain=_chain(image),
+        read_only=bool(ins.get("ro", False)),
+        cluster_size=image.get("cluster-size"),
+        compat=(spec.get("data") or {}).get("compat") if spec.get("type") == "qcow2" else None,
+        bitmaps=[Bitmap.from_qmp(b) for b in ins.get("dirty-bitmaps", []) if "name" in b],
+        offline=offline,
+    )
+
+
+def inspect_images(mon: Monitor, nodes: dict[str, str]) -> VmInfo:
+    """The disks of a shut-off VM opened in qemu-storage-daemon (``backup --image``): *nodes* maps each
+    disk id to the format node it was opened as. qemu-storage-daemon has no guest, no devices, no run
+    state and no name (no ``query-block`` BlockBackends, no ``query-status``), so everything comes from
+    ``query-named-block-nodes`` — which reports the same ``BlockDeviceInfo`` (bitmaps included)."""
+    by_node = {n.get("node-name"): n for n in mon.cmd("query-named-block-nodes", {"flat": True})}
+    disks = []
+    for id_, node in nodes.items():
+        if node not in by_node:
+            raise QemuError(f"qemu-storage-daemon lost block node {node} of image {id_}")
+        disks.append(_disk(id_, "", by_node[node], offline=True))
+    return VmInfo(name="", status=SHUT_OFF, disks=disks)
+
+
 def inspect(mon: Monitor) -> VmInfo:
     """Read the VM's name, status and every disk with a medium (CD-ROM trays etc. are skipped)."""
     name = mon.cmd("query-name").get("name") or ""
@@ -183,22 +233,5 @@ def inspect(mon: Monitor) -> VmInfo:
     ids = _unique_ids([(dev.get("qdev", ""), dev["inserted"].get("node-name", ""), dev.get("device", ""))
                        for dev in devs])
     for dev, id_ in zip(devs, ids):
-        ins = dev["inserted"]
-        image = ins.get("image", {})
-        spec = image.get("format-specific", {}) or {}
-        node = ins.get("node-name", "")
-        qdev = dev.get("qdev", "")
-        disks.append(DiskInfo(
-            id=id_,
-            qdev=qdev,
-            node=node,
-            driver=ins.get("drv", ""),
-            virtual_size=int(image.get("virtual-size", 0)),
-            filename=ins.get("file", ""),
-            chain=_chain(image),
-            read_only=bool(ins.get("ro", False)),
-            cluster_size=image.get("cluster-size"),
-            compat=(spec.get("data") or {}).get("compat") if spec.get("type") == "qcow2" else None,
-            bitmaps=[Bitmap.from_qmp(b) for b in ins.get("dirty-bitmaps", []) if "name" in b],
-        ))
+        disks.append(_disk(id_, dev.get("qdev", ""), dev["inserted"]))
     return VmInfo(name=name, status=status, disks=disks)

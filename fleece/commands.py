@@ -14,6 +14,8 @@ from fleece.repository.config import MAX_LEVEL, MIN_LEVEL, RepoConfig
 from fleece.repository.credentials import configured
 from fleece.repository.errors import UsageError
 from fleece.exporter.backup import MAX_WORKERS
+from fleece.exporter.images import ImageSpec
+from fleece.exporter.inventory import SHUT_OFF
 from fleece.repository.manifest import check_note, check_tag, check_vm_name
 from fleece.repository.ratelimit import parse_rate
 
@@ -218,7 +220,11 @@ def _rebuild(args: argparse.Namespace) -> int:
 # -- backup ---------------------------------------------------------------------------------------------
 
 def _backup_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qmp", required=True, metavar="SOCK", help="the VM's QMP unix socket (one fleece may use)")
+    p.add_argument("--qmp", metavar="SOCK", help="the running VM's QMP unix socket (one fleece may use)")
+    p.add_argument("--image", action="append", metavar="[ID=]PATH", type=arg_type(ImageSpec.parse),
+                   help="instead of --qmp: a disk image of a shut-off VM (repeatable), opened in "
+                        "qemu-storage-daemon; ID is its disk id (default: the one its VM's history recorded "
+                        "for this file, else the file name)")
     add_repo(p)
     p.add_argument("--vm", type=vm_name, help="name the points are stored under (default: QEMU's -name)")
     p.add_argument("--disk", action="append", metavar="ID",
@@ -270,7 +276,7 @@ def _backup(args: argparse.Namespace) -> int:
                         "stored in plaintext", " and ".join(given), repo.url)
         bar = BackupProgress("backup")  # committed bytes of the planned total; silent unless stderr is a TTY
         try:
-            result = run_backup(repo, BackupRequest(qmp=args.qmp, vm=args.vm, disks=args.disk,
+            result = run_backup(repo, BackupRequest(qmp=args.qmp, images=args.image, vm=args.vm, disks=args.disk,
                                                     full=full_disks(args.full), workers=args.workers,
                                                     scratch=args.scratch, adopt=args.adopt,
                                                     audit_sample=args.audit_sample, tags=args.tag, note=args.note,
@@ -291,8 +297,8 @@ def _backup(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(doc)
     else:
-        print(f"point {m.id} of VM {m.vm}: {m.kind}, {len(m.disks)} disk(s), guest paused "
-              f"{doc['pause_ms']:.1f} ms, {doc['duration_s']:.1f} s")
+        paused = ("shut off" if m.extra.get("vm_state") == SHUT_OFF else f"guest paused {doc['pause_ms']:.1f} ms")
+        print(f"point {m.id} of VM {m.vm}: {m.kind}, {len(m.disks)} disk(s), {paused}, {doc['duration_s']:.1f} s")
         for name, d in m.disks.items():
             st = d.stats
             print(f"  {name}: {d.kind:<11} changed {human_bytes(st.get('dirty_bytes', 0))}, read "
