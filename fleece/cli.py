@@ -20,6 +20,7 @@ from fleece.repository.errors import FleeceError, HostError, InternalError, Inte
 
 from . import __version__
 from .commands import COMMANDS
+from .config import add_config_option, parse_args as parse_with_config
 from .output import emit_json, setup_logging, stdout_errors
 
 log = logging.getLogger("fleece")
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
         p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+        add_config_option(p)  # --config FILE (fleece/config.py): every option of a command, from TOML
     return parser
 
 
@@ -87,11 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     wants_json = "--json" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_with_config(build_parser, argv)
     except _ArgumentError as exc:
         if not wants_json:
             exc.parser.print_usage(sys.stderr)
         return _fail(UsageError(str(exc)), wants_json)
+    except UsageError as exc:  # the --config file: unreadable, not TOML, an unknown key or a bad value
+        return _fail(exc, wants_json)
     setup_logging(-1 if args.quiet else args.verbose)
     signal.signal(signal.SIGTERM, _terminate)
     run: Callable[[argparse.Namespace], Any] = COMMANDS[args.command][2]

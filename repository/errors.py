@@ -20,8 +20,10 @@
      ├── QemuError                   kind "qemu"         exit 1   QEMU cannot be reached or refused
      │    ├── QmpConnectError        kind "qmp-connect"           socket missing, busy, silent, not QMP
      │    ├── CommandError           kind "qmp-command"           (command, error_class, desc)
-     │    └── BitmapError            kind "bitmap"                a dirty bitmap fleece cannot repair
+     │    ├── BitmapError            kind "bitmap"                a dirty bitmap fleece cannot repair
+     │    └── LibvirtError           kind "libvirt"               (code): libvirtd cannot be reached or refused
      ├── BackupBusyError             kind "busy"         exit 1   another fleece backs this VM up now
+     │    └── ImageInUseError        kind "image-in-use"         (object): another process holds the image open
      ├── ExportReadError             kind "export-read"  exit 1   reading the frozen view failed
      ├── IdentityError               kind "identity"     exit 1   the VM name belongs to another machine
      ├── WrongKeyError               kind "key"          exit 1   no key slot opens with the password / key file
@@ -221,10 +223,37 @@ class BitmapError(QemuError):
     kind = "bitmap"
 
 
+class LibvirtError(QemuError):
+    """libvirtd cannot be reached, or refused a call (``exporter.virt``).
+
+    :param code: libvirt's symbolic error code (``VIR_ERR_CHECKPOINT_INCONSISTENT``, ``VIR_ERR_NO_DOMAIN``,
+        ``VIR_ERR_OPERATION_TIMEOUT`` …), or ``None`` when libvirt gave none.
+    """
+
+    kind = "libvirt"
+
+    def __init__(self, message: str, *, object: str | None = None, code: str | None = None) -> None:  # noqa: A002
+        super().__init__(message, object=object)
+        self.code = code
+
+    def fields(self) -> dict[str, Any]:
+        out = super().fields()
+        if self.code is not None:
+            out["code"] = self.code
+        return out
+
+
 class BackupBusyError(FleeceError):
     """Another fleece backup is already running against this VM."""
 
     kind = "busy"
+
+
+class ImageInUseError(BackupBusyError):
+    """A shut-off VM's image (``backup --image``) is held open by another process: a running VM, another
+    backup, a qemu-img. QEMU's image lock said so; nothing was read or written."""
+
+    kind = "image-in-use"
 
 
 class ExportReadError(FleeceError):
