@@ -18,7 +18,6 @@ import signal
 import subprocess
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
