@@ -72,7 +72,9 @@ EventHook = Callable[[str, dict[str, Any]], None]
 @dataclass
 class BackupRequest:
     qmp: str | None = None  # a running VM's QMP socket; or:
-    images: list[ImageSpec] | None = None  # a shut-off VM's images (``--image [ID=]PATH``; images.py)
+    images: list[ImageSpec] | None = None  # a shut-off VM's images (``--image [ID=]PATH``; images.py); or:
+    libvirt: str | None = None  # a libvirt domain's name or UUID (``--libvirt``; libvirt_run.py)
+    connect: str | None = None  # the libvirt URI (``--connect``; None: libvirt's default)
     vm: str | None = None
     disks: list[str] | None = None
     full: bool | list[str] = False  # True: every disk full (``--full``); a list: those disk ids (``--full ID``)
@@ -106,14 +108,22 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
         raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}")
     if req.vm is not None:
         check_vm_name(req.vm)  # before any work: a name the repository cannot store fails now, not at commit
+    given = [opt for opt, v in (("--qmp", req.qmp is not None), ("--image", bool(req.images)),
+                                ("--libvirt", req.libvirt is not None)) if v]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} exclude each other: --qmp backs up a running VM through its "
+                         "QMP socket, --libvirt a libvirt domain, --image the images of a shut-off VM")
+    if req.connect is not None and req.libvirt is None:
+        raise UsageError("--connect URI only goes with --libvirt DOMAIN (or --all)")
+    if req.libvirt is not None:
+        from .libvirt_run import backup_domain  # python3-libvirt only where libvirt is used
+
+        return backup_domain(repo, req, _scratch_dir(req))
     if req.images:
-        if req.qmp:
-            raise UsageError("--qmp and --image exclude each other: --qmp backs up a running VM, --image the "
-                             "images of a shut-off one")
         return _backup_images(repo, req, _scratch_dir(req))
     if req.qmp is None:
         raise UsageError("say which VM: --qmp SOCK for a running one (the PATH of its -qmp unix:PATH,server=on), "
-                         "--image PATH for each disk image of a shut-off one")
+                         "--libvirt DOMAIN for a libvirt domain, --image PATH for each disk image of a shut-off one")
     if not req.qmp:
         raise UsageError("--qmp is empty: pass the VM's QMP socket (the PATH of -qmp unix:PATH,server=on)")
     scratch = _scratch_dir(req)
@@ -216,7 +226,7 @@ class _Run:
             raise UsageError("the VM has no name (-name); pass --vm NAME to say which name its points carry")
         self.vm = check_vm_name(vm)
         self.repo.check_not_downgraded()
-        self.machine = Machine.of(self.mon, info)
+        self.machine = self._machine(info)
         self._check_identity(vm)
         info = self._recover(vm, info)
         disks = self._select(info)
@@ -246,6 +256,9 @@ class _Run:
             self._drop_old_bitmaps(d, new_bitmaps[d.id])
         stats["duration_s"] = round(time.monotonic() - started, 3)
         return BackupResult(manifest, stats)
+
+    def _machine(self, info: VmInfo) -> Machine:
+        return Machine.of(self.mon, info)
 
     def _check_identity(self, vm: str) -> None:
         ids = self.repo.point_ids(vm)
@@ -387,37 +400,12 @@ class _Run:
             self.event("exported", {"point": point_id, "disks": [f.disk.id for f in fleeces]})
 
             writer = self.repo.writer(on_committed=self.req.on_committed, known=self.known)
-            pending: dict[str, Callable[[], DiskRecord]] = {}
-            # Enough buffers for every reader plus what the writer queues; reading outpaces compression.
-            pool = BufferPool(self.req.workers + 4, self.repo.config.chunk_size)
-            for f in fleeces:
-                pending[f.disk.id] = self._pull_disk(f, levels[f.disk.id], sock, writer, pool,
-                                                       new_bitmaps[f.disk.id])
-
+            pending = self._pull_all(fleeces, levels, sock, writer, new_bitmaps)
             self.event("pulled", {"point": point_id})
             for what in graph.unwind(self.mon, only=names):
                 log.debug("teardown: %s", what)
-            self.event("flushing", {"point": point_id})
-            wstats = writer.flush()
-            # Only now has every blob's callback run: the extent maps are complete.
-            records = {disk_id: finish() for disk_id, finish in pending.items()}
-            stats["writer"] = wstats.as_dict()
-            kind = KIND_FULL if all(r.kind == KIND_FULL for r in records.values()) else KIND_INCREMENTAL
-            manifest = Manifest(
-                id=point_id, vm=vm, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                # the newest layer this point builds on (per-disk parents are in the disk records)
-                parent=max((r.parent for r in records.values() if r.parent), default=None),
-                kind=kind, disks=records, consistency="crash", tool=TOOL,
-                extra={"host": socket.gethostname(), "machine": self.machine.to_json(), "pause_ms": stats["pause_ms"],
-                       "vm_state": info.status,  # running, paused, …, or "shut off" (backup --image)
-                       "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers,
-                       "index": self._hints(writer.index_name, records),
-                       **annotation_fields(self.req.tags, self.req.note)})
-            self.event("committing", {"point": point_id})
-            self._check_identity(vm)  # again: another machine may have taken the name during this run
-            self.repo.commit(manifest, writer.packs_needed())
+            manifest = self._commit_point(vm, info, point_id, writer, pending, stats, {})
             committed = True
-            log.info("committed point %s of VM %s", point_id, vm)
             return manifest, stats
         except BaseException as exc:
             self._fail(exc, writer, names, fleeces, levels, new_bitmaps, switched and not committed)
@@ -425,8 +413,44 @@ class _Run:
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)  # the fleece targets live in it
 
+    def _pull_all(self, fleeces: list[Any], levels: dict[str, bitmaps.Level], sock: str, writer: Any,
+                  new_bitmaps: dict[str, str | None]) -> dict[str, Callable[[], DiskRecord]]:
+        """Read every disk into *writer*, one after the other (each with all workers); returns, per disk,
+        the function that builds its record once the writer has flushed."""
+        # Enough buffers for every reader plus what the writer queues; reading outpaces compression.
+        pool = BufferPool(self.req.workers + 4, self.repo.config.chunk_size)
+        return {f.disk.id: self._pull_disk(f, levels[f.disk.id], sock, writer, pool, new_bitmaps[f.disk.id])
+                for f in fleeces}
+
+    def _commit_point(self, vm: str, info: VmInfo, point_id: str, writer: Any,
+                      pending: dict[str, Callable[[], DiskRecord]], stats: dict[str, Any],
+                      extra: dict[str, Any], consistency: str = "crash") -> Manifest:
+        """Steps 2 and 3 of the commit protocol: flush the writer (packs, then the index), then write the
+        manifest — the commit point. *extra* adds to the manifest's ``extra``."""
+        self.event("flushing", {"point": point_id})
+        wstats = writer.flush()
+        # Only now has every blob's callback run: the extent maps are complete.
+        records = {disk_id: finish() for disk_id, finish in pending.items()}
+        stats["writer"] = wstats.as_dict()
+        kind = KIND_FULL if all(r.kind == KIND_FULL for r in records.values()) else KIND_INCREMENTAL
+        manifest = Manifest(
+            id=point_id, vm=vm, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # the newest layer this point builds on (per-disk parents are in the disk records)
+            parent=max((r.parent for r in records.values() if r.parent), default=None),
+            kind=kind, disks=records, consistency=consistency, tool=TOOL,
+            extra={"host": socket.gethostname(), "machine": self.machine.to_json(), "pause_ms": stats.get("pause_ms"),
+                   "vm_state": info.status,  # running, paused, …, or "shut off" (backup --image)
+                   "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers,
+                   "index": self._hints(writer.index_name, records),
+                   **extra, **annotation_fields(self.req.tags, self.req.note)})
+        self.event("committing", {"point": point_id})
+        self._check_identity(vm)  # again: another machine may have taken the name during this run
+        self.repo.commit(manifest, writer.packs_needed())
+        log.info("committed point %s of VM %s", point_id, vm)
+        return manifest
+
     def _pull_disk(self, f: graph.DiskFleece, level: bitmaps.Level, sock: str, writer: Any, pool: BufferPool,
-                   new_bitmap: str) -> Callable[[], DiskRecord]:
+                   new_bitmap: str | None) -> Callable[[], DiskRecord]:
         """Read one disk into *writer*; returns a function that builds its record once the writer flushed."""
         disk = f.disk
         chunk = self.repo.config.chunk_size
@@ -584,20 +608,21 @@ class _Run:
             return h
 
         handles: list[nbd.NBD] = []
+
+        def opened(export: str, context: str) -> nbd.NBD:
+            h = handle(export, context)
+            handles.append(h)
+            return h
+
         try:
             size = f.disk.virtual_size
-            src = PlanSources(allocation=handle(f.names.live_export, ALLOCATION),
-                              target=handle(f.names.target_export, ALLOCATION),
-                              between=lambda: self.event("planning", {"disk": f.disk.id}))
-            handles += [src.allocation, src.target]
-            if level.kind == KIND_INCREMENTAL and not full:
-                assert level.old_bitmap is not None
-                src.dirty = handle(f.names.export, f"qemu:dirty-bitmap:{level.old_bitmap}")
-                handles.append(src.dirty)
-                plan = plan_incremental(src, level.old_bitmap, size, chunk)
-            else:
-                plan = plan_full(src, size, chunk)
-            return plan
+            incremental = level.kind == KIND_INCREMENTAL and not full
+            src, bitmap = self._plan_sources(f, level, opened, incremental)
+            src.between = lambda: self.event("planning", {"disk": f.disk.id})
+            if incremental:
+                assert bitmap is not None
+                return plan_incremental(src, bitmap, size, chunk)
+            return plan_full(src, size, chunk)
         except nbd.Error as exc:
             raise ExportReadError(f"block status of disk {f.disk.id} failed: {exc}{self._scratch_hint(f)}") from None
         finally:
@@ -606,6 +631,17 @@ class _Run:
                     h.shutdown()
                 except nbd.Error:
                     pass
+
+    def _plan_sources(self, f: graph.DiskFleece, level: bitmaps.Level, handle: Callable[[str, str], nbd.NBD],
+                      incremental: bool) -> tuple[PlanSources, str | None]:
+        """Our own fleece's three exports (plan.py says why three) and the frozen bitmap's name."""
+        src = PlanSources(allocation=handle(f.names.live_export, ALLOCATION),
+                          target=handle(f.names.target_export, ALLOCATION))
+        if not incremental:
+            return src, None
+        assert level.old_bitmap is not None
+        src.dirty = handle(f.names.export, f"qemu:dirty-bitmap:{level.old_bitmap}")
+        return src, level.old_bitmap
 
     @staticmethod
     def _scratch_hint(f: graph.DiskFleece) -> str:

@@ -91,10 +91,19 @@ class DiskPlan:
 
 @dataclass
 class PlanSources:
-    """The NBD handles a plan reads from (see the module docstring for why three)."""
+    """The NBD handles a plan reads from (see the module docstring for why three).
 
-    allocation: nbd.NBD  # live disk node, ``base:allocation`` (whole chain)
-    target: nbd.NBD  # fleece target, ``base:allocation``
+    *target* None: *allocation* is a frozen view whose own ``base:allocation`` is right at the freeze —
+    libvirt's pull-mode export (exporter/virt.py): a scratch qcow2 *backed by* the live disk, filled by
+    ``blockdev-backup sync=none`` before any guest write lands. A cluster the guest changes after the
+    freeze is copied into the scratch image first, so the export reports it as data (the old bytes)
+    from that moment on; one it never changes reads through to the disk, whose status for it has not
+    changed either. Neither state can be seen as zero while it held data at the freeze (measured for
+    write-zeroes, zero-filled writes on ``detect_zeroes`` disks and discards: docs/libvirt-pull-mode.md §3).
+    """
+
+    allocation: nbd.NBD  # live disk node, ``base:allocation`` (whole chain) — or libvirt's frozen view
+    target: nbd.NBD | None  # fleece target, ``base:allocation``; None: *allocation* is frozen itself
     dirty: nbd.NBD | None = None  # frozen view, ``qemu:dirty-bitmap:<old>`` (incrementals)
     #: Called between the live-status queries and the target query (tests act in that window).
     between: Callable[[], None] | None = None
@@ -203,6 +212,8 @@ def _check(src: PlanSources, status: ex.RangeList, size: int) -> tuple[ex.RangeL
     """``(status ∪ target data, target data)`` — the target queried strictly after *status* was read."""
     if src.between is not None:
         src.between()
+    if src.target is None:  # the allocation source is the frozen view itself: nothing can have moved
+        return status, []
     target = overwritten(src.target, size)
     return ex.union(status, target), target
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 from xml.sax.saxutils import escape, quoteattr
@@ -268,11 +268,16 @@ def _parse_job(xml: str) -> BackupJob:
     return BackupJob(sock, out, xml)
 
 
-def backup_xml(socket_path: str, scratch_dir: str, disks: dict[str, Mode], incremental_from: str | None,
-               all_targets: list[str]) -> str:
+def _since(incremental_from: str | dict[str, str] | None, target: str) -> str | None:
+    return incremental_from.get(target) if isinstance(incremental_from, dict) else incremental_from
+
+
+def backup_xml(socket_path: str, scratch_dir: str, disks: dict[str, Mode],
+               incremental_from: str | dict[str, str] | None, all_targets: list[str]) -> str:
     """The ``<domainbackup mode='pull'>`` document: per-disk ``backupmode``/``incremental`` (so one job can
-    mix full and incremental disks; libvirt 9.0 accepts these attributes), every other disk ``backup='no'``,
-    scratch files ``DIR/<target>.scratch``."""
+    mix full and incremental disks, each incremental from its own checkpoint; libvirt 9.0 accepts these
+    attributes), every other disk ``backup='no'``, scratch files ``DIR/<target>.scratch``.
+    *incremental_from*: one checkpoint for every incremental disk, or ``{target: checkpoint}``."""
     parts = []
     for t in all_targets:
         mode = disks.get(t, "skip")
@@ -280,7 +285,7 @@ def backup_xml(socket_path: str, scratch_dir: str, disks: dict[str, Mode], incre
             parts.append(f"<disk name={quoteattr(t)} backup='no'/>")
             continue
         attrs = "backupmode='full'" if mode == "full" else \
-            f"backupmode='incremental' incremental={quoteattr(incremental_from or '')}"
+            f"backupmode='incremental' incremental={quoteattr(_since(incremental_from, t) or '')}"
         scratch = os.path.join(scratch_dir, f"{t}.scratch")
         parts.append(f"<disk name={quoteattr(t)} backup='yes' type='file' {attrs}>"
                      f"<driver type='qcow2'/><scratch file={quoteattr(scratch)}/></disk>")
@@ -288,18 +293,24 @@ def backup_xml(socket_path: str, scratch_dir: str, disks: dict[str, Mode], incre
             f"<disks>{''.join(parts)}</disks></domainbackup>")
 
 
-def checkpoint_xml(name: str, disks: dict[str, Mode], all_targets: list[str]) -> str:
-    """A checkpoint with a bitmap on every disk backed up now and none on the others: without an explicit
-    ``<disks>`` libvirt puts a bitmap on *every* qcow2 disk, skipped ones too."""
-    ds = "".join(f"<disk name={quoteattr(t)} checkpoint='{'no' if disks.get(t, 'skip') == 'skip' else 'bitmap'}'/>"
+def checkpoint_xml(name: str, disks: dict[str, Mode], all_targets: list[str],
+                   bitmaps: Iterable[str] | None = None) -> str:
+    """A checkpoint with a bitmap on every disk backed up now (or only on *bitmaps*: a raw disk cannot
+    hold one) and none on the others: without an explicit ``<disks>`` libvirt puts a bitmap on *every*
+    qcow2 disk, skipped ones too."""
+    marked = {t for t in all_targets if disks.get(t, "skip") != "skip"} if bitmaps is None else set(bitmaps)
+    ds = "".join(f"<disk name={quoteattr(t)} checkpoint='{'bitmap' if t in marked else 'no'}'/>"
                  for t in all_targets)
     return f"<domaincheckpoint><name>{escape(name)}</name><disks>{ds}</disks></domaincheckpoint>"
 
 
 def begin_pull_backup(dom: libvirt.virDomain, socket_path: str, scratch_dir: str, disks: dict[str, Mode],
-                      incremental_from: str | None, new_checkpoint: str | None) -> BackupJob:
+                      incremental_from: str | dict[str, str] | None, new_checkpoint: str | None,
+                      checkpoint_disks: Iterable[str] | None = None) -> BackupJob:
     """Start a pull backup of *disks* (``{target: "full"|"incremental"|"skip"}``; targets not named are
-    skipped) and, at the same instant, checkpoint *new_checkpoint* (None: no checkpoint).
+    skipped) and, at the same instant, checkpoint *new_checkpoint* (None: no checkpoint) with a bitmap on
+    *checkpoint_disks* (default: every disk backed up). *incremental_from*: the checkpoint every
+    incremental disk starts from, or one per disk (``{target: checkpoint}``).
 
     *socket_path*: the NBD server's unix socket. libvirt lets QEMU create it there (mode 0775 under QEMU's
     umask), so put it in a directory only fleece can enter (0700). *scratch_dir*: libvirt creates
@@ -316,12 +327,12 @@ def begin_pull_backup(dom: libvirt.virDomain, socket_path: str, scratch_dir: str
     if unknown:
         raise UsageError(f"{dom.name()} has no disk {', '.join(unknown)} (disks: {', '.join(targets)})",
                          object=unknown[0])
-    if any(m == "incremental" for m in disks.values()) and not incremental_from:
+    if any(m == "incremental" and not _since(incremental_from, t) for t, m in disks.items()):
         raise UsageError("an incremental disk needs the checkpoint to start from", object=dom.name())
     if not any(m in ("full", "incremental") for m in disks.values()):
         raise UsageError(f"nothing to back up on {dom.name()}", object=dom.name())
     bx = backup_xml(socket_path, scratch_dir, disks, incremental_from, targets)
-    cx = checkpoint_xml(new_checkpoint, disks, targets) if new_checkpoint else None
+    cx = checkpoint_xml(new_checkpoint, disks, targets, checkpoint_disks) if new_checkpoint else None
     _call(f"libvirt refused to start the backup of {dom.name()}", dom.name(), lambda: dom.backupBegin(bx, cx, 0))
     job = active_backup(dom)
     if job is None:  # begun and already gone: the domain stopped in between

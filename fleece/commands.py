@@ -221,6 +221,13 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 def _backup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qmp", metavar="SOCK", help="the running VM's QMP unix socket (one fleece may use)")
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="instead of --qmp: a running libvirt domain (name or UUID), through libvirt's backup API "
+                        "(pull mode with checkpoints); its disk ids are libvirt's target names (vda, sda)")
+    p.add_argument("--all", action="store_true",
+                   help="every running libvirt domain, each under its own name (with --connect)")
+    p.add_argument("--connect", metavar="URI",
+                   help="libvirt connection URI for --libvirt/--all (default: libvirt's, e.g. qemu:///system)")
     p.add_argument("--image", action="append", metavar="[ID=]PATH", type=arg_type(ImageSpec.parse),
                    help="instead of --qmp: a disk image of a shut-off VM (repeatable), opened in "
                         "qemu-storage-daemon; ID is its disk id (default: the one its VM's history recorded "
@@ -266,6 +273,14 @@ parse_rate_arg = arg_type(parse_rate)
 def _backup(args: argparse.Namespace) -> int:
     from fleece.exporter.backup import BackupRequest, run_backup
 
+    if args.all:
+        clash = [opt for opt, v in (("--qmp", args.qmp), ("--image", args.image), ("--libvirt", args.libvirt),
+                                    ("--vm", args.vm), ("--disk", args.disk)) if v]
+        if clash:
+            raise UsageError(f"--all backs up every running libvirt domain under its own name: it excludes "
+                             f"{', '.join(clash)}")
+        if full_disks(args.full) not in (False, True):
+            raise UsageError("--all takes a bare --full (every disk of every domain), not --full ID")
     with open_repo(args, create=True, workers=args.workers, bwlimit=args.bwlimit) as repo:
         given = configured() + [f for f, v in (("--password-file", args.password_file),
                                                ("--key-file", args.key_file)) if v]
@@ -274,38 +289,98 @@ def _backup(args: argparse.Namespace) -> int:
             # deleted too) would otherwise turn backups into plaintext without a word.
             log.warning("%s is set but %s is NOT encrypted (format 1, made with --no-encryption): this backup is "
                         "stored in plaintext", " and ".join(given), repo.url)
-        bar = BackupProgress("backup")  # committed bytes of the planned total; silent unless stderr is a TTY
+
+        def one(**target: Any) -> dict[str, Any]:
+            bar = BackupProgress("backup")  # committed bytes of the planned total; silent unless stderr is a TTY
+            try:
+                req = BackupRequest(**target, connect=args.connect, vm=args.vm, disks=args.disk,
+                                    full=full_disks(args.full), workers=args.workers, scratch=args.scratch,
+                                    adopt=args.adopt, audit_sample=args.audit_sample, tags=args.tag, note=args.note,
+                                    on_event=bar.event, progress=bar.read, on_committed=bar.committed)
+                result = run_backup(repo, req)
+            finally:
+                bar.close()
+            return _backup_doc(result, args.repo, repo)
+
         try:
-            result = run_backup(repo, BackupRequest(qmp=args.qmp, images=args.image, vm=args.vm, disks=args.disk,
-                                                    full=full_disks(args.full), workers=args.workers,
-                                                    scratch=args.scratch, adopt=args.adopt,
-                                                    audit_sample=args.audit_sample, tags=args.tag, note=args.note,
-                                                    on_event=bar.event, progress=bar.read,
-                                                    on_committed=bar.committed))
+            if not args.all:
+                doc = one(qmp=args.qmp, images=args.image, libvirt=args.libvirt)
+            else:
+                return _backup_all(args, repo, one)
         except BaseException:
-            bar.close()
             if repo.discard_if_new():  # a failed first backup leaves no --repo behind
                 log.debug("removed the repository %s this failed run had created", repo.url)
             raise
-        bar.close()
+    if args.json:
+        emit_json(doc)
+    else:
+        _print_point(doc)
+    return 0
+
+
+def _backup_doc(result: Any, url: str, repo: Repository) -> dict[str, Any]:
+    """The ``backup --json`` document of one point (DESIGN §3)."""
     m = result.manifest
     writer = result.stats.get("writer", {})
     doc = {**m.summary(), "pause_ms": result.stats.get("pause_ms"), "duration_s": result.stats.get("duration_s"),
            "uploaded_bytes": writer.get("uploaded_bytes", 0), "new_blobs": writer.get("new_blobs", 0),
-           "dedup_blobs": writer.get("dedup_blobs", 0), "repo": args.repo,
+           "dedup_blobs": writer.get("dedup_blobs", 0), "repo": url,
            "backend_requests": repo.requests()}
-    if args.json:
-        emit_json(doc)
+    if "freeze_ms" in result.stats:  # libvirt fixed the point (no guest pause of ours)
+        doc["freeze_ms"] = result.stats["freeze_ms"]
+    doc["vm_state"] = m.extra.get("vm_state")
+    return doc
+
+
+def _print_point(doc: dict[str, Any]) -> None:
+    if doc.get("vm_state") == SHUT_OFF:
+        how = "shut off"
+    elif doc.get("pause_ms") is None:
+        how = f"frozen by libvirt in {doc.get('freeze_ms') or 0:.1f} ms"
     else:
-        paused = ("shut off" if m.extra.get("vm_state") == SHUT_OFF else f"guest paused {doc['pause_ms']:.1f} ms")
-        print(f"point {m.id} of VM {m.vm}: {m.kind}, {len(m.disks)} disk(s), {paused}, {doc['duration_s']:.1f} s")
-        for name, d in m.disks.items():
-            st = d.stats
-            print(f"  {name}: {d.kind:<11} changed {human_bytes(st.get('dirty_bytes', 0))}, read "
-                  f"{human_bytes(st.get('read_bytes', 0))}, zeroed {human_bytes(st.get('zero_bytes', 0))}, "
-                  f"stored {human_bytes(st.get('stored_bytes', 0))}")
-        print(f"  sent {human_bytes(doc['uploaded_bytes'])} to {args.repo}")
-    return 0
+        how = f"guest paused {doc['pause_ms']:.1f} ms"
+    print(f"point {doc['id']} of VM {doc['vm']}: {doc['kind']}, {len(doc['disks'])} disk(s), {how}, "
+          f"{doc['duration_s']:.1f} s")
+    for name, st in doc["disks"].items():
+        print(f"  {name}: {st['kind']:<11} changed {human_bytes(st.get('dirty_bytes', 0))}, read "
+              f"{human_bytes(st.get('read_bytes', 0))}, zeroed {human_bytes(st.get('zero_bytes', 0))}, "
+              f"stored {human_bytes(st.get('stored_bytes', 0))}")
+    print(f"  sent {human_bytes(doc['uploaded_bytes'])} to {doc['repo']}")
+
+
+def _backup_all(args: argparse.Namespace, repo: Repository, one: Callable[..., dict[str, Any]]) -> int:
+    """``backup --all``: every running libvirt domain, one after the other, each its own point under its
+    own name. One domain's failure does not stop the others; the exit code is the first failure's (0 when
+    every domain was backed up), and ``--json`` prints one document listing every domain's outcome."""
+    from fleece.exporter.libvirt_run import running_domains
+    from fleece.repository.errors import FleeceError
+
+    names = running_domains(args.connect)
+    if not names:
+        log.warning("no running libvirt domain on %s: nothing to back up", args.connect or "the default URI")
+    results: list[dict[str, Any]] = []
+    code = 0
+    for name in names:
+        try:
+            doc = one(libvirt=name)
+        except FleeceError as exc:
+            message = " ".join(str(exc).split())
+            log.error("domain %s: %s", name, message)
+            err = exc.to_json()["error"]
+            err["message"] = message
+            results.append({"domain": name, "ok": False, "error": err})
+            code = code or exc.exit
+            continue
+        results.append({"domain": name, "ok": True, **doc})
+        if not args.json:
+            _print_point(doc)
+    if args.json:
+        emit_json({"ok": code == 0, "domains": results})
+    elif names:
+        failed = [r["domain"] for r in results if not r["ok"]]
+        print(f"{len(names) - len(failed)} of {len(names)} domain(s) backed up"
+              + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return code
 
 
 # -- restore --------------------------------------------------------------------------------------------

@@ -50,6 +50,32 @@ def rgw(tmp_path_factory: pytest.TempPathFactory):
         s3_server.stop(d)
 
 
+# -- libvirt: a private libvirtd (tools/libvirtd), started once per session -------------------------------
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory):
+    """A private root libvirtd in its own mount namespace (tools/libvirtd); its ``uri`` reaches it.
+
+    Skips with one line where it cannot run (no root, python3-libvirt missing) — except under CI, where
+    tools/setup installed everything: a libvirtd that does not start there is a failure, not a skip.
+    """
+    try:
+        import libvirt_env
+    except ImportError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"python3-libvirt is not importable under CI: {e}")
+        pytest.skip(f"python3-libvirt is not installed (tools/setup installs it): {e}")
+    d = tmp_path_factory.mktemp("libvirtd")
+    try:
+        info = libvirt_env.start(d)
+    except libvirt_env.Unavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"the private libvirtd does not start under CI: {e}")
+        pytest.skip(f"private libvirtd unavailable: {e}")
+    yield info
+    libvirt_env.stop(d)
+
+
 @pytest.fixture(scope="session")
 def s3_bucket(rgw: dict) -> str:
     from fleece.repository.backends import open_backend

@@ -97,7 +97,7 @@ def define_domain(conn: libvirt.virConnect, name: str, disks: list[tuple[str, Pa
                   serial: Path | None = None, cdrom: bool = False, agent: bool = False) -> libvirt.virDomain:
     """Define (not start) a persistent TCG domain with no guest OS: SeaBIOS finds nothing to boot and idles.
 
-    *disks* are ``(target, qcow2 path, bus)`` with bus ``virtio``, ``scsi`` (a virtio-scsi controller is
+    *disks* are ``(target, image path, bus[, format])`` (format default qcow2) with bus ``virtio``, ``scsi`` (a virtio-scsi controller is
     added) or ``sata``. *detect_zeroes* (``on``/``unmap``) and *discard* go on every disk's ``<driver>``.
     No graphics, no video, no network, no balloon; the serial port goes to *serial* or nowhere.
     *cdrom* adds an empty SATA cdrom (sdc, no media); *agent* a qemu-guest-agent channel (nothing answers).
@@ -106,15 +106,15 @@ def define_domain(conn: libvirt.virConnect, name: str, disks: list[tuple[str, Pa
     if detect_zeroes:
         drv += f" detect_zeroes={quoteattr(detect_zeroes)}"
     devs = []
-    for target, path, bus in disks:
+    for target, path, bus, *fmt in disks:
         if bus not in BUSES:
             raise ValueError(f"bus {bus!r}: one of {sorted(BUSES)}")
         devs.append(f"""<disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'{drv}/>
+      <driver name='qemu' type={quoteattr(fmt[0] if fmt else 'qcow2')}{drv}/>
       <source file={quoteattr(str(path))}/>
       <target dev={quoteattr(target)} bus={quoteattr(BUSES[bus])}/>
     </disk>""")
-    if any(bus == "scsi" for _, _, bus in disks):
+    if any(d[2] == "scsi" for d in disks):
         devs.append("<controller type='scsi' index='0' model='virtio-scsi'/>")
     if cdrom:
         devs.append("<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"

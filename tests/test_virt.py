@@ -30,17 +30,6 @@ FILL = {"vda": 0x11, "sda": 0x22}  # the first 16 MiB of each disk hold this byt
 
 
 @pytest.fixture(scope="module")
-def libvirtd(tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("libvirtd")
-    try:
-        info = libvirt_env.start(d)
-    except libvirt_env.Unavailable as e:
-        pytest.skip(f"private libvirtd unavailable: {e}")
-    yield info
-    libvirt_env.stop(d)
-
-
-@pytest.fixture(scope="module")
 def conn(libvirtd):
     c = virt.connect(libvirtd.uri)
     yield c
