@@ -53,7 +53,7 @@ class Domain:
     """A running TCG domain and the model of what its guest sees."""
 
     def __init__(self, conn, workdir: Path, name: str | None = None, uuid: str | None = None,
-                 formats: dict[str, str] | None = None, **kw) -> None:
+                 formats: dict[str, str] | None = None, start: bool = True, **kw) -> None:
         self.conn = conn
         self.dir = workdir
         self.gone = False
@@ -72,7 +72,8 @@ class Domain:
             disks.append((t, img, bus, fmt))
         self.name = name or f"lv-{uuidlib.uuid4().hex[:8]}"
         self.dom = libvirt_env.define_domain(conn, self.name, disks, uuid=uuid, **kw)
-        self.dom.create()
+        if start:
+            self.dom.create()
 
     def write(self, t: str, off: int, length: int, byte: int) -> None:
         libvirt_env.guest_write(self.dom, t, f"write -P {byte:#x} {off} {length}")
@@ -370,6 +371,47 @@ def test_failed_run_ends_its_job_and_drops_its_checkpoint(domains, libvirtd, tmp
     assert_exact(repo_url, dom.name, again.manifest.id, dom.snapshot())
 
 
+TERMINATOR = """
+import os, signal, sys
+from fleece.exporter.backup import BackupRequest, run_backup
+from fleece.repository import Repository
+
+repo, domain, uri, scratch = sys.argv[1:]
+
+def on_event(name, data):
+    if name == "disk":
+        os.kill(os.getpid(), signal.SIGTERM)  # what systemd's stop sends
+
+try:
+    run_backup(Repository.open(repo), BackupRequest(libvirt=domain, connect=uri, scratch=scratch, on_event=on_event))
+except KeyboardInterrupt:
+    sys.exit(42)
+"""
+
+
+def test_sigterm_rolls_back_and_a_paused_domain_stays_paused(domains, libvirtd, tmp_path, scratch) -> None:
+    dom = domains()
+    repo = str(tmp_path / "repo")
+    full = backup(dom, libvirtd, repo, scratch)
+    before = ours(dom, repo)
+    dom.write("vda", 0, MiB, 0x71)
+    p = subprocess.run([str(Path(FLEECE).parent / "python"), "-c", TERMINATOR, repo, dom.name, libvirtd.uri,
+                        str(scratch)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 42, p.stderr  # interrupted, after the rollback
+    assert ours(dom, repo) == before and Repository.open(repo).point_ids(dom.name) == [full["id"]]
+    no_job_left(dom, scratch)
+
+    dom.dom.suspend()  # a paused domain is backed up as it is, and left paused
+    try:
+        doc = backup(dom, libvirtd, repo, scratch)
+        assert doc["kind"] == "incremental" and doc["vm_state"] == "paused"
+        assert doc["disks"]["vda"]["dirty_bytes"] == MiB
+        assert dom.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        assert_exact(repo, dom.name, doc["id"], dom.snapshot())
+    finally:
+        dom.dom.resume()
+
+
 def qemu_pid(libvirtd, dom: Domain) -> int:
     for pidfile in libvirtd.dir.rglob(f"{dom.name}.pid"):
         return int(pidfile.read_text().strip())
@@ -438,8 +480,11 @@ def test_same_name_other_domain_is_refused(domains, libvirtd, tmp_path, scratch)
     assert virt.active_backup(second.dom) is None and second.checkpoints() == []
 
 
-def test_bad_libvirt_arguments(libvirtd, tmp_path, scratch) -> None:
+def test_bad_libvirt_arguments(domains, libvirtd, tmp_path, scratch) -> None:
     repo = str(tmp_path / "repo")
+    off = domains(start=False)
+    p = fleece("backup", "--libvirt", off.name, "--connect", libvirtd.uri, "--repo", repo, "--scratch", str(scratch))
+    assert p.returncode == 2 and "is shut off" in p.stderr and "--image" in p.stderr, p.stderr
     p = fleece("backup", "--libvirt", "no-such-domain", "--connect", libvirtd.uri, "--repo", repo)
     assert p.returncode == 2 and "no libvirt domain 'no-such-domain'" in p.stderr
     assert p.stderr.count("\n") == 1
