@@ -73,8 +73,12 @@ EventHook = Callable[[str, dict[str, Any]], None]
 class BackupRequest:
     qmp: str | None = None  # a running VM's QMP socket; or:
     images: list[ImageSpec] | None = None  # a shut-off VM's images (``--image [ID=]PATH``; images.py); or:
+    image_format: str | None = None  # ``--image-format``: every image's format (None: probed, guarded)
     libvirt: str | None = None  # a libvirt domain's name or UUID (``--libvirt``; libvirt_run.py)
     connect: str | None = None  # the libvirt URI (``--connect``; None: libvirt's default)
+    quiesce: bool = False  # freeze the guest's filesystems through its agent around the point in time
+    qga: str | None = None  # the host end of the guest agent's chardev (``--qga``; QEMU direct only)
+    quiesce_timeout: float = 30.0  # seconds an agent call may take before the point falls back to crash
     vm: str | None = None
     disks: list[str] | None = None
     full: bool | list[str] = False  # True: every disk full (``--full``); a list: those disk ids (``--full ID``)
@@ -113,8 +117,11 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} exclude each other: --qmp backs up a running VM through its "
                          "QMP socket, --libvirt a libvirt domain, --image the images of a shut-off VM")
+    if req.image_format is not None and not req.images:
+        raise UsageError("--image-format only goes with --image PATH")
     if req.connect is not None and req.libvirt is None:
         raise UsageError("--connect URI only goes with --libvirt DOMAIN (or --all)")
+    _check_quiesce(req)
     if req.libvirt is not None:
         from .libvirt_run import backup_domain  # python3-libvirt only where libvirt is used
 
@@ -138,6 +145,26 @@ def run_backup(repo: Repository, req: BackupRequest) -> BackupResult:
             mon.close()
 
 
+def _check_quiesce(req: BackupRequest) -> None:
+    if req.qga is not None and not req.quiesce:
+        raise UsageError("--qga SOCK is the guest agent --quiesce uses: add --quiesce (or leave --qga out)")
+    if not req.quiesce:
+        return
+    if not req.quiesce_timeout > 0:
+        raise UsageError("--quiesce-timeout must be a positive number of seconds")
+    if req.images:
+        raise UsageError("--quiesce freezes a running guest's filesystems; a shut-off VM (--image) has none "
+                         "mounted: leave --quiesce out")
+    if req.libvirt is not None:
+        if req.qga is not None:
+            raise UsageError("--qga is for a VM fleece reaches over --qmp; libvirt talks to its domains' agents "
+                             "itself: leave --qga out")
+    elif not req.qga:
+        raise UsageError("--quiesce needs --qga SOCK: the host end of the guest agent's channel (-chardev "
+                         "socket,path=SOCK,server=on,wait=off,id=qga0 -device virtserialport,chardev=qga0,"
+                         "name=org.qemu.guest_agent.0)")
+
+
 def _backup_images(repo: Repository, req: BackupRequest, scratch: Path) -> BackupResult:
     """A shut-off VM: its images opened in a qemu-storage-daemon of this run's own (storage_daemon.py).
 
@@ -145,7 +172,7 @@ def _backup_images(repo: Repository, req: BackupRequest, scratch: Path) -> Backu
     before the daemon's image lock would refuse it with QEMU's words.
     """
     assert req.images
-    vm, images = resolve_images(repo, req.images, req.vm)
+    vm, images = resolve_images(repo, req.images, req.vm, req.image_format)
     with interrupt_once(), contextlib.ExitStack() as stack:
         for image in sorted(images, key=lambda i: i.path):
             stack.enter_context(VmLock(f"image:{image.path}", f"image {image.path}"))
@@ -373,17 +400,20 @@ class _Run:
 
             # The point in time: bitmaps switch and filters go in while the guest is paused.
             # A run killed inside the pause leaves a marker the next run resumes the guest by (pause.py).
-            t0 = time.perf_counter()
-            with pause.paused(self.mon, point_id, info.running):
-                self.event("freezing", {"point": point_id, "paused": info.running})
-                actions = [a for f in fleeces for a in bitmaps.freeze_actions(f.disk.node, new_bitmaps[f.disk.id],
-                                                                              levels[f.disk.id], None)]
-                bitmaps.transaction(self.mon, actions)
-                switched = True
-                for f in fleeces:
-                    if not f.disk.offline:  # a shut-off VM's image: nothing but fleece writes it
-                        graph.insert_cbw(self.mon, f)
-            stats["pause_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+            # --quiesce: the guest's filesystems frozen by its agent around exactly this (the agent cannot
+            # answer while the guest is paused, so freeze first, thaw after the guest runs again).
+            with self._quiesced(info) as quiesce:
+                t0 = time.perf_counter()
+                with pause.paused(self.mon, point_id, info.running):
+                    self.event("freezing", {"point": point_id, "paused": info.running})
+                    actions = [a for f in fleeces for a in bitmaps.freeze_actions(f.disk.node, new_bitmaps[f.disk.id],
+                                                                                  levels[f.disk.id], None)]
+                    bitmaps.transaction(self.mon, actions)
+                    switched = True
+                    for f in fleeces:
+                        if not f.disk.offline:  # a shut-off VM's image: nothing but fleece writes it
+                            graph.insert_cbw(self.mon, f)
+                stats["pause_ms"] = round((time.perf_counter() - t0) * 1000, 2)
             if info.offline:
                 log.info("point in time fixed for %d image(s) of the shut-off VM", len(fleeces))
             else:
@@ -404,7 +434,7 @@ class _Run:
             self.event("pulled", {"point": point_id})
             for what in graph.unwind(self.mon, only=names):
                 log.debug("teardown: %s", what)
-            manifest = self._commit_point(vm, info, point_id, writer, pending, stats, {})
+            manifest = self._commit_point(vm, info, point_id, writer, pending, stats, **self._consistency(quiesce))
             committed = True
             return manifest, stats
         except BaseException as exc:
@@ -424,7 +454,7 @@ class _Run:
 
     def _commit_point(self, vm: str, info: VmInfo, point_id: str, writer: Any,
                       pending: dict[str, Callable[[], DiskRecord]], stats: dict[str, Any],
-                      extra: dict[str, Any], consistency: str = "crash") -> Manifest:
+                      extra: dict[str, Any] | None = None, consistency: str = "crash") -> Manifest:
         """Steps 2 and 3 of the commit protocol: flush the writer (packs, then the index), then write the
         manifest — the commit point. *extra* adds to the manifest's ``extra``."""
         self.event("flushing", {"point": point_id})
@@ -442,7 +472,7 @@ class _Run:
                    "vm_state": info.status,  # running, paused, …, or "shut off" (backup --image)
                    "uploaded_bytes": wstats.uploaded_bytes, "workers": self.req.workers,
                    "index": self._hints(writer.index_name, records),
-                   **extra, **annotation_fields(self.req.tags, self.req.note)})
+                   **(extra or {}), **annotation_fields(self.req.tags, self.req.note)})
         self.event("committing", {"point": point_id})
         self._check_identity(vm)  # again: another machine may have taken the name during this run
         self.repo.commit(manifest, writer.packs_needed())
@@ -631,6 +661,24 @@ class _Run:
                     h.shutdown()
                 except nbd.Error:
                     pass
+
+    def _quiesced(self, info: VmInfo) -> contextlib.AbstractContextManager[Any]:
+        """``--quiesce``: the guest agent's freeze around the point in time (agent.py); else nothing."""
+        if not self.req.quiesce:
+            return contextlib.nullcontext(None)
+        from .agent import QgaFreezer, quiesced
+
+        if not info.running:
+            return quiesced(None, f"the guest is {info.status}: its agent cannot freeze its filesystems")
+        assert self.req.qga is not None  # run_backup checked
+        return quiesced(QgaFreezer(self.req.qga, self.req.quiesce_timeout))
+
+    @staticmethod
+    def _consistency(quiesce: Any) -> dict[str, Any]:
+        """The manifest's ``consistency`` and ``extra.quiesce`` for what :meth:`_quiesced` yielded."""
+        if quiesce is None:
+            return {"consistency": "crash"}
+        return {"consistency": quiesce.consistency, "extra": {"quiesce": quiesce.to_json()}}
 
     def _plan_sources(self, f: graph.DiskFleece, level: bitmaps.Level, handle: Callable[[str, str], nbd.NBD],
                       incremental: bool) -> tuple[PlanSources, str | None]:

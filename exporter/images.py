@@ -16,7 +16,11 @@ Resolution, per image, first rule that applies:
   image that was never backed up running needs no flags.
 
 Formats are probed with ``qemu-img info -U`` (``-U``: no lock taken, so probing never disturbs a VM that
-holds the image; whether another process holds it is qemu-storage-daemon's lock to find out).
+holds the image; whether another process holds it is qemu-storage-daemon's lock to find out), unless
+``--image-format`` pins them. Probing is what QEMU warns about: a guest that owns a *raw* disk can write a
+qcow2 header into it, and a probe then opens it as qcow2 — with a backing file of the guest's choosing,
+read from the host. So an image the VM's history recorded as raw that now probes as qcow2 is refused
+(``--image-format`` says which it really is).
 """
 
 from __future__ import annotations
@@ -71,8 +75,8 @@ class Image:
     virtual_size: int
 
 
-def probe(path: str) -> tuple[str, str, int]:
-    """(real path, format, virtual size) of *path*, or a one-line :class:`UsageError`."""
+def probe(path: str, fmt: str | None = None) -> tuple[str, str, int]:
+    """(real path, format, virtual size) of *path* (read as *fmt* if given), or a one-line :class:`UsageError`."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"--image {path}: no such file", object=path)
@@ -80,8 +84,8 @@ def probe(path: str) -> tuple[str, str, int]:
         raise UsageError(f"--image {path} is a directory: pass the disk image file", object=path)
     real = os.path.realpath(p)
     try:
-        out = subprocess.run(["qemu-img", "info", "-U", "--output=json", real], check=True, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(["qemu-img", "info", "-U", "--output=json", *(["-f", fmt] if fmt else []), real],
+                             check=True, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         raise UsageError("qemu-img not found: install qemu-utils (tools/setup does)") from None
     except subprocess.CalledProcessError as exc:
@@ -90,7 +94,7 @@ def probe(path: str) -> tuple[str, str, int]:
     except subprocess.TimeoutExpired:
         raise UsageError(f"--image {path}: qemu-img info did not answer within 60 s", object=path) from None
     info = json.loads(out.stdout)
-    fmt = info.get("format", "")
+    fmt = fmt or info.get("format", "")
     if fmt not in FORMATS:
         raise UsageError(f"--image {path} is a {fmt or 'unknown'} image; fleece backs up shut-off qcow2 and raw "
                          "images (convert it with qemu-img convert -O qcow2)", object=path)
@@ -120,9 +124,12 @@ def _claims(repo: Repository, vm: str, host: str, paths: set[str]) -> dict[str, 
     return {files[0]: disk for disk, files in machine.images.items() if files and files[0] in paths}
 
 
-def resolve(repo: Repository, specs: list[ImageSpec], vm: str | None) -> tuple[str, list[Image]]:
-    """The VM name and the images, ids assigned (see the module docstring)."""
-    probed = [(spec, *probe(spec.path)) for spec in specs]
+def resolve(repo: Repository, specs: list[ImageSpec], vm: str | None,
+            fmt: str | None = None) -> tuple[str, list[Image]]:
+    """The VM name and the images, ids assigned (see the module docstring); *fmt* pins every image's format."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"--image-format {fmt}: one of {', '.join(FORMATS)}")
+    probed = [(spec, *probe(spec.path, fmt)) for spec in specs]
     reals = [real for _, real, _, _ in probed]
     twice = sorted({r for r in reals if reals.count(r) > 1})
     if twice:
@@ -150,7 +157,7 @@ def resolve(repo: Repository, specs: list[ImageSpec], vm: str | None) -> tuple[s
     check_vm_name(vm)
     images: list[Image] = []
     taken: set[str] = set()
-    for spec, real, fmt, size in probed:
+    for spec, real, image_fmt, size in probed:
         disk = spec.id or claims.get(real)
         if disk is None:
             disk = _stem(real)
@@ -160,5 +167,20 @@ def resolve(repo: Repository, specs: list[ImageSpec], vm: str | None) -> tuple[s
         if disk in taken:
             raise UsageError(f"disk id {disk} is given to two images: name each with --image ID=PATH", object=disk)
         taken.add(disk)
-        images.append(Image(id=disk, path=real, format=fmt, virtual_size=size))
+        if fmt is None and image_fmt == "qcow2" and _recorded_raw(repo, vm, disk):
+            raise UsageError(f"--image {real} probes as qcow2, but the history of VM {vm} recorded disk {disk} as a "
+                             "raw image: a guest can write a qcow2 header into a raw disk. Pass --image-format raw "
+                             "(or --image-format qcow2 if the image really was converted)", object=real)
+        images.append(Image(id=disk, path=real, format=image_fmt, virtual_size=size))
     return vm, images
+
+
+def _recorded_raw(repo: Repository, vm: str, disk: str) -> bool:
+    """Whether *vm*'s newest point holding *disk* recorded it as a raw image (no qcow2 creation options:
+    every qcow2 disk records at least its cluster size)."""
+    try:
+        layer = repo.latest_layers(vm, [disk]).get(disk)
+    except FleeceError:
+        return False
+    record = layer.disks.get(disk) if layer is not None else None
+    return record is not None and not record.qcow2

@@ -26,6 +26,7 @@ history (identity.py), so two domains of the same name on two hosts never share 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -69,6 +70,35 @@ class VirtFleece:
     names: _Names
     scratch_file: Path  # libvirt's scratch image (in the run directory: the scratch-full hint looks there)
     bitmap: str | None  # the export's dirty bitmap (``backup-<target>``) of an incremental disk
+
+
+class LibvirtFreezer:
+    """The guest agent's freeze through libvirt (which owns the agent's channel), as agent.py's Freezer.
+
+    libvirt's errors become AgentError, so a domain without an agent channel
+    (``VIR_ERR_ARGUMENT_UNSUPPORTED``) or whose agent does not answer (``VIR_ERR_AGENT_UNRESPONSIVE``)
+    falls back to a crash-consistent point with libvirt's reason, like a missing agent socket does.
+    """
+
+    def __init__(self, dom: Any, timeout: float) -> None:
+        self.dom = dom
+        self.timeout = timeout
+
+    def freeze(self) -> int:
+        from .agent import AgentError
+
+        try:
+            return virt.fs_freeze(self.dom, max(1, round(self.timeout)))
+        except LibvirtError as e:
+            raise AgentError(str(e), stage="freeze", object=self.dom.name()) from None
+
+    def thaw(self) -> int:
+        from .agent import AgentError
+
+        try:
+            return virt.fs_thaw(self.dom)
+        except LibvirtError as e:
+            raise AgentError(str(e), stage="thaw", object=self.dom.name()) from None
 
 
 def backup_domain(repo: Repository, req: BackupRequest, scratch: Path) -> BackupResult:
@@ -224,10 +254,13 @@ class _LibvirtRun(_Run):
                                  f"creates in it ({len(sock)} > {MAX_SOCKET_PATH} bytes); pass a shorter --scratch",
                                  object=str(self.scratch))
             self.event("freezing", {"point": point_id, "paused": False})
-            t0 = time.perf_counter()
-            job = self._begin(disks, levels, sock, run_dir, checkpoint)
-            begun = True
-            stats["freeze_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+            # --quiesce: libvirt 9.0 has no quiesce flag for pull backups or checkpoints (it rejects
+            # VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE): freeze through libvirt's agent, begin, thaw.
+            with self._quiesced(info) as quiesce:
+                t0 = time.perf_counter()
+                job = self._begin(disks, levels, sock, run_dir, checkpoint)
+                begun = True
+                stats["freeze_ms"] = round((time.perf_counter() - t0) * 1000, 2)
             log.info("point in time fixed for %d disk(s) of domain %s by libvirt (backupBegin %.1f ms)",
                      len(disks), self.dom.name(), stats["freeze_ms"])
             self.event("frozen", {"point": point_id, "pause_ms": None, "freeze_ms": stats["freeze_ms"]})
@@ -249,7 +282,9 @@ class _LibvirtRun(_Run):
             begun = False
             libvirt_extra = {"uri": self.conn.getURI(), "domain": self.dom.name(), "uuid": self.uuid,
                              "checkpoint": checkpoint, "freeze_ms": stats["freeze_ms"]}
-            manifest = self._commit_point(vm, info, point_id, writer, pending, stats, {"libvirt": libvirt_extra})
+            how = self._consistency(quiesce)
+            manifest = self._commit_point(vm, info, point_id, writer, pending, stats,
+                                          {"libvirt": libvirt_extra, **how.get("extra", {})}, how["consistency"])
             return manifest, stats
         except BaseException:
             self._fail_domain(writer, begun, sock, checkpoint)
@@ -287,6 +322,15 @@ class _LibvirtRun(_Run):
                 if self.known is not None:  # the run is no longer incrementals only: dedup against everything
                     self.known = None
                     self.repo.load_index()
+
+    def _quiesced(self, info: VmInfo) -> Any:
+        if not self.req.quiesce:
+            return contextlib.nullcontext(None)
+        from .agent import quiesced
+
+        if info.status != "running":
+            return quiesced(None, f"the domain is {info.status}: its agent cannot freeze its filesystems")
+        return quiesced(LibvirtFreezer(self.dom, self.req.quiesce_timeout))
 
     def _plan_sources(self, f: Any, level: bitmaps.Level, handle: Any,
                       incremental: bool) -> tuple[PlanSources, str | None]:

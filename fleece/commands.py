@@ -232,6 +232,9 @@ def _backup_args(p: argparse.ArgumentParser) -> None:
                    help="instead of --qmp: a disk image of a shut-off VM (repeatable), opened in "
                         "qemu-storage-daemon; ID is its disk id (default: the one its VM's history recorded "
                         "for this file, else the file name)")
+    p.add_argument("--image-format", choices=("qcow2", "raw"),
+                   help="the format of every --image (default: probed; an image the history recorded as raw "
+                        "that probes as qcow2 is refused)")
     add_repo(p)
     p.add_argument("--vm", type=vm_name, help="name the points are stored under (default: QEMU's -name)")
     p.add_argument("--disk", action="append", metavar="ID",
@@ -252,6 +255,15 @@ def _backup_args(p: argparse.ArgumentParser) -> None:
                    help="per incremental disk, re-read N clean blobs (and N/4 zero ranges) and check them against "
                         "the parent point; a mismatch (the bitmap missed writes) makes that disk a verified full "
                         "(default 16, 0 = off)")
+    p.add_argument("--quiesce", action="store_true",
+                   help="freeze the guest's filesystems through qemu-guest-agent around the point in time "
+                        "(an application-consistent point); without an answering agent the point is "
+                        "crash-consistent and says why")
+    p.add_argument("--qga", metavar="SOCK",
+                   help="with --qmp --quiesce: the host end of the guest agent's chardev (libvirt domains: "
+                        "libvirt's own channel is used)")
+    p.add_argument("--quiesce-timeout", type=seconds_arg, default=30.0, metavar="SECONDS",
+                   help="how long the agent may take to freeze or thaw (default 30)")
     p.add_argument("--tag", action="append", default=[], metavar="TAG", type=arg_type(check_tag),
                    help="tag the point (repeatable; 'forget --keep-tag' keeps tagged points)")
     p.add_argument("--note", metavar="TEXT", type=arg_type(check_note), help="a note the point carries")
@@ -268,6 +280,16 @@ def full_disks(given: list[str | None] | None) -> bool | list[str]:
 
 
 parse_rate_arg = arg_type(parse_rate)
+
+
+def seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text}: between 0 and 3600 seconds")
+    return value
 
 
 def _backup(args: argparse.Namespace) -> int:
@@ -293,7 +315,8 @@ def _backup(args: argparse.Namespace) -> int:
         def one(**target: Any) -> dict[str, Any]:
             bar = BackupProgress("backup")  # committed bytes of the planned total; silent unless stderr is a TTY
             try:
-                req = BackupRequest(**target, connect=args.connect, vm=args.vm, disks=args.disk,
+                req = BackupRequest(**target, connect=args.connect, quiesce=args.quiesce, qga=args.qga,
+                                    quiesce_timeout=args.quiesce_timeout, vm=args.vm, disks=args.disk,
                                     full=full_disks(args.full), workers=args.workers, scratch=args.scratch,
                                     adopt=args.adopt, audit_sample=args.audit_sample, tags=args.tag, note=args.note,
                                     on_event=bar.event, progress=bar.read, on_committed=bar.committed)
@@ -304,7 +327,7 @@ def _backup(args: argparse.Namespace) -> int:
 
         try:
             if not args.all:
-                doc = one(qmp=args.qmp, images=args.image, libvirt=args.libvirt)
+                doc = one(qmp=args.qmp, images=args.image, image_format=args.image_format, libvirt=args.libvirt)
             else:
                 return _backup_all(args, repo, one)
         except BaseException:
@@ -329,6 +352,8 @@ def _backup_doc(result: Any, url: str, repo: Repository) -> dict[str, Any]:
     if "freeze_ms" in result.stats:  # libvirt fixed the point (no guest pause of ours)
         doc["freeze_ms"] = result.stats["freeze_ms"]
     doc["vm_state"] = m.extra.get("vm_state")
+    if "quiesce" in m.extra:  # --quiesce: how the freeze went (consistency says whether it did)
+        doc["quiesce"] = m.extra["quiesce"]
     return doc
 
 
@@ -339,6 +364,9 @@ def _print_point(doc: dict[str, Any]) -> None:
         how = f"frozen by libvirt in {doc.get('freeze_ms') or 0:.1f} ms"
     else:
         how = f"guest paused {doc['pause_ms']:.1f} ms"
+    if doc.get("quiesce"):
+        how += (", filesystems quiesced" if doc["consistency"] == "quiesced" else
+                f", crash-consistent ({doc['quiesce'].get('reason')})")
     print(f"point {doc['id']} of VM {doc['vm']}: {doc['kind']}, {len(doc['disks'])} disk(s), {how}, "
           f"{doc['duration_s']:.1f} s")
     for name, st in doc["disks"].items():

@@ -167,6 +167,20 @@ def test_raw_image_is_a_full_every_time(make_vm, tmp_path, scratch) -> None:
     repo = Repository.open(str(tmp_path / "repo"))
     assert_point_matches(repo, repo.manifest("disk0", second["id"]), vm.snapshot_refs("now"))
 
+    # the guest writes a qcow2 header into its raw disk, backed by a host file it wants to read
+    evil = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", str(evil),
+                    str(ODD_SIZE)], check=True)
+    vm.write_image("disk0", 0, evil.read_bytes()[:65536])
+    p = fleece("backup", *common)
+    assert p.returncode == 2 and "recorded disk disk0 as a raw image" in one_line_error(p), p.stderr
+    assert "--image-format raw" in p.stderr
+    assert Repository.open(str(tmp_path / "repo")).point_ids("disk0") == [first["id"], second["id"]]
+    third = backup_json(*common, "--image-format", "raw")  # read as what it is: the guest's bytes
+    assert third["kind"] == "full"
+    assert_point_matches(repo, Repository.open(str(tmp_path / "repo")).manifest("disk0", third["id"]),
+                         vm.snapshot_refs("evil"))
+
 
 def test_bad_image_arguments(tmp_path, scratch) -> None:
     repo = str(tmp_path / "repo")
@@ -181,6 +195,10 @@ def test_bad_image_arguments(tmp_path, scratch) -> None:
         (["--image", f"a={img}", "--image", f"a={tmp_path / 'notes.txt'}"], "given to two images"),
         (["--image", str(img), "--qmp", sock], "exclude each other"),
         ([], "--qmp SOCK for a running one"),
+        (["--qmp", sock, "--image-format", "raw"], "--image-format only goes with --image"),
+        (["--qmp", sock, "--qga", sock], "add --quiesce"),
+        (["--image", str(img), "--quiesce"], "a shut-off VM (--image) has none mounted"),
+        (["--qmp", sock, "--quiesce"], "--quiesce needs --qga SOCK"),
     ]
     for args, text in cases:
         p = fleece("backup", *args, "--repo", repo, "--scratch", str(scratch))
