@@ -192,3 +192,22 @@ def guest_write(dom: libvirt.virDomain, target: str, command: str, *, node: str 
     if "failed" in low or "error" in low:
         raise RuntimeError(f"qemu-io {command!r} on {target}: {printed.strip()}")
     return printed
+
+
+class Modelled:
+    """A domain and what its guest sees — *model*, a bytearray per disk target — kept in step with every
+    simulated guest write, so a test can take the truth at any instant (:meth:`snapshot`)."""
+
+    dom: libvirt.virDomain
+    model: dict[str, bytearray]
+
+    def write(self, t: str, off: int, length: int, byte: int) -> None:
+        guest_write(self.dom, t, f"write -P {byte:#x} {off} {length}")
+        self.model[t][off:off + length] = bytes([byte]) * length
+
+    def zero(self, t: str, off: int, length: int) -> None:
+        guest_write(self.dom, t, f"write -z {off} {length}")
+        self.model[t][off:off + length] = bytes(length)
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {t: bytes(m) for t, m in self.model.items()}

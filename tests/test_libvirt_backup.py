@@ -49,7 +49,7 @@ def scratch():
     subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
-class Domain:
+class Domain(libvirt_env.Modelled):
     """A running TCG domain and the model of what its guest sees."""
 
     def __init__(self, conn, workdir: Path, name: str | None = None, uuid: str | None = None,
@@ -75,23 +75,12 @@ class Domain:
         if start:
             self.dom.create()
 
-    def write(self, t: str, off: int, length: int, byte: int) -> None:
-        libvirt_env.guest_write(self.dom, t, f"write -P {byte:#x} {off} {length}")
-        self.model[t][off:off + length] = bytes([byte]) * length
-
-    def zero(self, t: str, off: int, length: int) -> None:
-        libvirt_env.guest_write(self.dom, t, f"write -z {off} {length}")
-        self.model[t][off:off + length] = bytes(length)
-
     def discard(self, t: str, off: int, length: int) -> None:
         """A guest discard outside a backup job: the qcow2 (no backing file, discard='unmap') then reads
         zeros there — checked, not assumed."""
         libvirt_env.guest_write(self.dom, t, f"discard {off} {length}")
         libvirt_env.guest_write(self.dom, t, f"read -P 0 {off} {length}")
         self.model[t][off:off + length] = bytes(length)
-
-    def snapshot(self) -> dict[str, bytes]:
-        return {t: bytes(m) for t, m in self.model.items()}
 
     def checkpoints(self) -> list[str]:
         return [c.name for c in virt.checkpoints(self.dom)]

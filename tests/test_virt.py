@@ -36,7 +36,7 @@ def conn(libvirtd):
     c.close()
 
 
-class VM:
+class VM(libvirt_env.Modelled):
     def __init__(self, conn, workdir: Path, **kw) -> None:
         self.dir = workdir
         self.run = workdir / "r"  # fleece's private run dir: NBD socket and scratch files
@@ -52,19 +52,8 @@ class VM:
         self.dom = libvirt_env.define_domain(conn, self.name, disks, **kw)
         self.dom.create()
 
-    def write(self, t: str, off: int, length: int, byte: int) -> None:
-        libvirt_env.guest_write(self.dom, t, f"write -P {byte:#x} {off} {length}")
-        self.model[t][off:off + length] = bytes([byte]) * length
-
-    def zero(self, t: str, off: int, length: int) -> None:
-        libvirt_env.guest_write(self.dom, t, f"write -z {off} {length}")
-        self.model[t][off:off + length] = bytes(length)
-
     def begin(self, disks, incremental_from=None, checkpoint=None) -> virt.BackupJob:
         return virt.begin_pull_backup(self.dom, self.sock, str(self.run), disks, incremental_from, checkpoint)
-
-    def snapshot(self) -> dict[str, bytes]:
-        return {t: bytes(m) for t, m in self.model.items()}
 
     def destroy(self) -> None:
         virt.end_backup(self.dom)
