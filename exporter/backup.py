@@ -58,8 +58,9 @@ TOOL = f"fleece {__version__}"
 #: More parallel NBD connections than this only queue inside QEMU's one I/O thread per disk.
 MAX_WORKERS = 64
 
-#: ``event(name, data)``, in run order: "freezing" (a running guest is paused, its bitmaps not yet switched:
-#: keep the hook quick), "frozen" (the point in time is fixed, the guest runs again, nothing exported yet),
+#: ``event(name, data)``, in run order: with --quiesce "quiesced" (the agent's freeze answered or failed:
+#: the data is the ``Quiesce`` record so far; nothing else has changed yet), "freezing" (a running guest
+#: is paused, its bitmaps not yet switched: keep the hook quick), "frozen" (the point in time is fixed, the guest runs again, nothing exported yet),
 #: "exported" (every NBD export is up, nothing planned; "disks": the ids to read), per disk "planning" (its
 #: live status is read, the fleece target not yet) and "disk" (planned, about to be read: planned sizes;
 #: "job_bytes" = what its blobs and zero ranges cover, the unit of ``on_committed``), "pulled" (every disk
@@ -403,6 +404,8 @@ class _Run:
             # --quiesce: the guest's filesystems frozen by its agent around exactly this (the agent cannot
             # answer while the guest is paused, so freeze first, thaw after the guest runs again).
             with self._quiesced(info) as quiesce:
+                if self.req.quiesce:
+                    self.event("quiesced", {"point": point_id, **quiesce.to_json()})
                 t0 = time.perf_counter()
                 with pause.paused(self.mon, point_id, info.running):
                     self.event("freezing", {"point": point_id, "paused": info.running})

@@ -77,20 +77,41 @@ class LibvirtFreezer:
 
     libvirt's errors become AgentError, so a domain without an agent channel
     (``VIR_ERR_ARGUMENT_UNSUPPORTED``) or whose agent does not answer (``VIR_ERR_AGENT_UNRESPONSIVE``)
-    falls back to a crash-consistent point with libvirt's reason, like a missing agent socket does.
+    falls back to a crash-consistent point with libvirt's reason, like a missing agent socket does. The
+    agent's own error answer (libvirt's ``VIR_ERR_INTERNAL_ERROR`` "unable to execute QEMU agent command")
+    means it froze nothing (it rolls back a failed freeze, and refuses a freeze while someone else's
+    holds: that one is not ours to thaw); a timeout may still freeze, so it is thawed.
     """
 
-    def __init__(self, dom: Any, timeout: float) -> None:
+    #: libvirt codes of a freeze that certainly froze nothing
+    NOT_FROZEN = frozenset({"VIR_ERR_ARGUMENT_UNSUPPORTED", "VIR_ERR_INTERNAL_ERROR", "VIR_ERR_OPERATION_INVALID"})
+
+    def __init__(self, dom: Any, timeout: float, uri: str | None = None) -> None:
         self.dom = dom
         self.timeout = timeout
+        self.uri = uri
+        self.what = f"the guest agent of domain {dom.name()}"
+
+    @classmethod
+    def reach(cls, uri: str, uuid: str, timeout: float) -> LibvirtFreezer:
+        """The freezer of domain *uuid* on *uri* (the thaw guard's own connection)."""
+        return cls(virt.domain(virt.connect(uri), uuid), timeout, uri)
 
     def freeze(self) -> int:
         from .agent import AgentError
 
+        state = virt.agent_state(self.dom)
+        if state != "connected":
+            raise AgentError(f"domain {self.dom.name()} has no guest agent channel (add <channel type='unix'>"
+                             f"<target type='virtio' name='{virt.AGENT_CHANNEL}'/></channel>)" if state is None else
+                             f"no guest agent is connected to domain {self.dom.name()}'s channel (is "
+                             "qemu-guest-agent running in the guest?)", stage="connect", object=self.dom.name(),
+                             maybe_frozen=False)
         try:
             return virt.fs_freeze(self.dom, max(1, round(self.timeout)))
         except LibvirtError as e:
-            raise AgentError(str(e), stage="freeze", object=self.dom.name()) from None
+            raise AgentError(str(e), stage="freeze", object=self.dom.name(),
+                             maybe_frozen=e.code not in self.NOT_FROZEN) from None
 
     def thaw(self) -> int:
         from .agent import AgentError
@@ -99,6 +120,14 @@ class LibvirtFreezer:
             return virt.fs_thaw(self.dom)
         except LibvirtError as e:
             raise AgentError(str(e), stage="thaw", object=self.dom.name()) from None
+
+    def reset(self) -> None:
+        """libvirt keeps the agent's connection; nothing to drop."""
+
+    def guard_args(self) -> list[str] | None:
+        if self.uri is None:
+            return None
+        return ["--libvirt", self.uri, self.dom.UUIDString(), "--timeout", str(self.timeout)]
 
 
 def backup_domain(repo: Repository, req: BackupRequest, scratch: Path) -> BackupResult:
@@ -257,6 +286,8 @@ class _LibvirtRun(_Run):
             # --quiesce: libvirt 9.0 has no quiesce flag for pull backups or checkpoints (it rejects
             # VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE): freeze through libvirt's agent, begin, thaw.
             with self._quiesced(info) as quiesce:
+                if self.req.quiesce:
+                    self.event("quiesced", {"point": point_id, **quiesce.to_json()})
                 t0 = time.perf_counter()
                 job = self._begin(disks, levels, sock, run_dir, checkpoint)
                 begun = True
@@ -330,7 +361,7 @@ class _LibvirtRun(_Run):
 
         if info.status != "running":
             return quiesced(None, f"the domain is {info.status}: its agent cannot freeze its filesystems")
-        return quiesced(LibvirtFreezer(self.dom, self.req.quiesce_timeout))
+        return quiesced(LibvirtFreezer(self.dom, self.req.quiesce_timeout, self.conn.getURI()))
 
     def _plan_sources(self, f: Any, level: bitmaps.Level, handle: Any,
                       incremental: bool) -> tuple[PlanSources, str | None]:

@@ -383,6 +383,21 @@ def end_backup(dom: libvirt.virDomain, timeout: float = 30.0) -> bool:
 # -- guest agent -------------------------------------------------------------------------------------------
 
 
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def agent_state(dom: libvirt.virDomain) -> str | None:
+    """The guest agent channel's state in the live XML: ``connected`` (an agent opened the port in the
+    guest), ``disconnected``, or None (the domain has no agent channel). libvirt answers a freeze with
+    VIR_ERR_AGENT_UNRESPONSIVE both for "no agent connected" and "the agent timed out"; only the second
+    can leave the guest frozen, and this tells them apart without reading messages."""
+    root = ET.fromstring(_call("cannot read the domain XML", dom.name(), lambda: dom.XMLDesc(0)))
+    for t in root.iterfind("./devices/channel/target"):
+        if t.get("name") == AGENT_CHANNEL:
+            return t.get("state") or "disconnected"
+    return None
+
+
 def fs_freeze(dom: libvirt.virDomain, timeout: int = 10) -> int:
     """Freeze the guest's filesystems through qemu-guest-agent; return how many were frozen.
 

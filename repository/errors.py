@@ -21,7 +21,8 @@
      │    ├── QmpConnectError        kind "qmp-connect"           socket missing, busy, silent, not QMP
      │    ├── CommandError           kind "qmp-command"           (command, error_class, desc)
      │    ├── BitmapError            kind "bitmap"                a dirty bitmap fleece cannot repair
-     │    └── LibvirtError           kind "libvirt"               (code): libvirtd cannot be reached or refused
+     │    ├── LibvirtError           kind "libvirt"               (code): libvirtd cannot be reached or refused
+     │    └── AgentError             kind "guest-agent"           (stage): the guest agent cannot freeze/thaw
      ├── BackupBusyError             kind "busy"         exit 1   another fleece backs this VM up now
      │    └── ImageInUseError        kind "image-in-use"         (object): another process holds the image open
      ├── ExportReadError             kind "export-read"  exit 1   reading the frozen view failed
@@ -241,6 +242,29 @@ class LibvirtError(QemuError):
         if self.code is not None:
             out["code"] = self.code
         return out
+
+
+class AgentError(QemuError):
+    """qemu-guest-agent could not be reached, did not answer in time, or refused a freeze or thaw
+    (``exporter.agent``). A backup never fails for it: the point falls back to crash-consistent with this
+    message as the reason — except that a thaw that keeps failing is logged as an error.
+
+    :param stage: what was being done: ``connect``, ``sync``, ``status``, ``freeze`` or ``thaw``.
+    :param maybe_frozen: whether the guest may be frozen after this failure (a freeze that timed out or lost
+        its connection may still complete in the guest, so it must be thawed); ``False`` only when the
+        agent certainly did not freeze (no connection, or it answered the freeze with an error).
+    """
+
+    kind = "guest-agent"
+
+    def __init__(self, message: str, *, stage: str, object: str | None = None,  # noqa: A002
+                 maybe_frozen: bool = True) -> None:
+        super().__init__(message, object=object)
+        self.stage = stage
+        self.maybe_frozen = maybe_frozen
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "stage": self.stage}
 
 
 class BackupBusyError(FleeceError):

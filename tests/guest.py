@@ -10,6 +10,9 @@ reads and writes it through virtio-blk. This module provides it:
 * :func:`make_rootfs` makes a small ext4 disk (busybox + an init script + files) for it to boot.
 * :class:`Guest` runs QEMU (TCG) on that kernel with the disk arguments a test gives, a serial console
   in a file and a QMP socket; :meth:`Guest.wait_for` waits for console lines.
+* ``make_rootfs(..., agent=True)`` adds Debian's qemu-guest-agent; an init that runs :data:`AGENT_START`
+  starts it on the ``org.qemu.guest_agent.0`` port a ``Guest(..., agent=True)`` provides (host end:
+  :attr:`Guest.qga_path`), with the fsfreeze hook ``/etc/fleece-hook`` if the rootfs has one.
 
 Console lines starting with ``FLEECE-`` are the protocol: ``FLEECE-GUEST-FAIL <reason>`` comes from the
 initramfs (it then powers off, so nothing hangs), the others from :data:`MARKER_INIT`.
@@ -57,6 +60,22 @@ while :; do sleep 3600; done
 """
 
 
+# Shell lines that start qemu-guest-agent on its virtio-serial port (no udev in the guest: the port is found
+# by name in sysfs; devtmpfs made its /dev node). FLEECE-AGENT-UP once it runs, FLEECE-GUEST-FAIL if not.
+AGENT_START = r"""
+port=""
+for p in /sys/class/virtio-ports/*; do
+  [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/$(basename "$p")
+done
+[ -n "$port" ] || { echo "FLEECE-GUEST-FAIL no org.qemu.guest_agent.0 port"; poweroff -f; }
+hook=""
+[ -x /etc/fleece-hook ] && hook="-F/etc/fleece-hook"
+mkdir -p /var/run /tmp/qga
+/usr/sbin/qemu-ga -m virtio-serial -p "$port" -t /tmp/qga $hook >/dev/console 2>&1 &
+echo FLEECE-AGENT-UP
+"""
+
+
 class GuestError(RuntimeError):
     """The guest failed: QEMU exited, the initramfs reported FLEECE-GUEST-FAIL, or a wait timed out."""
 
@@ -72,9 +91,11 @@ def build(directory: Path = GUEST_DIR) -> Path:
 
 
 def make_rootfs(path: Path, init: str, size_mib: int = 32, fmt: str = "qcow2",
-                files: dict[str, bytes | str] | None = None) -> Path:
+                files: dict[str, bytes | str] | None = None, agent: bool = False,
+                modes: dict[str, int] | None = None) -> Path:
     """An ext4 root filesystem image at *path* (qcow2 or raw) with busybox, ``/sbin/init`` = *init* and
-    *files* (guest path → content, e.g. ``{"/data/seed": b"..."}``)."""
+    *files* (guest path → content, e.g. ``{"/data/seed": b"..."}``; *modes* their permissions, e.g. an
+    executable hook); *agent* adds qemu-guest-agent."""
     assert fmt in ("qcow2", "raw"), fmt
     path = Path(path)
     build()
@@ -87,8 +108,10 @@ def make_rootfs(path: Path, init: str, size_mib: int = 32, fmt: str = "qcow2",
             f = tree / name.lstrip("/")
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_bytes(content.encode() if isinstance(content, str) else content)
+            f.chmod((modes or {}).get(name, 0o644))
         raw = path if fmt == "raw" else tmp / "root.raw"
-        r = subprocess.run([str(TOOL), "rootfs", str(raw), str(size_mib), str(tmp / "init"), str(tree)],
+        r = subprocess.run([str(TOOL), "rootfs", *(["--agent"] if agent else []), str(raw), str(size_mib),
+                            str(tmp / "init"), str(tree)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise GuestError(f"tools/guest rootfs failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
@@ -125,10 +148,12 @@ class Guest:
     The serial console goes to ``workdir/console.log``, QEMU's own output to ``workdir/qemu.log``, and with
     *qmp* a QMP server listens on :attr:`qmp_path` (``workdir/qmp.sock``; mind the 107-byte limit of a
     unix socket path). ``-no-reboot`` plus ``panic=-1``: a panicking or powered-off guest ends QEMU, so
-    :meth:`wait_for` fails at once instead of at its timeout.
+    :meth:`wait_for` fails at once instead of at its timeout. *agent* adds a virtio-serial port named
+    ``org.qemu.guest_agent.0`` whose host end is the socket :attr:`qga_path` (``workdir/qga.sock``).
     """
 
-    def __init__(self, workdir: Path, drive_args: list[str], extra_append: str = "", qmp: bool = True) -> None:
+    def __init__(self, workdir: Path, drive_args: list[str], extra_append: str = "", qmp: bool = True,
+                 agent: bool = False) -> None:
         d = build()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +168,12 @@ class Guest:
         if self.qmp_path:
             Path(self.qmp_path).unlink(missing_ok=True)
             args += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        self.qga_path: str | None = str(self.workdir / "qga.sock") if agent else None
+        if self.qga_path:
+            Path(self.qga_path).unlink(missing_ok=True)
+            args += ["-device", "virtio-serial-pci,id=vser0",
+                     "-chardev", f"socket,path={self.qga_path},server=on,wait=off,id=qga0",
+                     "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
         args += drive_args
         with open(self.qemu_log, "ab") as log:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

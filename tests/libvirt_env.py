@@ -94,13 +94,16 @@ def qemu_image(path: Path, size: int, *writes: str) -> Path:
 
 def define_domain(conn: libvirt.virConnect, name: str, disks: list[tuple[str, Path, str]], uuid: str | None = None,
                   *, memory_mib: int = 64, detect_zeroes: str | None = None, discard: str = "unmap",
-                  serial: Path | None = None, cdrom: bool = False, agent: bool = False) -> libvirt.virDomain:
+                  serial: Path | None = None, cdrom: bool = False, agent: bool = False,
+                  boot: tuple[Path, Path, str] | None = None) -> libvirt.virDomain:
     """Define (not start) a persistent TCG domain with no guest OS: SeaBIOS finds nothing to boot and idles.
 
     *disks* are ``(target, image path, bus[, format])`` (format default qcow2) with bus ``virtio``, ``scsi`` (a virtio-scsi controller is
     added) or ``sata``. *detect_zeroes* (``on``/``unmap``) and *discard* go on every disk's ``<driver>``.
     No graphics, no video, no network, no balloon; the serial port goes to *serial* or nowhere.
-    *cdrom* adds an empty SATA cdrom (sdc, no media); *agent* a qemu-guest-agent channel (nothing answers).
+    *cdrom* adds an empty SATA cdrom (sdc, no media); *agent* a qemu-guest-agent channel (nothing answers,
+    unless a guest runs the agent). *boot* ``(kernel, initrd, cmdline)`` boots a real guest kernel instead
+    (tests/guest.py's, q35).
     """
     drv = f" discard={quoteattr(discard)}" if discard else ""
     if detect_zeroes:
@@ -123,12 +126,17 @@ def define_domain(conn: libvirt.virConnect, name: str, disks: list[tuple[str, Pa
         devs.append("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>")
     devs.append(f"<serial type='file'><source path={quoteattr(str(serial))}/></serial>" if serial
                 else "<serial type='null'/>")
+    os_xml = "<os><type arch='x86_64'>hvm</type></os>"
+    if boot:
+        kernel, initrd, cmdline = boot
+        os_xml = (f"<os><type arch='x86_64' machine='q35'>hvm</type><kernel>{escape(str(kernel))}</kernel>"
+                  f"<initrd>{escape(str(initrd))}</initrd><cmdline>{escape(cmdline)}</cmdline></os>")
     xml = f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <uuid>{uuid or uuidlib.uuid4()}</uuid>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
+  {os_xml}
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>

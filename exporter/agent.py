@@ -1,0 +1,395 @@
+"""``--quiesce``: the guest's filesystems frozen by qemu-guest-agent around the point in time.
+
+A crash-consistent point is what the disk held at one instant: a journaled filesystem recovers from it, an
+application with data in flight may not. qemu-guest-agent's ``guest-fsfreeze-freeze`` makes the guest
+flush and freeze its filesystems (and run its fsfreeze hooks, where databases checkpoint), so the point
+holds clean filesystems. The freeze brackets only the instant the point is fixed (the bitmap switch and
+copy-before-write insertion, or libvirt's backupBegin): milliseconds, not the whole backup.
+
+Rules, in order of importance:
+
+* **Always thaw.** A guest left frozen is a guest whose every write blocks: worse than any backup failure.
+  The thaw runs whatever ended the ``with`` body (errors, Ctrl-C/SIGTERM, agent timeouts), is retried on a
+  fresh connection, and a freeze that timed out is thawed too — the agent may still complete it. A run
+  killed outright (SIGKILL, OOM) cannot thaw, so a *guard* process, started before the freeze and told
+  when the thaw is done, thaws the guest if its parent dies first (:class:`ThawGuard`).
+* **Never thaw what fleece did not freeze.** A guest already frozen by someone else (another tool, an
+  administrator) is left so; the point is then crash-consistent with that reason.
+* **Never fail a backup for the agent.** No socket, no agent in the guest, a hung agent, a refused freeze:
+  the point is taken crash-consistent and the manifest says why (``consistency: crash`` +
+  ``extra.quiesce.reason``). Only a thaw that keeps failing is an error in the log.
+
+The wire protocol is the agent's QMP dialect on the host end of its virtio-serial chardev. The channel has
+no session: a response to a command that timed out arrives later, into whoever talks next. So every
+conversation starts with ``guest-sync-delimited`` (a 0xFF byte resets the agent's parser; its answer is
+prefixed with 0xFF and carries our random id), and stale answers before it are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fleece.repository.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+THAW_ATTEMPTS = 3  # a thaw that fails is retried on a fresh connection this often before it is an error
+THAW_RETRY_PAUSE = 1.0  # seconds between thaw attempts
+GUARD_PATIENCE = 600.0  # seconds the guard of a dead run keeps trying (its guest may be paused until the
+#                         next run resumes it, and a paused guest's agent cannot answer)
+
+
+class Freezer(Protocol):
+    """What :func:`quiesced` drives: one guest's agent, through whatever channel reaches it."""
+
+    what: str  # for messages: "the guest agent on /run/vm1/qga.sock", "the agent of domain vm1"
+
+    def freeze(self) -> int:
+        """Freeze the guest's filesystems; return how many. Raises AgentError (``maybe_frozen`` says
+        whether a thaw is still needed)."""
+
+    def thaw(self) -> int:
+        """Thaw them; return how many were thawed. Raises AgentError."""
+
+    def reset(self) -> None:
+        """Drop any connection, so the next call starts afresh (after a failed thaw)."""
+
+    def guard_args(self) -> list[str] | None:
+        """Arguments of ``python -m fleece.exporter.agent guard`` that thaw this guest, or None."""
+
+
+# -- the wire protocol -------------------------------------------------------------------------------------
+
+
+class GuestAgent:
+    """One connection to qemu-guest-agent's chardev socket (QEMU's ``-chardev socket,server=on``).
+
+    QEMU serves one client at a time on a chardev: a second one connects but is not read from, so it
+    times out like an agent that is not running. Each call has its own deadline (*timeout* seconds).
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._buf = b""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as e:
+            self._sock.close()
+            hint = {FileNotFoundError: "no such socket", ConnectionRefusedError: "nothing listens on it"}
+            why = next((v for k, v in hint.items() if isinstance(e, k)), e.strerror or str(e))
+            raise AgentError(f"cannot reach the guest agent on {path} ({why}): pass the host end of the agent's "
+                             "chardev as --qga", stage="connect", object=path, maybe_frozen=False) from None
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _send(self, data: bytes, stage: str) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            raise self._lost(stage, e.strerror or str(e)) from None
+
+    def _lost(self, stage: str, why: str) -> AgentError:
+        return AgentError(f"the guest agent on {self.path} failed during {stage}: {why}", stage=stage,
+                          object=self.path)
+
+    def _recv(self, deadline: float, stage: str) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AgentError(f"the guest agent on {self.path} did not answer {stage} within {self.timeout:g} s "
+                             "(is qemu-guest-agent running in the guest?)", stage=stage, object=self.path)
+        self._sock.settimeout(left)
+        try:
+            data = self._sock.recv(65536)
+        except TimeoutError:
+            data = None
+        except OSError as e:
+            raise self._lost(stage, e.strerror or str(e)) from None
+        if data is None:
+            self._recv(deadline, stage)  # raises the timeout above
+        elif not data:
+            raise self._lost(stage, "the connection was closed")
+        else:
+            self._buf += data
+
+    def _line(self, deadline: float, stage: str) -> bytes:
+        while b"\n" not in self._buf:
+            self._recv(deadline, stage)
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def sync(self) -> None:
+        """Reset the agent's parser and drop every stale answer before ours (see the module docstring)."""
+        token = random.randrange(1, 2**31)
+        deadline = time.monotonic() + self.timeout
+        self._send(b"\xff" + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}}).encode()
+                   + b"\n", "sync")
+        while True:
+            while b"\xff" not in self._buf:
+                self._buf = b""
+                self._recv(deadline, "sync")
+            self._buf = self._buf[self._buf.index(b"\xff") + 1:]
+            line = self._line(deadline, "sync").strip(b"\xff \r\t")
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("return") == token:
+                    return
+
+    def call(self, command: str, stage: str) -> Any:
+        """``command`` (no arguments); its ``return``. An ``error`` answer: AgentError with
+        ``maybe_frozen=False`` (the agent did the command's own rollback)."""
+        deadline = time.monotonic() + self.timeout
+        self._send(json.dumps({"execute": command}).encode() + b"\n", stage)
+        while True:
+            line = self._line(deadline, stage).strip(b"\xff \r\t")
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue  # noise on the channel (a guest that wrote to the port)
+            if not isinstance(doc, dict):
+                continue
+            if "error" in doc:
+                err = doc["error"] if isinstance(doc["error"], dict) else {}
+                raise AgentError(f"the guest agent on {self.path} refused {command}: "
+                                 f"{err.get('desc') or err.get('class') or doc['error']}", stage=stage,
+                                 object=self.path, maybe_frozen=False)
+            if "return" in doc:
+                return doc["return"]
+
+
+class QgaFreezer:
+    """The agent on a chardev socket fleece reaches directly (``--qga SOCK``, QEMU without libvirt)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.what = f"the guest agent on {path}"
+        self._agent: GuestAgent | None = None
+
+    def _connected(self) -> GuestAgent:
+        if self._agent is None:
+            self._agent = GuestAgent(self.path, self.timeout)
+        self._agent.sync()
+        return self._agent
+
+    def freeze(self) -> int:
+        try:
+            agent = self._connected()
+            status = agent.call("guest-fsfreeze-status", "status")
+        except AgentError as e:
+            e.maybe_frozen = False  # nothing that freezes was sent yet
+            raise
+        if status == "frozen":
+            raise AgentError(f"the guest's filesystems are already frozen (not by this backup, which leaves "
+                             f"them so); thaw them with guest-fsfreeze-thaw on {self.path} when whoever froze "
+                             "them is done", stage="status", object=self.path, maybe_frozen=False)
+        return int(agent.call("guest-fsfreeze-freeze", "freeze"))
+
+    def thaw(self) -> int:
+        return int(self._connected().call("guest-fsfreeze-thaw", "thaw"))
+
+    def reset(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+
+    def guard_args(self) -> list[str] | None:
+        return ["--qga", self.path, "--timeout", str(self.timeout)]
+
+
+# -- the freeze --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Quiesce:
+    """How ``--quiesce`` went, for the manifest's ``extra.quiesce`` (filled in as the freeze proceeds)."""
+
+    consistency: str = "crash"  # "quiesced" once the agent froze at least one filesystem
+    reason: str | None = None  # why the point is only crash-consistent
+    filesystems: int | None = None  # how many the agent froze
+    freeze_ms: float | None = None  # how long the freeze took (hooks, flushes)
+    frozen_ms: float | None = None  # how long the filesystems stayed frozen (freeze answered → thawed)
+    thawed: bool | None = None  # False: every thaw attempt failed (the log says what to do)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@contextlib.contextmanager
+def quiesced(freezer: Freezer | None, why_not: str | None = None) -> Iterator[Quiesce]:
+    """Freeze through *freezer* for the ``with`` body, thaw after, whatever happens; yield the
+    :class:`Quiesce` record. *freezer* None: no freeze possible, the point is crash-consistent *why_not*."""
+    q = Quiesce()
+    if freezer is None:
+        q.reason = why_not or "no guest agent"
+        log.warning("--quiesce: %s; this point is crash-consistent", q.reason)
+        yield q
+        return
+    guard = ThawGuard.start(freezer)
+    must_thaw = True  # until the freeze says for certain it froze nothing (an interrupt mid-call: unknown)
+    frozen_at = None
+    try:
+        t0 = time.monotonic()
+        try:
+            q.filesystems = freezer.freeze()
+        except AgentError as e:
+            must_thaw = e.maybe_frozen
+            q.reason = e.message
+            log.warning("--quiesce: %s; this point is crash-consistent", e.message)
+        else:
+            frozen_at = time.monotonic()
+            q.freeze_ms = round((frozen_at - t0) * 1000, 2)
+            if q.filesystems > 0:
+                q.consistency = "quiesced"
+                log.info("%s froze %d filesystem(s) in %.1f ms", freezer.what, q.filesystems, q.freeze_ms)
+            else:
+                q.reason = f"{freezer.what} found no filesystem to freeze"
+                log.warning("--quiesce: %s; this point is crash-consistent", q.reason)
+        yield q
+    finally:
+        try:
+            if must_thaw:
+                q.thawed = _thaw(freezer)
+                if frozen_at is not None:
+                    q.frozen_ms = round((time.monotonic() - frozen_at) * 1000, 2)
+        finally:
+            freezer.reset()
+            if guard is not None:
+                guard.disarm()
+
+
+def _thaw(freezer: Freezer, patience: float | None = None) -> bool:
+    """Thaw, retrying on a fresh connection (:data:`THAW_ATTEMPTS` times, or for *patience* seconds);
+    False (and an ERROR in the log) if every attempt failed."""
+    deadline = None if patience is None else time.monotonic() + patience
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            n = freezer.thaw()
+            log.debug("%s thawed %d filesystem(s)", freezer.what, n)
+            return True
+        except AgentError as e:
+            log.warning("thaw attempt %d failed: %s", attempt, e.message)
+            freezer.reset()
+        if (attempt >= THAW_ATTEMPTS) if deadline is None else (time.monotonic() >= deadline):
+            break
+        time.sleep(THAW_RETRY_PAUSE)
+    log.error("%s did not thaw the guest's filesystems: the guest may be frozen; thaw it with "
+              "guest-fsfreeze-thaw (virsh domfsthaw for a libvirt domain) now", freezer.what)
+    return False
+
+
+# -- the guard against a killed run ------------------------------------------------------------------------
+
+
+class ThawGuard:
+    """A child process that thaws the guest if this process dies while it may be frozen.
+
+    SIGKILL and the OOM killer run no ``finally``. The guard is started before the freeze (a Python
+    start-up is ~100 ms, too long to add to the frozen window), in its own session (a Ctrl-C to the
+    terminal's process group is ours to handle, not its), and blocks reading a pipe from us. ``disarm``
+    writes ``done`` and it exits; end-of-file without ``done`` means we died, and it thaws with the
+    same retries. It connects only after we are gone, so it never competes with us for the agent's
+    single-client channel.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    @classmethod
+    def start(cls, freezer: Freezer) -> ThawGuard | None:
+        args = freezer.guard_args()
+        if args is None:
+            return None
+        try:
+            # no stdout/stderr of ours: a caller reading them (``$(fleece backup …)``, a pipe to tee) would
+            # wait for a guard that outlives a killed run; it reports to syslog instead
+            proc = subprocess.Popen([sys.executable, "-m", "fleece.exporter.agent", "guard", *args],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as e:
+            log.warning("cannot start the thaw guard (%s): a run killed while the guest is frozen would leave "
+                        "it frozen", e.strerror)
+            return None
+        return cls(proc)
+
+    def disarm(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.write(b"done\n")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _log_to_syslog() -> None:
+    """The guard's messages go to syslog (the journal), where an operator looks after a crashed run."""
+    import logging.handlers
+
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    if os.path.exists("/dev/log"):
+        h: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
+        h.setFormatter(logging.Formatter("fleece-thaw-guard[%(process)d]: %(message)s"))
+        root.addHandler(h)
+
+
+def _guard_main(argv: list[str]) -> int:
+    """``python -m fleece.exporter.agent guard (--qga SOCK | --libvirt URI UUID) --timeout T``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fleece.exporter.agent guard")
+    p.add_argument("--qga")
+    p.add_argument("--libvirt", nargs=2, metavar=("URI", "UUID"))
+    p.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args(argv)
+    data = b""
+    while True:  # until "done" or end of file (select: the read must not be cut short by a signal)
+        select.select([sys.stdin.buffer], [], [])
+        chunk = os.read(sys.stdin.fileno(), 64)
+        if not chunk:
+            break
+        data += chunk
+        if b"done" in data:
+            return 0
+    _log_to_syslog()
+    freezer: Freezer
+    if args.libvirt:
+        from .libvirt_run import LibvirtFreezer
+
+        freezer = LibvirtFreezer.reach(args.libvirt[0], args.libvirt[1], args.timeout)
+    else:
+        freezer = QgaFreezer(args.qga, args.timeout)
+    ok = _thaw(freezer, GUARD_PATIENCE)
+    if ok:
+        log.warning("a backup died while %s may have kept the guest frozen: thawed it", freezer.what)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover - the guard's entry point, exercised by the SIGKILL test
+    if sys.argv[1:2] == ["guard"]:
+        signal_names = ("SIGINT", "SIGTERM", "SIGHUP")
+        import signal
+
+        for name in signal_names:  # the run's own signals are not the guard's business
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        sys.exit(_guard_main(sys.argv[2:]))
+    sys.exit("usage: python -m fleece.exporter.agent guard ...")
