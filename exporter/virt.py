@@ -383,6 +383,28 @@ def end_backup(dom: libvirt.virDomain, timeout: float = 30.0) -> bool:
 # -- guest agent -------------------------------------------------------------------------------------------
 
 
+def qemu_owner(dom: libvirt.virDomain) -> tuple[int, int] | None:
+    """The uid and gid libvirt runs the domain's QEMU as: the DAC ``<seclabel>`` of the live XML
+    (``+64055:+64055``, or ``user:group`` names), or None if the XML has none (QEMU runs as libvirtd)."""
+    import grp
+    import pwd
+
+    root = ET.fromstring(_call("cannot read the domain XML", dom.name(), lambda: dom.XMLDesc(0)))
+    for sec in root.iterfind("./seclabel"):
+        label = sec.findtext("label")
+        if sec.get("model") != "dac" or not label or ":" not in label:
+            continue
+        user, group = label.split(":", 1)
+        try:
+            uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
+            gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
+        except (KeyError, ValueError):
+            raise LibvirtError(f"domain {dom.name()} runs QEMU as {label!r}, which this host cannot resolve",
+                               object=dom.name()) from None
+        return uid, gid
+    return None
+
+
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 

@@ -88,3 +88,37 @@ def _remove_own_dir(parent: int, name: str) -> bool:
         return False  # swapped under us (only possible in a directory without the sticky bit)
     os.rmdir(name, dir_fd=parent)
     return True
+
+
+def unreachable(path: Path, uid: int, gid: int) -> Path | None:
+    """The first directory from ``/`` down to *path* that user *uid* (primary group *gid*, plus the
+    supplementary groups the user database gives it) cannot traverse, or None if it can reach *path*.
+
+    For handing a directory to another user's process (libvirt's QEMU): ``os.access`` answers only for
+    ourselves. Classic mode bits only; an ACL that would grant access is not seen (the error then asks
+    for a directory it can traverse, which is the safe mistake).
+    """
+    import pwd
+
+    groups = {gid}
+    try:
+        groups.update(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except (KeyError, OSError):
+        pass
+    path = Path(os.path.abspath(path))
+    for d in [*reversed(path.parents), path]:
+        try:
+            st = os.stat(d)
+        except OSError:
+            return d
+        if uid == 0:
+            continue
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return d
+    return None

@@ -54,13 +54,15 @@ class Libvirtd:
         return self.dir / "log" / "qemu" / f"{domain}.log"
 
 
-def start(directory: Path, timeout: float = 60) -> Libvirtd:
-    """Start (or report) the private daemon in *directory*; raise :class:`Unavailable` with one line."""
+def start(directory: Path, timeout: float = 60, qemu_user: bool = False) -> Libvirtd:
+    """Start (or report) the private daemon in *directory*; raise :class:`Unavailable` with one line.
+    *qemu_user*: QEMU runs as libvirt-qemu (uid 64055) with dynamic_ownership, as Debian's libvirtd does."""
     if not SCRIPT.exists():
         raise Unavailable(f"{SCRIPT} is missing")
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        p = subprocess.run([str(SCRIPT), "start", "--dir", str(directory), "--timeout", str(timeout)],
+        p = subprocess.run([str(SCRIPT), "start", "--dir", str(directory), "--timeout", str(timeout),
+                            *(["--qemu-user"] if qemu_user else [])],
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout + 30)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise Unavailable(f"tools/libvirtd start: {e}") from None

@@ -484,3 +484,86 @@ def test_bad_libvirt_arguments(domains, libvirtd, tmp_path, scratch) -> None:
     p = fleece("backup", "--qmp", "/nonexistent", "--connect", libvirtd.uri, "--repo", repo)
     assert p.returncode == 2 and "--connect" in p.stderr
     assert not Path(repo).exists()  # no repository left by a run that could not start
+
+
+# -- QEMU as an unprivileged user (a stock Debian libvirtd) -------------------------------------------------
+
+QEMU_UID = 64055  # libvirt-qemu, as tools/libvirtd --qemu-user runs it
+
+
+@pytest.fixture(scope="module")
+def unprivileged():
+    """A second private libvirtd whose QEMU runs as libvirt-qemu with dynamic_ownership, as Debian's
+    does; a 0711 base under /var/tmp (QEMU's user must reach the images and the scratch directory)."""
+    base = Path(tempfile.mkdtemp(prefix="flu-", dir="/var/tmp"))
+    base.chmod(0o711)
+    try:
+        d = libvirt_env.start(base / "d", qemu_user=True)
+    except libvirt_env.Unavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"the private libvirtd (--qemu-user) does not start under CI: {e}")
+        pytest.skip(str(e))
+    conn = virt.connect(d.uri)
+    try:
+        yield conn, d, base
+    finally:
+        conn.close()
+        libvirt_env.stop(base / "d")
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_qemu_as_an_unprivileged_user_gets_its_own_run_directory(unprivileged, tmp_path) -> None:
+    """libvirt's QEMU (uid 64055) must create the NBD socket and open the scratch images in fleece's run
+    directory: it gets a 0700 subdirectory of its own in a 0711 run directory, nobody else can read
+    them, and full + incremental are exact."""
+    conn, d, base = unprivileged
+    work = base / f"img-{uuidlib.uuid4().hex[:6]}"
+    work.mkdir(mode=0o711)
+    work.chmod(0o711)
+    scratch = base / "scratch"
+    scratch.mkdir(mode=0o711, exist_ok=True)
+    dom = Domain(conn, work)
+    try:
+        assert virt.qemu_owner(dom.dom) == (QEMU_UID, QEMU_UID)
+        repo = str(tmp_path / "repo")
+        seen: dict[str, object] = {}
+
+        def on_event(name, data):
+            if name == "exported":
+                [run] = list(scratch.iterdir())
+                sub = run / "qemu"
+                seen["run"] = (run.stat().st_uid, run.stat().st_mode & 0o777)
+                seen["sub"] = (sub.stat().st_uid, sub.stat().st_mode & 0o777)
+                seen["files"] = sorted(p.name for p in sub.iterdir())
+                seen["modes"] = {p.name: (p.stat().st_uid, p.stat().st_mode & 0o077) for p in sub.iterdir()
+                                 if p.name.endswith(".scratch")}
+                dom.write("vda", 2 * MiB, MiB, 0x66)  # after the point: must not appear
+
+        truth = dom.snapshot()
+        r = run_backup(Repository.open(repo, create=True),
+                       BackupRequest(libvirt=dom.name, connect=d.uri, scratch=str(scratch), on_event=on_event))
+        assert seen["run"] == (0, 0o711) and seen["sub"] == (QEMU_UID, 0o700), seen
+        assert "nbd.sock" in seen["files"] and {"vda.scratch", "sda.scratch"} <= set(seen["files"]), seen
+        assert all(m == 0 for _, m in seen["modes"].values()), seen["modes"]  # no group/other access
+        assert_exact(repo, dom.name, r.manifest.id, truth)
+        no_job_left(dom, scratch)
+
+        dom.write("sda", MiB, 3 * MiB, 0x67)
+        doc = ok(fleece("backup", "--libvirt", dom.name, "--connect", d.uri, "--repo", repo, "--scratch",
+                        str(scratch), "--json"))
+        assert doc["kind"] == "incremental" and doc["disks"]["sda"]["dirty_bytes"] == 3 * MiB, doc
+        assert_exact(repo, dom.name, doc["id"], dom.snapshot())
+        no_job_left(dom, scratch)
+
+        hidden = base / "private"
+        hidden.mkdir(mode=0o700)
+        hidden.chmod(0o700)
+        before = dom.checkpoints()
+        p = fleece("backup", "--libvirt", dom.name, "--connect", d.uri, "--repo", repo, "--scratch", str(hidden))
+        assert p.returncode == 2, p.stderr
+        assert f"as uid {QEMU_UID}" in p.stderr and str(hidden) in p.stderr and "--scratch" in p.stderr, p.stderr
+        assert dom.checkpoints() == before and virt.active_backup(dom.dom) is None and dom.dom.isActive()
+        assert not list(hidden.iterdir())
+        assert len(Repository.open(repo).point_ids(dom.name)) == 2
+    finally:
+        dom.destroy()
