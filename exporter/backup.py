@@ -39,7 +39,7 @@ from fleece.repository.merge import MAX_CHAIN, MAX_HINTS, merged_record
 from fleece.repository.manifest import (KIND_FULL, KIND_INCREMENTAL, DiskRecord, Extent, Manifest, annotation_fields,
                                        check_vm_name, new_point_id)
 
-from . import bitmaps, graph, pause
+from . import bitmaps, graph, handover, pause
 from fleece.repository.errors import ExportReadError, QemuError, RepositoryError
 from .audit import DEFAULT_SAMPLE, AuditReport, audit, choose_sample
 from .identity import Machine, check_history
@@ -384,6 +384,14 @@ class _Run:
             raise UsageError(f"cannot create a run directory in {scratch}: {exc.strerror}; pass --scratch DIR on "
                              "a writable local filesystem with room for the guest's writes during the backup",
                              object=str(scratch)) from None
+        top = run_dir
+        owner = self.mon.peer_owner()
+        try:  # QEMU creates the socket and opens the scratch images: its own directory if it runs as another user
+            run_dir = handover.qemu_dir(top, owner, f"the QEMU process behind {self.req.qmp or 'its monitor'}",
+                                        scratch)
+        except BaseException:
+            shutil.rmtree(top, ignore_errors=True)
+            raise
         sock = str(run_dir / "nbd.sock")
         fleeces = [graph.DiskFleece(d, graph.FleeceNames.for_disk(d.id),
                                     run_dir / f"{graph.PREFIX}{graph.FleeceNames.for_disk(d.id).token}-{point_id}.qcow2")
@@ -396,6 +404,7 @@ class _Run:
         try:
             for f in fleeces:
                 graph.create_scratch(f.scratch_file, f.disk.virtual_size)
+                handover.give(f.scratch_file, owner)
                 graph.add_target(self.mon, f)
                 graph.add_cbw(self.mon, f)
 
@@ -444,7 +453,7 @@ class _Run:
             self._fail(exc, writer, names, fleeces, levels, new_bitmaps, switched and not committed)
             raise
         finally:
-            shutil.rmtree(run_dir, ignore_errors=True)  # the fleece targets live in it
+            shutil.rmtree(top, ignore_errors=True)  # the fleece targets live in it
 
     def _pull_all(self, fleeces: list[Any], levels: dict[str, bitmaps.Level], sock: str, writer: Any,
                   new_bitmaps: dict[str, str | None]) -> dict[str, Callable[[], DiskRecord]]:

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleece.repository import Repository, rundir
+from fleece.repository import Repository
 from fleece.repository.errors import BackupBusyError, LibvirtError, QemuError, UsageError
 from fleece.repository.manifest import KIND_FULL, KIND_INCREMENTAL, Manifest, check_vm_name, new_point_id
 
-from . import bitmaps, graph, virt
+from . import bitmaps, graph, handover, virt
 from .backup import BackupRequest, BackupResult, _Run, interrupt_once
 from .identity import Machine
 from .inventory import DiskInfo, VmInfo
@@ -278,7 +278,9 @@ class _LibvirtRun(_Run):
         writer = None
         begun = False
         try:
-            run_dir = self._qemu_dir(run_dir)  # what libvirt's QEMU writes into: its socket, scratch images
+            # what libvirt's QEMU writes into (its socket, scratch images): its own if it runs as another user
+            run_dir = handover.qemu_dir(run_dir, virt.qemu_owner(self.dom), f"the QEMU of domain {self.dom.name()}",
+                                        self.scratch)
             sock = str(run_dir / "nbd.sock")
             if len(sock) > MAX_SOCKET_PATH:
                 raise UsageError(f"the scratch directory {self.scratch} is too deep for the NBD socket libvirt "
@@ -374,36 +376,6 @@ class _LibvirtRun(_Run):
             return src, None
         src.dirty = handle(f.names.export, f"qemu:dirty-bitmap:{f.bitmap}")
         return src, f.bitmap
-
-    def _qemu_dir(self, run_dir: Path) -> Path:
-        """The directory libvirt's QEMU creates the NBD socket and the scratch images in.
-
-        A stock libvirt runs QEMU as an unprivileged user (Debian: libvirt-qemu, DAC label ``+64055:+64055``
-        in the live XML), which cannot enter fleece's 0700 run directory: libvirt's blockdev-add of the
-        scratch image fails with EACCES. So, run as root, fleece makes the run directory 0711 (it holds
-        nothing else) and gives QEMU's user a 0700 subdirectory ``qemu`` of its own: no other user can read
-        the scratch images (they hold guest data), and the run directory stays root's, so a killed run's
-        is still recognised and removed. QEMU as fleece's own user (root, or ``qemu:///session``) needs none
-        of this.
-        """
-        owner = virt.qemu_owner(self.dom)
-        if owner is None or owner[0] == os.geteuid():
-            return run_dir
-        uid, gid = owner
-        name = self.dom.name()
-        if os.geteuid() != 0:
-            raise UsageError(f"libvirt runs the QEMU of domain {name} as uid {uid}, which cannot use the private "
-                             f"run directory of fleece (uid {os.geteuid()}); run fleece as root", object=name)
-        blocked = rundir.unreachable(run_dir.parent, uid, gid)
-        if blocked is not None:
-            raise UsageError(f"libvirt runs the QEMU of domain {name} as uid {uid}, which cannot enter {blocked} "
-                             f"(mode {blocked.stat().st_mode & 0o7777:04o}) on the way to --scratch "
-                             f"{self.scratch}: pass a --scratch it can traverse (e.g. /var/tmp)", object=name)
-        os.chmod(run_dir, 0o711)
-        sub = run_dir / "qemu"
-        os.mkdir(sub, 0o700)
-        os.chown(sub, uid, gid)
-        return sub
 
     # -- leftovers and rollback ----------------------------------------------------------------------------
 

@@ -120,6 +120,18 @@ class Monitor:
         pid = struct.unpack("3i", creds)[0]
         return pid or None
 
+    def peer_owner(self) -> tuple[int, int] | None:
+        """The effective uid and gid QEMU runs as *now* (``/proc/PID/status``; SO_PEERCRED would give those
+        of when it created the socket, before a ``-runas`` dropped them), or None if unknown."""
+        if not self.peer_pid:
+            return None
+        try:
+            with open(f"/proc/{self.peer_pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            return int(fields["Uid"].split()[1]), int(fields["Gid"].split()[1])
+        except (OSError, KeyError, IndexError, ValueError):
+            return None
+
     def process_key(self) -> str:
         """A key naming the QEMU process for as long as it lives: pid + its start time (pids get reused).
 

@@ -22,6 +22,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from checks import FLEECE, identical
+from checks import FLEECE, assert_point_matches, identical
 from conftest import ODD_SIZE, MiB, is_root
 from fleece.exporter.backup import BackupRequest, run_backup
 from fleece.repository import RepoConfig, Repository, UsageError
@@ -463,3 +464,66 @@ def test_failing_s3_runs_never_print_the_secret_keys(rgw: dict, world: World) ->
     env, _ = scenarios["wrong secret key"]
     assert all(wrong_secret in text for text in _outputs(["list", "--repo", f"s3://{s3_bucket}/{wrong_secret}"], env))
     assert not (world.work / "s3-out").exists()
+
+
+# -- QEMU as another user ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not is_root(), reason="QEMU -runas and the hand-over need root")
+def test_qemu_running_as_another_user_gets_its_own_private_run_directory(tmp_path: Path) -> None:
+    """QEMU started by root that dropped to ``nobody`` (``-runas``) must open fleece's scratch images and
+    create the NBD socket: it gets a 0700 ``qemu`` subdirectory of its own (scratch images 0600, its) in a
+    0711 run directory, nobody else can read any of it, and the points are exact. A ``--scratch`` it
+    cannot traverse is a usage error that touches nothing: the next incremental is still exact."""
+    base = Path(tempfile.mkdtemp(prefix="flr-", dir="/var/tmp"))
+    base.chmod(0o711)
+    vm = TestVM(base / "vm", {"vda": 32 * MiB, "vdb": ODD_SIZE})
+    vm.dir.chmod(0o711)
+    vm._tmp.chmod(0o711)  # qemu-io -s: QEMU, as nobody, reads the guest's write data from a file there
+    vm.extra_args += ["-runas", "nobody"]
+    vm.start()
+    try:
+        scratch = base / "s"
+        scratch.mkdir(mode=0o711)
+        scratch.chmod(0o711)
+        with open(f"/proc/{vm.proc.pid}/status") as f:
+            assert f"Uid:\t{NOBODY}" in f.read(), "QEMU did not drop to nobody"
+        seed(vm)
+        repo = Repository.open(str(tmp_path / "repo"), create=True)
+        seen: dict[str, object] = {}
+        rec = Recorder(vm, after_freeze=lambda: vm.write("vda", MiB, random_bytes(MiB, 77)))
+
+        def on_event(name: str, data: dict) -> None:
+            rec(name, data)
+            if name == "exported":
+                [run] = list(scratch.iterdir())
+                sub = run / "qemu"
+                seen["run"] = (run.stat().st_uid, mode(run))
+                seen["sub"] = (sub.stat().st_uid, mode(sub))
+                seen["files"] = {p.name: (p.stat().st_uid, mode(p)) for p in sub.iterdir()}
+
+        r = run_backup(repo, BackupRequest(qmp=vm.qmp_path, scratch=str(scratch), on_event=on_event))
+        assert seen["run"] == (0, 0o711) and seen["sub"] == (NOBODY, 0o700), seen
+        files = seen["files"]
+        assert "nbd.sock" in files, files
+        images = {n: v for n, v in files.items() if n.endswith(".qcow2")}
+        assert len(images) == 2 and set(images.values()) == {(NOBODY, 0o600)}, files
+        assert_point_matches(repo, r.manifest, rec.refs)
+        assert not list(scratch.iterdir())
+
+        hidden = base / "private"
+        hidden.mkdir(mode=0o700)
+        hidden.chmod(0o700)
+        p = run_fleece("backup", "--qmp", vm.qmp_path, "--repo", repo.url, "--scratch", str(hidden))
+        assert p.returncode == 2 and f"as uid {NOBODY}" in p.stderr and str(hidden) in p.stderr, p.stderr
+        assert not list(hidden.iterdir())
+
+        vm.write("vdb", 2 * MiB, random_bytes(MiB, 78))
+        rec2 = Recorder(vm)
+        r2 = run_backup(Repository.open(repo.url), BackupRequest(qmp=vm.qmp_path, scratch=str(scratch),
+                                                                 on_event=rec2))
+        assert r2.manifest.kind == "incremental" and r2.manifest.parent == r.manifest.id
+        assert_point_matches(repo, r2.manifest, rec2.refs)
+    finally:
+        vm.cleanup()
+        subprocess.run(["rm", "-rf", str(base)], check=False)

@@ -240,7 +240,7 @@ class TestVM:
         with open(log, "rb") as f:
             f.seek(before)
             printed = f.read().decode(errors="replace")
-        if "failed" in printed or "error" in printed.lower():
+        if any(w in printed.lower() for w in ("failed", "error", "permission denied", "could not")):
             raise RuntimeError(f"guest I/O error: qemu-io {command!r} on {disk.id}: {printed.strip()}")
 
     def _mirror(self, disk: Disk, offset: int, data: bytes) -> None:
