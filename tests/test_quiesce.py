@@ -171,8 +171,13 @@ def test_no_agent_socket_gives_a_crash_point_that_says_why(agent_guest, tmp_path
     assert doc["consistency"] == "crash"
     assert "cannot reach the guest agent" in doc["quiesce"]["reason"], doc
     assert "crash-consistent" in p.stderr
-    plain = ok(fleece("list", "--repo", repo, "--vm", "qguest", "--json"))
-    assert plain, "the point was committed"
+    human = fleece("backup", "--qmp", g.qmp_path, "--vm", "qguest", "--repo", repo, "--scratch", str(scratch),
+                   "--quiesce", "--qga", str(tmp_path / "no-such.sock"))
+    assert human.returncode == 0 and "crash-consistent (cannot reach the guest agent" in human.stdout, human.stdout
+    human = fleece("backup", "--qmp", g.qmp_path, "--vm", "qguest", "--repo", repo, "--scratch", str(scratch),
+                   "--quiesce", "--qga", g.qga_path)
+    assert human.returncode == 0 and "filesystems quiesced" in human.stdout, human.stdout
+    assert len(ok(fleece("list", "--repo", repo, "--vm", "qguest", "--json"))["points"]) == 3
 
 
 KILLER = """
