@@ -37,7 +37,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +45,7 @@ from fleece.repository.errors import AgentError
 
 log = logging.getLogger(__name__)
 
+MAX_LINE = 1 << 20  # an answer longer than this is not the agent's: the channel is garbage
 THAW_ATTEMPTS = 3  # a thaw that fails is retried on a fresh connection this often before it is an error
 THAW_RETRY_PAUSE = 1.0  # seconds between thaw attempts
 GUARD_PATIENCE = 600.0  # seconds the guard of a dead run keeps trying (its guest may be paused until the
@@ -56,9 +57,10 @@ class Freezer(Protocol):
 
     what: str  # for messages: "the guest agent on /run/vm1/qga.sock", "the agent of domain vm1"
 
-    def freeze(self) -> int:
-        """Freeze the guest's filesystems; return how many. Raises AgentError (``maybe_frozen`` says
-        whether a thaw is still needed)."""
+    def freeze(self, arm: Callable[[], None]) -> int:
+        """Freeze the guest's filesystems; return how many. Calls *arm* right before it sends what may
+        freeze (before that, nothing of ours needs thawing, whatever happens). Raises AgentError
+        (``maybe_frozen`` says whether a thaw is still needed)."""
 
     def thaw(self) -> int:
         """Thaw them; return how many were thawed. Raises AgentError."""
@@ -67,7 +69,7 @@ class Freezer(Protocol):
         """Drop any connection, so the next call starts afresh (after a failed thaw)."""
 
     def guard_args(self) -> list[str] | None:
-        """Arguments of ``python -m fleece.exporter.agent guard`` that thaw this guest, or None."""
+        """Arguments of ``python -m fleece.exporter.agent guard`` that reach this guest, or None."""
 
 
 # -- the wire protocol -------------------------------------------------------------------------------------
@@ -90,7 +92,8 @@ class GuestAgent:
             self._sock.connect(path)
         except OSError as e:
             self._sock.close()
-            hint = {FileNotFoundError: "no such socket", ConnectionRefusedError: "nothing listens on it"}
+            hint = {FileNotFoundError: "no such socket", ConnectionRefusedError: "nothing listens on it",
+                    BlockingIOError: "busy: another client holds the agent's channel"}
             why = next((v for k, v in hint.items() if isinstance(e, k)), e.strerror or str(e))
             raise AgentError(f"cannot reach the guest agent on {path} ({why}): pass the host end of the agent's "
                              "chardev as --qga", stage="connect", object=path, maybe_frozen=False) from None
@@ -99,6 +102,7 @@ class GuestAgent:
         self._sock.close()
 
     def _send(self, data: bytes, stage: str) -> None:
+        self._sock.settimeout(self.timeout)  # not what the last receive left of its deadline
         try:
             self._sock.sendall(data)
         except OSError as e:
@@ -126,6 +130,8 @@ class GuestAgent:
             raise self._lost(stage, "the connection was closed")
         else:
             self._buf += data
+            if len(self._buf) > MAX_LINE and b"\n" not in self._buf:
+                raise self._lost(stage, f"more than {MAX_LINE} bytes without a line end: not the agent talking")
 
     def _line(self, deadline: float, stage: str) -> bytes:
         while b"\n" not in self._buf:
@@ -144,10 +150,8 @@ class GuestAgent:
                 self._buf = b""
                 self._recv(deadline, "sync")
             self._buf = self._buf[self._buf.index(b"\xff") + 1:]
-            line = self._line(deadline, "sync").strip(b"\xff \r\t")
-            with contextlib.suppress(ValueError):
-                if json.loads(line).get("return") == token:
-                    return
+            if _decode(self._line(deadline, "sync")).get("return") == token:
+                return
 
     def call(self, command: str, stage: str) -> Any:
         """``command`` (no arguments); its ``return``. An ``error`` answer: AgentError with
@@ -155,13 +159,7 @@ class GuestAgent:
         deadline = time.monotonic() + self.timeout
         self._send(json.dumps({"execute": command}).encode() + b"\n", stage)
         while True:
-            line = self._line(deadline, stage).strip(b"\xff \r\t")
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue  # noise on the channel (a guest that wrote to the port)
-            if not isinstance(doc, dict):
-                continue
+            doc = _decode(self._line(deadline, stage))
             if "error" in doc:
                 err = doc["error"] if isinstance(doc["error"], dict) else {}
                 raise AgentError(f"the guest agent on {self.path} refused {command}: "
@@ -171,12 +169,23 @@ class GuestAgent:
                 return doc["return"]
 
 
+def _decode(line: bytes) -> dict[str, Any]:
+    """One line of the channel as a JSON object; anything else (noise a guest wrote to the port, a cut
+    answer) as an empty one, which no caller takes for an answer."""
+    try:
+        doc = json.loads(line.strip(b"\xff \r\t"))
+    except (ValueError, RecursionError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 class QgaFreezer:
     """The agent on a chardev socket fleece reaches directly (``--qga SOCK``, QEMU without libvirt)."""
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, qmp: str | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        self.qmp = qmp  # the VM's QMP socket: the guard resumes a guest a killed run left paused through it
         self.what = f"the guest agent on {path}"
         self._agent: GuestAgent | None = None
 
@@ -186,7 +195,7 @@ class QgaFreezer:
         self._agent.sync()
         return self._agent
 
-    def freeze(self) -> int:
+    def freeze(self, arm: Callable[[], None]) -> int:
         try:
             agent = self._connected()
             status = agent.call("guest-fsfreeze-status", "status")
@@ -197,10 +206,11 @@ class QgaFreezer:
             raise AgentError(f"the guest's filesystems are already frozen (not by this backup, which leaves "
                              f"them so); thaw them with guest-fsfreeze-thaw on {self.path} when whoever froze "
                              "them is done", stage="status", object=self.path, maybe_frozen=False)
-        return int(agent.call("guest-fsfreeze-freeze", "freeze"))
+        arm()
+        return _count(agent.call("guest-fsfreeze-freeze", "freeze"), "freeze", self.path)
 
     def thaw(self) -> int:
-        return int(self._connected().call("guest-fsfreeze-thaw", "thaw"))
+        return _count(self._connected().call("guest-fsfreeze-thaw", "thaw"), "thaw", self.path)
 
     def reset(self) -> None:
         if self._agent is not None:
@@ -208,7 +218,15 @@ class QgaFreezer:
             self._agent = None
 
     def guard_args(self) -> list[str] | None:
-        return ["--qga", self.path, "--timeout", str(self.timeout)]
+        return ["--qga", self.path, "--timeout", str(self.timeout), *(["--qmp", self.qmp] if self.qmp else [])]
+
+
+def _count(ret: Any, stage: str, path: str) -> int:
+    """The agent's filesystem count (freeze, thaw); anything else is an answer we cannot trust."""
+    if isinstance(ret, int) and not isinstance(ret, bool):
+        return ret
+    raise AgentError(f"the guest agent on {path} answered {stage} with {ret!r}, not a count", stage=stage,
+                     object=path)
 
 
 # -- the freeze --------------------------------------------------------------------------------------------
@@ -232,24 +250,39 @@ class Quiesce:
 @contextlib.contextmanager
 def quiesced(freezer: Freezer | None, why_not: str | None = None) -> Iterator[Quiesce]:
     """Freeze through *freezer* for the ``with`` body, thaw after, whatever happens; yield the
-    :class:`Quiesce` record. *freezer* None: no freeze possible, the point is crash-consistent *why_not*."""
+    :class:`Quiesce` record. *freezer* None: no freeze possible, the point is crash-consistent *why_not*.
+
+    Who thaws: this process, if the freezer armed (sent what may freeze) and the freeze did not certainly
+    fail; the guard, if this process dies first or cannot thaw (a freeze answered after every thaw attempt
+    timed out, an interrupt during the thaw). Nobody, if nothing of ours was sent: someone else's freeze
+    stays.
+    """
     q = Quiesce()
     if freezer is None:
         q.reason = why_not or "no guest agent"
         log.warning("--quiesce: %s; this point is crash-consistent", q.reason)
         yield q
         return
-    guard = ThawGuard.start(freezer)
-    must_thaw = True  # until the freeze says for certain it froze nothing (an interrupt mid-call: unknown)
+    guard = ThawGuard.start(freezer)  # before the freeze: a Python start-up must not lengthen it
+    must_thaw = False
     frozen_at = None
+
+    def arm() -> None:
+        nonlocal must_thaw
+        must_thaw = True
+        if guard is not None:
+            guard.arm()
+
+    thawed = False
     try:
         t0 = time.monotonic()
         try:
-            q.filesystems = freezer.freeze()
+            q.filesystems = freezer.freeze(arm)
         except AgentError as e:
-            must_thaw = e.maybe_frozen
+            must_thaw = must_thaw and e.maybe_frozen
             q.reason = e.message
             log.warning("--quiesce: %s; this point is crash-consistent", e.message)
+            freezer.reset()  # a thaw after a lost or timed-out freeze starts on a fresh connection
         else:
             frozen_at = time.monotonic()
             q.freeze_ms = round((frozen_at - t0) * 1000, 2)
@@ -263,13 +296,18 @@ def quiesced(freezer: Freezer | None, why_not: str | None = None) -> Iterator[Qu
     finally:
         try:
             if must_thaw:
-                q.thawed = _thaw(freezer)
+                q.thawed = _thaw(freezer)  # the first Ctrl-C/SIGTERM may land here: then the guard thaws
                 if frozen_at is not None:
                     q.frozen_ms = round((time.monotonic() - frozen_at) * 1000, 2)
+            thawed = not must_thaw or bool(q.thawed)
         finally:
-            freezer.reset()
+            with contextlib.suppress(Exception):
+                freezer.reset()
             if guard is not None:
-                guard.disarm()
+                if thawed:
+                    guard.disarm()
+                else:
+                    guard.hand_over()
 
 
 def _thaw(freezer: Freezer, patience: float | None = None) -> bool:
@@ -283,9 +321,10 @@ def _thaw(freezer: Freezer, patience: float | None = None) -> bool:
             n = freezer.thaw()
             log.debug("%s thawed %d filesystem(s)", freezer.what, n)
             return True
-        except AgentError as e:
-            log.warning("thaw attempt %d failed: %s", attempt, e.message)
-            freezer.reset()
+        except Exception as e:  # noqa: BLE001 - AgentError, or a libvirt/OS failure no layer classified
+            log.warning("thaw attempt %d failed: %s", attempt, getattr(e, "message", None) or e)
+            with contextlib.suppress(Exception):
+                freezer.reset()
         if (attempt >= THAW_ATTEMPTS) if deadline is None else (time.monotonic() >= deadline):
             break
         time.sleep(THAW_RETRY_PAUSE)
@@ -298,14 +337,21 @@ def _thaw(freezer: Freezer, patience: float | None = None) -> bool:
 
 
 class ThawGuard:
-    """A child process that thaws the guest if this process dies while it may be frozen.
+    """A child process that thaws the guest if this process dies (or gives up) while it may be frozen.
 
     SIGKILL and the OOM killer run no ``finally``. The guard is started before the freeze (a Python
     start-up is ~100 ms, too long to add to the frozen window), in its own session (a Ctrl-C to the
-    terminal's process group is ours to handle, not its), and blocks reading a pipe from us. ``disarm``
-    writes ``done`` and it exits; end-of-file without ``done`` means we died, and it thaws with the
-    same retries. It connects only after we are gone, so it never competes with us for the agent's
-    single-client channel.
+    terminal's process group is ours to handle, not its), from ``/`` with ``-P`` (no module of the
+    current directory can stand in for fleece's), and blocks reading a pipe from us:
+
+    * ``arm``: we are about to send what may freeze; from now on end-of-file means "thaw";
+    * ``done``: thawed (or nothing to thaw): it exits;
+    * end-of-file after ``arm`` without ``done``: we died or gave up (:meth:`hand_over`). It first resumes a
+      guest a killed run left paused under its marker (pause.py; a paused guest's agent cannot answer),
+      then thaws with retries for :data:`GUARD_PATIENCE` seconds.
+
+    It connects only after we are gone, so it never competes with us for the agent's single-client
+    channel; it reports to syslog, never to our stdout/stderr (a caller reading those would wait for it).
     """
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
@@ -317,27 +363,46 @@ class ThawGuard:
         if args is None:
             return None
         try:
-            # no stdout/stderr of ours: a caller reading them (``$(fleece backup …)``, a pipe to tee) would
-            # wait for a guard that outlives a killed run; it reports to syslog instead
-            proc = subprocess.Popen([sys.executable, "-m", "fleece.exporter.agent", "guard", *args],
+            proc = subprocess.Popen([sys.executable, "-P", "-m", "fleece.exporter.agent", "guard", *args],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    cwd="/", start_new_session=True)
         except OSError as e:
             log.warning("cannot start the thaw guard (%s): a run killed while the guest is frozen would leave "
                         "it frozen", e.strerror)
             return None
         return cls(proc)
 
-    def disarm(self) -> None:
+    def _say(self, word: bytes) -> None:
         assert self.proc.stdin is not None
-        with contextlib.suppress(OSError):
-            self.proc.stdin.write(b"done\n")
-            self.proc.stdin.close()
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write(word + b"\n")
+            self.proc.stdin.flush()
+
+    def arm(self) -> None:
+        if self.proc.poll() is not None:
+            log.warning("the thaw guard exited (status %s) before the freeze: a run killed while the guest is "
+                        "frozen would leave it frozen", self.proc.returncode)
+        self._say(b"arm")
+
+    def disarm(self) -> None:
+        self._say(b"done")
+        self._close()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def hand_over(self) -> None:
+        """We could not thaw: the guard keeps trying on its own (end-of-file without ``done``)."""
+        self._close()
+        log.error("the thaw guard (pid %d) keeps trying to thaw the guest for up to %.0f s", self.proc.pid,
+                  GUARD_PATIENCE)
+
+    def _close(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
 
 
 def _log_to_syslog() -> None:
@@ -345,51 +410,87 @@ def _log_to_syslog() -> None:
     import logging.handlers
 
     root = logging.getLogger()
-    root.setLevel(logging.WARNING)
+    root.setLevel(logging.INFO)
     if os.path.exists("/dev/log"):
         h: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
         h.setFormatter(logging.Formatter("fleece-thaw-guard[%(process)d]: %(message)s"))
         root.addHandler(h)
 
 
+def _wait_for_parent() -> bool:
+    """Read the pipe until ``done`` or end-of-file; True if the guest may need us (armed, not done)."""
+    data = b""
+    while True:  # select first: the read must not be cut short by a signal
+        select.select([sys.stdin.buffer], [], [])
+        chunk = os.read(sys.stdin.fileno(), 64)
+        if not chunk:
+            return b"arm" in data
+        data += chunk
+        if b"done" in data:
+            return False
+
+
+def _resume_paused(qmp: str, timeout: float) -> None:
+    """Resume a guest that a dead run left paused under its marker (pause.recover), so its agent can
+    answer the thaw; a guest paused otherwise is left as it is."""
+    from .pause import recover
+    from .qmp import Monitor
+
+    try:
+        mon = Monitor(qmp, timeout=timeout, connect_timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - another client holds the monitor, QEMU is gone: thaw anyway
+        log.info("cannot reach %s to resume a paused guest: %s", qmp, e)
+        return
+    try:
+        for line in recover(mon):
+            log.warning("%s", line)
+    except Exception as e:  # noqa: BLE001
+        log.info("resuming through %s failed: %s", qmp, e)
+    finally:
+        mon.close()
+
+
 def _guard_main(argv: list[str]) -> int:
-    """``python -m fleece.exporter.agent guard (--qga SOCK | --libvirt URI UUID) --timeout T``."""
+    """``python -m fleece.exporter.agent guard (--qga SOCK [--qmp SOCK] | --libvirt URI UUID) --timeout T``."""
     import argparse
 
     p = argparse.ArgumentParser(prog="fleece.exporter.agent guard")
     p.add_argument("--qga")
+    p.add_argument("--qmp")
     p.add_argument("--libvirt", nargs=2, metavar=("URI", "UUID"))
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)
-    data = b""
-    while True:  # until "done" or end of file (select: the read must not be cut short by a signal)
-        select.select([sys.stdin.buffer], [], [])
-        chunk = os.read(sys.stdin.fileno(), 64)
-        if not chunk:
-            break
-        data += chunk
-        if b"done" in data:
-            return 0
+    if not _wait_for_parent():
+        return 0
     _log_to_syslog()
-    freezer: Freezer
+    deadline = time.monotonic() + GUARD_PATIENCE
+    freezer: Freezer | None = None
     if args.libvirt:
         from .libvirt_run import LibvirtFreezer
 
-        freezer = LibvirtFreezer.reach(args.libvirt[0], args.libvirt[1], args.timeout)
+        while freezer is None:  # libvirtd restarting, the connection refused: keep trying
+            try:
+                freezer = LibvirtFreezer.reach(args.libvirt[0], args.libvirt[1], args.timeout)
+            except Exception as e:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    log.error("cannot reach domain %s on %s to thaw it: %s", args.libvirt[1], args.libvirt[0], e)
+                    return 1
+                time.sleep(THAW_RETRY_PAUSE)
     else:
+        if args.qmp:
+            _resume_paused(args.qmp, args.timeout)
         freezer = QgaFreezer(args.qga, args.timeout)
-    ok = _thaw(freezer, GUARD_PATIENCE)
+    ok = _thaw(freezer, max(1.0, deadline - time.monotonic()))
     if ok:
-        log.warning("a backup died while %s may have kept the guest frozen: thawed it", freezer.what)
+        log.warning("a backup died or gave up while %s may have kept the guest frozen: thawed it", freezer.what)
     return 0 if ok else 1
 
 
-if __name__ == "__main__":  # pragma: no cover - the guard's entry point, exercised by the SIGKILL test
+if __name__ == "__main__":  # pragma: no cover - the guard's entry point, exercised by the SIGKILL tests
     if sys.argv[1:2] == ["guard"]:
-        signal_names = ("SIGINT", "SIGTERM", "SIGHUP")
         import signal
 
-        for name in signal_names:  # the run's own signals are not the guard's business
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # the run's own signals are not the guard's business
             signal.signal(getattr(signal, name), signal.SIG_IGN)
         sys.exit(_guard_main(sys.argv[2:]))
     sys.exit("usage: python -m fleece.exporter.agent guard ...")

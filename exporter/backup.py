@@ -384,15 +384,13 @@ class _Run:
             raise UsageError(f"cannot create a run directory in {scratch}: {exc.strerror}; pass --scratch DIR on "
                              "a writable local filesystem with room for the guest's writes during the backup",
                              object=str(scratch)) from None
-        top = run_dir
         owner = self.mon.peer_owner()
-        try:  # QEMU creates the socket and opens the scratch images: its own directory if it runs as another user
-            run_dir = handover.qemu_dir(top, owner, f"the QEMU process behind {self.req.qmp or 'its monitor'}",
-                                        scratch)
+        try:  # QEMU creates the socket: a directory of its own if it runs as another user (handover.py)
+            sock = str(handover.socket_dir(run_dir, owner, f"the QEMU process behind {self.req.qmp or 'its monitor'}",
+                                           scratch) / "nbd.sock")
         except BaseException:
-            shutil.rmtree(top, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        sock = str(run_dir / "nbd.sock")
         fleeces = [graph.DiskFleece(d, graph.FleeceNames.for_disk(d.id),
                                     run_dir / f"{graph.PREFIX}{graph.FleeceNames.for_disk(d.id).token}-{point_id}.qcow2")
                    for d in disks]
@@ -453,7 +451,7 @@ class _Run:
             self._fail(exc, writer, names, fleeces, levels, new_bitmaps, switched and not committed)
             raise
         finally:
-            shutil.rmtree(top, ignore_errors=True)  # the fleece targets live in it
+            shutil.rmtree(run_dir, ignore_errors=True)  # the fleece targets live in it
 
     def _pull_all(self, fleeces: list[Any], levels: dict[str, bitmaps.Level], sock: str, writer: Any,
                   new_bitmaps: dict[str, str | None]) -> dict[str, Callable[[], DiskRecord]]:
@@ -683,7 +681,7 @@ class _Run:
         if not info.running:
             return quiesced(None, f"the guest is {info.status}: its agent cannot freeze its filesystems")
         assert self.req.qga is not None  # run_backup checked
-        return quiesced(QgaFreezer(self.req.qga, self.req.quiesce_timeout))
+        return quiesced(QgaFreezer(self.req.qga, self.req.quiesce_timeout, self.req.qmp))
 
     @staticmethod
     def _consistency(quiesce: Any) -> dict[str, Any]:

@@ -5,12 +5,15 @@ A backup's run directory (rundir.py) is 0700 and fleece's: it holds the copy-bef
 fleece's user, EACCES when it does not: a stock libvirt runs QEMU as ``libvirt-qemu`` (DAC label
 ``+64055:+64055``), a hand-started QEMU may drop to a user with ``-runas``, and fleece runs as root.
 
-So, run as root, fleece makes the run directory 0711 (it holds nothing else then) and gives QEMU's user
-a 0700 subdirectory ``qemu`` of its own, and the scratch images it creates there are chowned to it:
-no other user can list or read any of it, and the run directory stays root's, so a killed run's is still
-recognised and removed (rundir.remove_leftovers). Not root and QEMU another user: no way to share a
-private directory with it (the error says to run as root). Every directory on the way to ``--scratch``
-must be traversable by QEMU's user, or the error names the one that is not.
+So, run as root, fleece makes the run directory 0711 and gives QEMU's user a 0700 subdirectory ``qemu`` of
+its own, for the one thing QEMU must *create*: the NBD socket. The scratch images stay in the run
+directory, which QEMU's user can traverse but not write — chowned to that user once fleece (or libvirtd)
+has made them, 0600. Not in the subdirectory: there QEMU's user (shared by every domain's QEMU under a
+stock libvirt) could swap a file fleece is about to write as root for a symlink to any file on the host.
+The run directory stays root's, so a killed run's is still recognised and removed
+(rundir.remove_leftovers). Not root and QEMU another user: no way to share a private directory with it
+(the error says to run as root). Every directory on the way to ``--scratch`` must be traversable by
+QEMU's user, or the error names the one that is not.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from fleece.repository.errors import UsageError
 SUBDIR = "qemu"
 
 
-def qemu_dir(run_dir: Path, owner: tuple[int, int] | None, who: str, scratch: Path) -> Path:
+def socket_dir(run_dir: Path, owner: tuple[int, int] | None, who: str, scratch: Path) -> Path:
     """The directory QEMU (running as *owner* ``(uid, gid)``; None or fleece's own uid: no hand-over)
-    writes into: *run_dir* itself, or its ``qemu`` subdirectory handed to QEMU's user. *who* names the
-    QEMU for messages ("the QEMU of domain vm1")."""
+    creates its NBD socket in: *run_dir* itself, or its ``qemu`` subdirectory handed to QEMU's user (and
+    *run_dir* made traversable for it). *who* names the QEMU for messages ("the QEMU of domain vm1")."""
     if owner is None or owner[0] == os.geteuid():
         return run_dir
     uid, gid = owner
@@ -47,6 +50,7 @@ def qemu_dir(run_dir: Path, owner: tuple[int, int] | None, who: str, scratch: Pa
 
 
 def give(path: Path, owner: tuple[int, int] | None) -> None:
-    """Chown a file fleece made for QEMU (a scratch image, 0600) to QEMU's user, if it was handed over."""
+    """Chown a file fleece made for QEMU (a scratch image, 0600, in the root-owned run directory) to
+    QEMU's user, if it runs as another one."""
     if owner is not None and owner[0] != os.geteuid():
         os.chown(path, *owner, follow_symlinks=False)

@@ -97,10 +97,13 @@ class LibvirtFreezer:
         """The freezer of domain *uuid* on *uri* (the thaw guard's own connection)."""
         return cls(virt.domain(virt.connect(uri), uuid), timeout, uri)
 
-    def freeze(self) -> int:
+    def freeze(self, arm: Any) -> int:
         from .agent import AgentError
 
-        state = virt.agent_state(self.dom)
+        try:
+            state = virt.agent_state(self.dom)
+        except LibvirtError as e:  # nothing was sent: a crash-consistent point, not a failed backup
+            raise AgentError(str(e), stage="status", object=self.dom.name(), maybe_frozen=False) from None
         if state != "connected":
             raise AgentError(f"domain {self.dom.name()} has no guest agent channel (add <channel type='unix'>"
                              f"<target type='virtio' name='{virt.AGENT_CHANNEL}'/></channel>)" if state is None else
@@ -108,7 +111,12 @@ class LibvirtFreezer:
                              "qemu-guest-agent running in the guest?)", stage="connect", object=self.dom.name(),
                              maybe_frozen=False)
         try:
-            return virt.fs_freeze(self.dom, max(1, round(self.timeout)))
+            virt.agent_timeout(self.dom, max(1, round(self.timeout)))
+        except LibvirtError as e:
+            raise AgentError(str(e), stage="status", object=self.dom.name(), maybe_frozen=False) from None
+        arm()
+        try:
+            return virt.fs_freeze(self.dom)
         except LibvirtError as e:
             raise AgentError(str(e), stage="freeze", object=self.dom.name(),
                              maybe_frozen=e.code not in self.NOT_FROZEN) from None
@@ -122,7 +130,10 @@ class LibvirtFreezer:
             raise AgentError(str(e), stage="thaw", object=self.dom.name()) from None
 
     def reset(self) -> None:
-        """libvirt keeps the agent's connection; nothing to drop."""
+        """libvirt keeps the agent's connection; the domain's agent timeout goes back to libvirt's default
+        (there is no call to read what it was: it is a runtime setting, reset by libvirtd restarts too)."""
+        with contextlib.suppress(LibvirtError):
+            virt.agent_timeout(self.dom, None)
 
     def guard_args(self) -> list[str] | None:
         if self.uri is None:
@@ -268,7 +279,7 @@ class _LibvirtRun(_Run):
     def _backup_domain(self, vm: str, info: VmInfo, disks: list[DiskInfo], levels: dict[str, bitmaps.Level],
                        point_id: str, checkpoint: str) -> tuple[Manifest, dict[str, Any]]:
         try:
-            top = run_dir = graph.make_run_dir(self.scratch)
+            run_dir = graph.make_run_dir(self.scratch)
         except OSError as exc:
             raise UsageError(f"cannot create a run directory in {self.scratch}: {exc.strerror}; pass --scratch DIR "
                              "on a writable local filesystem with room for the guest's writes during the backup",
@@ -278,10 +289,10 @@ class _LibvirtRun(_Run):
         writer = None
         begun = False
         try:
-            # what libvirt's QEMU writes into (its socket, scratch images): its own if it runs as another user
-            run_dir = handover.qemu_dir(run_dir, virt.qemu_owner(self.dom), f"the QEMU of domain {self.dom.name()}",
-                                        self.scratch)
-            sock = str(run_dir / "nbd.sock")
+            # QEMU creates the socket: a directory of its own if it runs as another user (handover.py);
+            # libvirtd (root) makes the scratch images in the run directory and labels them for QEMU
+            sock = str(handover.socket_dir(run_dir, virt.qemu_owner(self.dom), f"the QEMU of domain "
+                                           f"{self.dom.name()}", self.scratch) / "nbd.sock")
             if len(sock) > MAX_SOCKET_PATH:
                 raise UsageError(f"the scratch directory {self.scratch} is too deep for the NBD socket libvirt "
                                  f"creates in it ({len(sock)} > {MAX_SOCKET_PATH} bytes); pass a shorter --scratch",
@@ -325,7 +336,7 @@ class _LibvirtRun(_Run):
             self._fail_domain(writer, begun, sock, checkpoint)
             raise
         finally:
-            shutil.rmtree(top, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     def _begin(self, disks: list[DiskInfo], levels: dict[str, bitmaps.Level], sock: str, run_dir: Path,
                checkpoint: str) -> virt.BackupJob:

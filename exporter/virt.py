@@ -420,17 +420,24 @@ def agent_state(dom: libvirt.virDomain) -> str | None:
     return None
 
 
-def fs_freeze(dom: libvirt.virDomain, timeout: int = 10) -> int:
+def agent_timeout(dom: libvirt.virDomain, seconds: int | None) -> None:
+    """Bound every agent call on this domain by *seconds* (libvirt's per-domain agent response timeout; a
+    runtime setting); None: back to libvirt's default."""
+    value = libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT if seconds is None else int(seconds)
+    _call(f"cannot set the guest agent timeout of {dom.name()}", dom.name(),
+          lambda: dom.agentSetResponseTimeout(value, 0))
+
+
+def fs_freeze(dom: libvirt.virDomain, timeout: int | None = None) -> int:
     """Freeze the guest's filesystems through qemu-guest-agent; return how many were frozen.
 
-    *timeout* bounds every later agent call on this domain too (libvirt's per-domain agent response timeout,
-    default: block forever). No agent channel in the domain XML: ``VIR_ERR_ARGUMENT_UNSUPPORTED``; channel
-    but no agent answering: ``VIR_ERR_AGENT_UNRESPONSIVE`` (both at once, measured). libvirt 9.0 has no
-    quiesce for checkpoints (``VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE`` is rejected by the QEMU driver), so
-    freeze → begin_pull_backup → thaw is the way.
+    *timeout*: set the agent timeout first (:func:`agent_timeout`). No agent channel in the domain XML:
+    ``VIR_ERR_ARGUMENT_UNSUPPORTED``; channel but no agent answering: ``VIR_ERR_AGENT_UNRESPONSIVE`` (both at
+    once, measured). libvirt 9.0 has no quiesce for checkpoints (``VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE`` is
+    rejected by the QEMU driver), so freeze → begin_pull_backup → thaw is the way.
     """
-    _call(f"cannot set the guest agent timeout of {dom.name()}", dom.name(),
-          lambda: dom.agentSetResponseTimeout(int(timeout), 0))
+    if timeout is not None:
+        agent_timeout(dom, timeout)
     return _call(f"cannot freeze the filesystems of {dom.name()}", dom.name(), lambda: dom.fsFreeze(None, 0))
 
 

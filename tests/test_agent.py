@@ -158,11 +158,11 @@ def test_sync_drops_stale_answers(fake) -> None:
 
 
 def test_the_guard_thaws_after_its_parent_dies(fake) -> None:
-    """What a SIGKILLed run leaves: the guard's pipe closes without "done", and it thaws."""
+    """What a SIGKILLed run leaves: the guard's pipe closes after "arm" without "done", and it thaws."""
     freezer = QgaFreezer(fake.path, 2)
     guard = agent_mod.ThawGuard.start(freezer)
     assert guard is not None
-    freezer.freeze()
+    freezer.freeze(guard.arm)
     freezer.reset()
     assert fake.frozen
     guard.proc.stdin.close()  # as the kernel does when the parent dies
@@ -172,10 +172,101 @@ def test_the_guard_thaws_after_its_parent_dies(fake) -> None:
 
 def test_a_disarmed_guard_does_nothing(fake) -> None:
     guard = agent_mod.ThawGuard.start(QgaFreezer(fake.path, 2))
+    guard.arm()
     fake.frozen = True  # someone else's freeze
     guard.disarm()
     assert guard.proc.returncode == 0
     assert fake.frozen and fake.log == []
+
+
+def test_a_guard_never_armed_leaves_someone_elses_freeze(fake) -> None:
+    """Killed before anything that freezes was sent: the freeze in place is not ours."""
+    guard = agent_mod.ThawGuard.start(QgaFreezer(fake.path, 2))
+    fake.frozen = True
+    guard.proc.stdin.close()
+    assert guard.proc.wait(30) == 0
+    assert fake.frozen and fake.log == []
+
+
+def test_a_thaw_that_fails_is_handed_to_the_guard(fake, monkeypatch) -> None:
+    """Every thaw of ours fails (an agent still busy with a long freeze, here: refusing): the guard is not
+    told "done", and thaws once the agent lets it."""
+    monkeypatch.setattr(agent_mod, "GUARD_PATIENCE", 30.0)  # not inherited: the guard has its own 600 s
+    fake.refuse.add("guest-fsfreeze-thaw")
+    with quiesced(QgaFreezer(fake.path, 2)) as q:
+        pass
+    assert q.thawed is False and fake.frozen
+    fake.refuse.discard("guest-fsfreeze-thaw")
+    deadline = time.monotonic() + 30
+    while fake.frozen:
+        assert time.monotonic() < deadline, "the guard did not take over the thaw"
+        time.sleep(0.1)
+
+
+class Scripted:
+    """A freezer that fails at a chosen moment, for the "who thaws" rules."""
+
+    what = "scripted"
+
+    def __init__(self, fail_before_arm: bool) -> None:
+        self.fail_before_arm = fail_before_arm
+        self.thaws = 0
+
+    def freeze(self, arm) -> int:
+        if not self.fail_before_arm:
+            arm()
+        raise KeyboardInterrupt("signal 15")
+
+    def thaw(self) -> int:
+        self.thaws += 1
+        return 1
+
+    def reset(self) -> None:
+        pass
+
+    def guard_args(self):
+        return None
+
+
+@pytest.mark.parametrize("before_arm", [True, False])
+def test_an_interrupt_thaws_only_what_may_be_ours(before_arm) -> None:
+    f = Scripted(before_arm)
+    with pytest.raises(KeyboardInterrupt):
+        with quiesced(f):
+            pass
+    assert f.thaws == (0 if before_arm else 1)
+
+
+def test_garbage_on_the_channel_is_an_agent_error_not_a_crash(tmp_path) -> None:
+    """A guest may write anything to its port: a 0xFF line that is not an object, then endless bytes
+    without a line end — an AgentError at once (no unbounded buffer), never another exception."""
+    import socket
+
+    path = str(tmp_path / "garbage.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        c.recv(4096)
+        try:
+            c.sendall(b"\xff3\n\xff[1, 2]\n\xff" + b"x" * (3 << 20))
+        except BrokenPipeError:  # the client gave up: what the test wants
+            pass
+        c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    ga = GuestAgent(path, 10)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(AgentError, match="without a line end") as e:
+            ga.sync()
+        assert time.monotonic() - t0 < 5 and e.value.maybe_frozen
+    finally:
+        ga.close()
+        srv.close()
 
 
 def test_sync_ignores_an_earlier_syncs_late_answer(fake) -> None:

@@ -472,8 +472,9 @@ def test_failing_s3_runs_never_print_the_secret_keys(rgw: dict, world: World) ->
 @pytest.mark.skipif(not is_root(), reason="QEMU -runas and the hand-over need root")
 def test_qemu_running_as_another_user_gets_its_own_private_run_directory(tmp_path: Path) -> None:
     """QEMU started by root that dropped to ``nobody`` (``-runas``) must open fleece's scratch images and
-    create the NBD socket: it gets a 0700 ``qemu`` subdirectory of its own (scratch images 0600, its) in a
-    0711 run directory, nobody else can read any of it, and the points are exact. A ``--scratch`` it
+    create the NBD socket: it gets a 0700 ``qemu`` subdirectory of its own for the socket in a 0711 run
+    directory, which holds the scratch images (0600, chowned to it: it cannot swap them, the directory is
+    root's), nobody else can read any of it, and the points are exact. A ``--scratch`` it
     cannot traverse is a usage error that touches nothing: the next incremental is still exact."""
     base = Path(tempfile.mkdtemp(prefix="flr-", dir="/var/tmp"))
     base.chmod(0o711)
@@ -500,14 +501,15 @@ def test_qemu_running_as_another_user_gets_its_own_private_run_directory(tmp_pat
                 sub = run / "qemu"
                 seen["run"] = (run.stat().st_uid, mode(run))
                 seen["sub"] = (sub.stat().st_uid, mode(sub))
-                seen["files"] = {p.name: (p.stat().st_uid, mode(p)) for p in sub.iterdir()}
+                seen["files"] = {p.name: (p.stat().st_uid, mode(p)) for p in run.iterdir() if p != sub}
+                seen["sub_files"] = sorted(p.name for p in sub.iterdir())
 
         r = run_backup(repo, BackupRequest(qmp=vm.qmp_path, scratch=str(scratch), on_event=on_event))
         assert seen["run"] == (0, 0o711) and seen["sub"] == (NOBODY, 0o700), seen
         files = seen["files"]
-        assert "nbd.sock" in files, files
-        images = {n: v for n, v in files.items() if n.endswith(".qcow2")}
-        assert len(images) == 2 and set(images.values()) == {(NOBODY, 0o600)}, files
+        assert seen["sub_files"] == ["nbd.sock"], seen  # QEMU's own directory: only what QEMU creates
+        images = {n: v for n, v in files.items() if n.endswith(".qcow2")}  # in root's: no swapping them
+        assert len(images) == 2 == len(files) and set(images.values()) == {(NOBODY, 0o600)}, files
         assert_point_matches(repo, r.manifest, rec.refs)
         assert not list(scratch.iterdir())
 

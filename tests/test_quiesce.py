@@ -34,6 +34,7 @@ import guest
 from checks import FLEECE, assert_point_matches, fleece, ok
 from fake_agent import FakeAgent
 from fleece.exporter.agent import GuestAgent
+from fleece.exporter.qmp import Monitor
 from fleece.exporter.backup import BackupRequest, run_backup
 from fleece.repository import Repository
 from vm import TestVM
@@ -198,21 +199,23 @@ run_backup(Repository.open(repo, create=True), BackupRequest(qmp=qmp, vm="qguest
 
 @pytest.mark.parametrize("moment", ["quiesced", "freezing"])
 def test_run_killed_while_the_guest_is_frozen(agent_guest, tmp_path, moment) -> None:
-    """SIGKILL with the guest frozen ("quiesced"), or frozen and paused ("freezing"): the guard thaws it
-    (once the next run has resumed a paused guest, whose agent cannot answer before), the guest writes
-    again, and the next quiesced backup works."""
+    """SIGKILL with the guest frozen ("quiesced"), or frozen and paused ("freezing"): the guard resumes a
+    guest paused under the dead run's marker (its agent cannot answer before) and thaws it, on its own;
+    the guest writes again, and the next quiesced backup works."""
     g = agent_guest
     repo, scratch = str(tmp_path / "repo"), tmp_path / "scratch"
     scratch.mkdir()
     p = subprocess.run([str(Path(FLEECE).parent / "python"), "-c", KILLER, repo, g.qmp_path, g.qga_path,
                         str(scratch), moment], capture_output=True, text=True, timeout=120)
     assert p.returncode == -signal.SIGKILL, p.stderr
-    if moment == "quiesced":
-        wait_thawed(g, 30)  # the guard, on its own
-        still_writing(g)
-    doc = ok(backup(g, repo, scratch, "--quiesce", "--qga", g.qga_path))  # resumes a paused guest first
-    wait_thawed(g, 30)
+    wait_thawed(g, 60)  # the guard, on its own
+    mon = Monitor(g.qmp_path, timeout=10, connect_timeout=30)  # free again once the guard let go of it
+    try:
+        assert mon.cmd("query-status")["status"] == "running"
+    finally:
+        mon.close()
     still_writing(g)
+    doc = ok(backup(g, repo, scratch, "--quiesce", "--qga", g.qga_path))
     assert doc["kind"] == "full"  # the killed run committed nothing
     if doc["consistency"] != "quiesced":  # the guard may still have held the agent's channel
         assert "did not answer" in doc["quiesce"]["reason"], doc
