@@ -909,6 +909,58 @@ def live_cases(rgw: Rgw, reps: int = 3) -> list[Result]:
     return out
 
 
+QUIESCE_INIT = r"""#!/bin/busybox sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+echo FLEECE-GUEST-UP
+@AGENT@
+n=0
+while :; do  # 64 KiB every ~0.1 s: a guest that keeps writing while it is backed up
+  dd if=/dev/urandom of=/data/churn bs=65536 count=1 seek=$((n % 64)) conv=notrunc 2>/dev/null
+  n=$((n + 1))
+  [ $((n % 4)) -eq 0 ] && sync
+  sleep 0.1
+done
+"""
+
+
+def quiesce_cases(reps: int = 5) -> list[Result]:
+    """What ``--quiesce`` costs, with a real guest running Debian's qemu-guest-agent (tests/guest.py) and
+    writing all the time: *reps* incrementals each without (``fleece-inc-crash``) and with
+    (``fleece-inc-quiesced``) the freeze, alternating, to a local repository. ``extra``: the guest's pause
+    (``pause_ms``), the agent's freeze call (``freeze_ms``) and how long its filesystems stayed frozen
+    (``frozen_ms``) — the numbers the guest's applications feel."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import guest  # tests/guest.py
+
+    guest.build()
+    work = Path(tempfile.mkdtemp(prefix="fleece-bench-q-", dir="/var/tmp"))
+    out: list[Result] = []
+    try:
+        root = guest.make_rootfs(work / "root.qcow2", QUIESCE_INIT.replace("@AGENT@", guest.AGENT_START),
+                                 size_mib=256, agent=True)
+        with guest.Guest(work / "g", ["-drive", f"file={root},format=qcow2,if=none,id=d0",
+                                      "-device", "virtio-blk-pci,drive=d0,id=vda"], agent=True) as g:
+            g.wait_for("FLEECE-AGENT-UP", timeout=120)
+            time.sleep(3)  # the agent opens its port
+            repo = str(work / "repo")
+            base = ["backup", "--qmp", g.qmp_path, "--vm", "qbench", "--repo", repo, "--scratch", str(work)]
+            fleece_json(base)
+            for rep in range(reps):
+                for case, extra in (("fleece-inc-crash", []),
+                                    ("fleece-inc-quiesced", ["--quiesce", "--qga", g.qga_path])):
+                    doc, t = fleece_json(base + extra)
+                    if extra and doc.get("consistency") != "quiesced":
+                        raise RuntimeError(f"--quiesce gave {doc.get('consistency')}: {doc.get('quiesce')}")
+                    q = doc.get("quiesce") or {}
+                    out.append(Result(case, rep, **t,
+                                      extra={"pause_ms": doc.get("pause_ms"), "freeze_ms": q.get("freeze_ms"),
+                                             "frozen_ms": q.get("frozen_ms")}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def median(results: list[Result], case: str, attr: str) -> float | None:
     """The median of *attr* (a :class:`Result` field, or a key of its ``extra``) over *case*'s rows."""
     values = [v for r in results if r.case == case
@@ -1054,6 +1106,14 @@ def report(results: list[Result], reps: int) -> str:
         checks.append(("live restore from RGW: seconds until the stream is done (the image stands alone)",
                        m("live-restore-s3", "stream_done_s"), "(info)"))
         checks.append(("plain restore from RGW alone (s)", m("restore-then-boot-s3", "restore_s"), "(info)"))
+    if m("fleece-inc-quiesced"):
+        checks.append(("quiesce: guest filesystems frozen (ms, agent freeze answered → thawed)",
+                       m("fleece-inc-quiesced", "frozen_ms"), "≤ 100"))
+        checks.append(("quiesce: the agent's freeze call (ms)", m("fleece-inc-quiesced", "freeze_ms"), "(info)"))
+        checks.append(("quiesce: guest pause (ms) quiesced / crash", m("fleece-inc-quiesced", "pause_ms")
+                       / max(m("fleece-inc-crash", "pause_ms") or 1e-9, 1e-9), "(info)"))
+        checks.append(("quiesce: seconds an incremental takes longer with it (the freeze call, the guard)",
+                       m("fleece-inc-quiesced") - m("fleece-inc-crash"), "(info)"))
     # the memory target is for backups and restores; a password unlock's scrypt alone takes 128 MiB
     # (n = 2^17, r = 8: its cost is its memory) and verify holds a point's index, so they are shown apart
     moving = ("fleece-full", "fleece-inc", "fleece-restore")
@@ -1079,6 +1139,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                     help="live restore from RGW with a real guest vs restore-then-boot (default: on, with the RGW)")
+    ap.add_argument("--quiesce", action=argparse.BooleanOptionalAction, default=True,
+                    help="--quiesce's cost with a real guest and its agent (default: on)")
     ap.add_argument("--quick", action="store_true", help="1 GiB disk, 1 repetition, 2 incrementals (~2 minutes)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"), help="directory for the JSON-lines results")
@@ -1112,6 +1174,9 @@ def main() -> int:
         if big:
             print(f"64 GiB disk: building / reusing it in {CACHE}, then its cases ...", file=sys.stderr, flush=True)
             results += big_cases(rgw)
+        if args.quiesce:
+            print("--quiesce with a real guest and qemu-guest-agent ...", file=sys.stderr, flush=True)
+            results += quiesce_cases(3 if args.quick else 5)
         if rgw is not None and args.live:
             print("live restore from RGW with a real guest ...", file=sys.stderr, flush=True)
             results += live_cases(rgw, 1 if args.quick else 3)
