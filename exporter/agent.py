@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -359,18 +360,41 @@ class ThawGuard:
 
     @classmethod
     def start(cls, freezer: Freezer) -> ThawGuard | None:
+        """Start the guard and wait until it runs (it says ``ready``: ~0.1 s, before the freeze).
+
+        Under systemd (a ``fleece@`` service) the guard goes into a transient scope of its own
+        (``systemd-run --scope``): when the service's main process is gone, systemd kills what is left in
+        its cgroup, the guard included, exactly when it is needed. Where that fails, it runs as our child.
+        """
         args = freezer.guard_args()
         if args is None:
             return None
-        try:
-            proc = subprocess.Popen([sys.executable, "-P", "-m", "fleece.exporter.agent", "guard", *args],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    cwd="/", start_new_session=True)
-        except OSError as e:
-            log.warning("cannot start the thaw guard (%s): a run killed while the guest is frozen would leave "
-                        "it frozen", e.strerror)
-            return None
-        return cls(proc)
+        from .lock import held_fds
+
+        fds = held_fds()
+        argv = [sys.executable, "-P", "-m", "fleece.exporter.agent", "guard", *args,
+                *[a for fd in fds for a in ("--lock-fd", str(fd))]]
+        scoped = os.environ.get("INVOCATION_ID") and os.geteuid() == 0 and shutil.which("systemd-run")
+        for wrapper in ([["systemd-run", "--scope", "--quiet", "--collect",
+                          f"--unit=fleece-thaw-guard-{os.getpid()}-{random.randrange(1 << 30)}",
+                          "--description=fleece: thaws the guest if its backup dies while it is frozen", "--"]]
+                        if scoped else []) + [[]]:
+            try:
+                proc = subprocess.Popen([*wrapper, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, cwd="/", start_new_session=True, pass_fds=fds)
+            except OSError as e:
+                log.warning("cannot start the thaw guard (%s)", e.strerror)
+                continue
+            assert proc.stdout is not None
+            ready = select.select([proc.stdout], [], [], 30)[0] and proc.stdout.readline() == b"ready\n"
+            proc.stdout.close()  # the guard never writes again
+            if ready:
+                return cls(proc)
+            proc.kill()
+            proc.wait()
+            log.warning("the thaw guard did not start%s", " in a systemd scope; trying without" if wrapper else "")
+        log.warning("no thaw guard: a run killed while the guest is frozen would leave it frozen")
+        return None
 
     def _say(self, word: bytes) -> None:
         assert self.proc.stdin is not None
@@ -459,10 +483,19 @@ def _guard_main(argv: list[str]) -> int:
     p.add_argument("--qmp")
     p.add_argument("--libvirt", nargs=2, metavar=("URI", "UUID"))
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--lock-fd", type=int, action="append", default=[])
     args = p.parse_args(argv)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        os.close(sys.stdout.fileno())
     if not _wait_for_parent():
         return 0
     _log_to_syslog()
+    for fd in args.lock_fd:  # the VM stays locked while we may still thaw or resume it: say who holds it
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} (the thaw guard of a backup that died or gave up)\n".encode(), 0)
     deadline = time.monotonic() + GUARD_PATIENCE
     freezer: Freezer | None = None
     if args.libvirt:

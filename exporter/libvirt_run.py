@@ -77,14 +77,15 @@ class LibvirtFreezer:
 
     libvirt's errors become AgentError, so a domain without an agent channel
     (``VIR_ERR_ARGUMENT_UNSUPPORTED``) or whose agent does not answer (``VIR_ERR_AGENT_UNRESPONSIVE``)
-    falls back to a crash-consistent point with libvirt's reason, like a missing agent socket does. The
-    agent's own error answer (libvirt's ``VIR_ERR_INTERNAL_ERROR`` "unable to execute QEMU agent command")
-    means it froze nothing (it rolls back a failed freeze, and refuses a freeze while someone else's
-    holds: that one is not ours to thaw); a timeout may still freeze, so it is thawed.
+    falls back to a crash-consistent point with libvirt's reason, like a missing agent socket does.
+    Someone else's freeze is found first (the agent's status through libvirt's pass-through) and left
+    alone; after that, any failure of the freeze but "no agent" is thawed (libvirt's VIR_ERR_INTERNAL_ERROR
+    covers both the agent's refusal and an agent that died mid-freeze; a timeout may still freeze).
     """
 
-    #: libvirt codes of a freeze that certainly froze nothing
-    NOT_FROZEN = frozenset({"VIR_ERR_ARGUMENT_UNSUPPORTED", "VIR_ERR_INTERNAL_ERROR", "VIR_ERR_OPERATION_INVALID"})
+    #: libvirt codes of a freeze that certainly froze nothing (not VIR_ERR_INTERNAL_ERROR: libvirt uses it for
+    #: the agent's refusal *and* for an agent that died mid-freeze; someone else's freeze is found first)
+    NOT_FROZEN = frozenset({"VIR_ERR_ARGUMENT_UNSUPPORTED", "VIR_ERR_OPERATION_INVALID"})
 
     def __init__(self, dom: Any, timeout: float, uri: str | None = None) -> None:
         self.dom = dom
@@ -114,6 +115,10 @@ class LibvirtFreezer:
             virt.agent_timeout(self.dom, max(1, round(self.timeout)))
         except LibvirtError as e:
             raise AgentError(str(e), stage="status", object=self.dom.name(), maybe_frozen=False) from None
+        if virt.fs_frozen(self.dom, max(1, round(self.timeout))):
+            raise AgentError(f"the filesystems of domain {self.dom.name()} are already frozen (not by this "
+                             "backup, which leaves them so); virsh domfsthaw thaws them", stage="status",
+                             object=self.dom.name(), maybe_frozen=False)
         arm()
         try:
             return virt.fs_freeze(self.dom)

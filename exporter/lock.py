@@ -16,6 +16,16 @@ from pathlib import Path
 from fleece.repository.errors import BackupBusyError
 
 
+_HELD: set[int] = set()  # descriptors of the locks this process holds (a thaw guard inherits them)
+
+
+def held_fds() -> list[int]:
+    """The descriptors of every VM lock this process holds now. A child given them keeps the VMs locked
+    while it lives (flock belongs to the open file, not the process): the thaw guard, so that no new run
+    freezes or pauses a guest the guard may still thaw or resume (exporter/agent.py)."""
+    return sorted(_HELD)
+
+
 def lock_dir() -> Path:
     for candidate in (Path("/run/lock/fleece"), Path(os.environ.get("XDG_RUNTIME_DIR", "")) / "fleece",
                       Path(tempfile.gettempdir()) / f"fleece-locks-{os.getuid()}"):
@@ -51,9 +61,11 @@ class VmLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.discard(self._fd)
             os.close(self._fd)
             self._fd = None
 

@@ -30,6 +30,7 @@ Every libvirt failure becomes :class:`~fleece.repository.errors.LibvirtError` wi
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -421,11 +422,29 @@ def agent_state(dom: libvirt.virDomain) -> str | None:
 
 
 def agent_timeout(dom: libvirt.virDomain, seconds: int | None) -> None:
-    """Bound every agent call on this domain by *seconds* (libvirt's per-domain agent response timeout; a
-    runtime setting); None: back to libvirt's default."""
-    value = libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT if seconds is None else int(seconds)
+    """Bound every agent call on this domain by *seconds* (libvirt's per-domain agent response timeout,
+    kept in the domain's status across libvirtd restarts); None: back to what a domain starts with, block
+    (libvirt's "default", -1, would be 5 s for every tool). libvirt has no call to read the current value."""
+    value = libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_BLOCK if seconds is None else int(seconds)
     _call(f"cannot set the guest agent timeout of {dom.name()}", dom.name(),
           lambda: dom.agentSetResponseTimeout(value, 0))
+
+
+def fs_frozen(dom: libvirt.virDomain, timeout: int) -> bool | None:
+    """Whether the guest agent says the filesystems are frozen now (``guest-fsfreeze-status`` through
+    libvirt-qemu's agent pass-through); None if that cannot be asked. Needed because libvirt reports the
+    agent refusing a freeze (someone else's holds: not ours to thaw) and the agent dying mid-freeze (may be
+    ours) with the same VIR_ERR_INTERNAL_ERROR. libvirt marks the domain tainted "custom-ga-command" once."""
+    try:
+        import libvirt_qemu
+    except ImportError:
+        return None
+    try:
+        doc = json.loads(libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-status"}', int(timeout), 0))
+    except (libvirt.libvirtError, ValueError):
+        return None
+    ret = doc.get("return") if isinstance(doc, dict) else None
+    return {"frozen": True, "thawed": False}.get(ret) if isinstance(ret, str) else None
 
 
 def fs_freeze(dom: libvirt.virDomain, timeout: int | None = None) -> int:

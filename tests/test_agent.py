@@ -7,6 +7,7 @@ reason), and the wire protocol survives stale answers. The real agent in a real 
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -188,19 +189,52 @@ def test_a_guard_never_armed_leaves_someone_elses_freeze(fake) -> None:
     assert fake.frozen and fake.log == []
 
 
-def test_a_thaw_that_fails_is_handed_to_the_guard(fake, monkeypatch) -> None:
+def test_a_thaw_that_fails_is_handed_to_the_guard(fake, tmp_path, monkeypatch) -> None:
     """Every thaw of ours fails (an agent still busy with a long freeze, here: refusing): the guard is not
-    told "done", and thaws once the agent lets it."""
-    monkeypatch.setattr(agent_mod, "GUARD_PATIENCE", 30.0)  # not inherited: the guard has its own 600 s
+    told "done", thaws once the agent lets it, and keeps the VM locked until then (no new run freezes or
+    pauses a guest it may still thaw)."""
+    from fleece.exporter.lock import VmLock
+    from fleece.repository.errors import BackupBusyError
+
+    key = f"vm-under-test-{tmp_path}"
     fake.refuse.add("guest-fsfreeze-thaw")
-    with quiesced(QgaFreezer(fake.path, 2)) as q:
-        pass
+    with VmLock(key, "the test VM"):
+        with quiesced(QgaFreezer(fake.path, 2)) as q:
+            pass
     assert q.thawed is False and fake.frozen
+    deadline = time.monotonic() + 10
+    while True:  # our lock is gone, the guard's copy holds it, and the lock file names the guard soon
+        with pytest.raises(BackupBusyError) as e:
+            VmLock(key, "the test VM").acquire()
+        if "thaw guard" in e.value.message:
+            break
+        assert time.monotonic() < deadline, e.value.message
+        time.sleep(0.05)
     fake.refuse.discard("guest-fsfreeze-thaw")
     deadline = time.monotonic() + 30
     while fake.frozen:
         assert time.monotonic() < deadline, "the guard did not take over the thaw"
         time.sleep(0.1)
+    while True:  # the guard exits once it thawed, and the lock with it
+        try:
+            VmLock(key, "the test VM").acquire()
+            break
+        except BackupBusyError:
+            assert time.monotonic() < deadline, "the guard kept the VM locked after it thawed"
+            time.sleep(0.1)
+
+
+def test_a_guard_outside_systemd_falls_back_to_a_plain_child(fake, monkeypatch, caplog) -> None:
+    """INVOCATION_ID says "a systemd service" but there is no systemd to make a scope (as here): the
+    guard still starts, as our child, and works."""
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")
+    guard = agent_mod.ThawGuard.start(QgaFreezer(fake.path, 2))
+    assert guard is not None
+    QgaFreezer(fake.path, 2).freeze(guard.arm)
+    guard.proc.stdin.close()
+    assert guard.proc.wait(30) == 0 and not fake.frozen
+    if shutil.which("systemd-run"):
+        assert "did not start in a systemd scope; trying without" in caplog.text, caplog.text
 
 
 class Scripted:

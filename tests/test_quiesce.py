@@ -369,6 +369,20 @@ def test_libvirt_domain_quiesced_through_libvirts_agent(lv_guest, libvirtd, tmp_
         g.wait_for(f"FLEECE-CHURN {before + 8}", 60)
 
 
+def test_libvirt_someone_elses_freeze_is_left_alone(lv_guest, libvirtd, tmp_path, lv_scratch) -> None:
+    """An administrator froze the guest (virsh domfsfreeze): the point is crash-consistent, says so, and
+    the guest is still frozen after the backup — thawing it is theirs."""
+    g = lv_guest
+    g.dom.fsFreeze(None, 0)
+    try:
+        doc = lv_backup(g, libvirtd, str(tmp_path / "repo"), lv_scratch, "--quiesce")
+        assert doc["consistency"] == "crash" and "already frozen" in doc["quiesce"]["reason"], doc
+        assert g.status() == "frozen"
+    finally:
+        g.dom.fsThaw(None, 0)
+    g.wait_thawed(10)
+
+
 LV_KILLER = """
 import os, signal, sys
 from fleece.exporter.backup import BackupRequest, run_backup
