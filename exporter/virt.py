@@ -6,7 +6,7 @@ at a time), and libvirt must know about every block node and bitmap in its domai
 them later (migration, snapshots, its own backups). So for these domains libvirt builds the point-in-time
 view and the NBD export, and fleece only plans and pulls over NBD, exactly as it does for its own export.
 
-What libvirt 9.0 does with QEMU 7.2 (measured; /work/notes/libvirt-findings.md has the QMP it sends):
+What libvirt 9.0 does with QEMU 7.2 (measured; docs/libvirt-pull-mode.md has the QMP it sends):
 
 * a pull backup is the *classic* fleece: per disk a scratch qcow2 (created by libvirt in the file we name,
   mode 0600, backing = the live disk) and ``blockdev-backup sync=none`` disk → scratch, all in one

@@ -14,7 +14,7 @@ Guest writes are HMP ``qemu-io`` commands on the disk's *device* (``qemu-io -d Q
 the path a real guest write takes — through whatever filter the backup job put above the disk node.
 A node name (``libvirt-1-format``) is accepted by qemu-io too, but writes there go straight into the
 format node, *below* any copy-before-write filter, and silently change the frozen view (see
-/work/notes/libvirt-findings.md). QEMU 7.2 prints qemu-io's results and errors on its stdout, not in
+docs/libvirt-pull-mode.md). QEMU 7.2 prints qemu-io's results and errors on its stdout, not in
 the HMP reply; libvirt sends that to DIR/log/qemu/NAME.log, which :func:`guest_write` reads back.
 """
 
