@@ -60,8 +60,8 @@ MAX_WORKERS = 64
 
 #: ``event(name, data)``, in run order: with --quiesce "quiesced" (the agent's freeze answered or failed:
 #: the data is the ``Quiesce`` record so far; nothing else has changed yet), "freezing" (a running guest
-#: is paused, its bitmaps not yet switched: keep the hook quick), "frozen" (the point in time is fixed, the guest runs again, nothing exported yet),
-#: "exported" (every NBD export is up, nothing planned; "disks": the ids to read), per disk "planning" (its
+#: is paused, its bitmaps not yet switched: keep the hook quick), "frozen" (the point in time is fixed,
+#: the guest runs again, nothing exported yet), "exported" (every NBD export is up, nothing planned; "disks": the ids to read), per disk "planning" (its
 #: live status is read, the fleece target not yet) and "disk" (planned, about to be read: planned sizes;
 #: "job_bytes" = what its blobs and zero ranges cover, the unit of ``on_committed``), "pulled" (every disk
 #: read, fleece still in place), "flushing" (fleece gone, the last packs and the index about to be
@@ -410,9 +410,7 @@ class _Run:
             # A run killed inside the pause leaves a marker the next run resumes the guest by (pause.py).
             # --quiesce: the guest's filesystems frozen by its agent around exactly this (the agent cannot
             # answer while the guest is paused, so freeze first, thaw after the guest runs again).
-            with self._quiesced(info) as quiesce:
-                if self.req.quiesce:
-                    self.event("quiesced", {"point": point_id, **quiesce.to_json()})
+            with self._quiesced(info, point_id) as quiesce:
                 t0 = time.perf_counter()
                 with pause.paused(self.mon, point_id, info.running):
                     self.event("freezing", {"point": point_id, "paused": info.running})
@@ -672,16 +670,32 @@ class _Run:
                 except nbd.Error:
                     pass
 
-    def _quiesced(self, info: VmInfo) -> contextlib.AbstractContextManager[Any]:
-        """``--quiesce``: the guest agent's freeze around the point in time (agent.py); else nothing."""
-        if not self.req.quiesce:
-            return contextlib.nullcontext(None)
-        from .agent import QgaFreezer, quiesced
+    #: what the quiesce messages call the machine ("the guest is paused: its agent cannot freeze …")
+    _subject = "guest"
 
-        if not info.running:
-            return quiesced(None, f"the guest is {info.status}: its agent cannot freeze its filesystems")
+    @contextlib.contextmanager
+    def _quiesced(self, info: VmInfo, point_id: str) -> Iterator[Any]:
+        """``--quiesce``: the guest agent's freeze around the point in time (agent.py), announced by the
+        "quiesced" event; else nothing (``None``)."""
+        if not self.req.quiesce:
+            yield None
+            return
+        from .agent import quiesced
+
+        if info.status != "running":
+            freeze = quiesced(None, f"the {self._subject} is {info.status}: its agent cannot freeze its filesystems")
+        else:
+            freeze = quiesced(self._freezer())
+        with freeze as quiesce:
+            self.event("quiesced", {"point": point_id, **quiesce.to_json()})
+            yield quiesce
+
+    def _freezer(self) -> Any:
+        """The agent.Freezer of this machine (``--qga``: its chardev socket)."""
+        from .agent import QgaFreezer
+
         assert self.req.qga is not None  # run_backup checked
-        return quiesced(QgaFreezer(self.req.qga, self.req.quiesce_timeout, self.req.qmp))
+        return QgaFreezer(self.req.qga, self.req.quiesce_timeout, self.req.qmp)
 
     @staticmethod
     def _consistency(quiesce: Any) -> dict[str, Any]:

@@ -135,8 +135,8 @@ class LibvirtFreezer:
             raise AgentError(str(e), stage="thaw", object=self.dom.name()) from None
 
     def reset(self) -> None:
-        """libvirt keeps the agent's connection; the domain's agent timeout goes back to libvirt's default
-        (there is no call to read what it was: it is a runtime setting, reset by libvirtd restarts too)."""
+        """libvirt keeps the agent's connection; the domain's agent timeout goes back to block, what a
+        domain starts with (virt.agent_timeout: there is no call to read what it was)."""
         with contextlib.suppress(LibvirtError):
             virt.agent_timeout(self.dom, None)
 
@@ -305,9 +305,7 @@ class _LibvirtRun(_Run):
             self.event("freezing", {"point": point_id, "paused": False})
             # --quiesce: libvirt 9.0 has no quiesce flag for pull backups or checkpoints (it rejects
             # VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE): freeze through libvirt's agent, begin, thaw.
-            with self._quiesced(info) as quiesce:
-                if self.req.quiesce:
-                    self.event("quiesced", {"point": point_id, **quiesce.to_json()})
+            with self._quiesced(info, point_id) as quiesce:
                 t0 = time.perf_counter()
                 job = self._begin(disks, levels, sock, run_dir, checkpoint)
                 begun = True
@@ -374,14 +372,11 @@ class _LibvirtRun(_Run):
                     self.known = None
                     self.repo.load_index()
 
-    def _quiesced(self, info: VmInfo) -> Any:
-        if not self.req.quiesce:
-            return contextlib.nullcontext(None)
-        from .agent import quiesced
+    _subject = "domain"
 
-        if info.status != "running":
-            return quiesced(None, f"the domain is {info.status}: its agent cannot freeze its filesystems")
-        return quiesced(LibvirtFreezer(self.dom, self.req.quiesce_timeout, self.conn.getURI()))
+    def _freezer(self) -> LibvirtFreezer:
+        """libvirt owns the agent's channel: freeze through it."""
+        return LibvirtFreezer(self.dom, self.req.quiesce_timeout, self.conn.getURI())
 
     def _plan_sources(self, f: Any, level: bitmaps.Level, handle: Any,
                       incremental: bool) -> tuple[PlanSources, str | None]:

@@ -129,9 +129,14 @@ class VirtDisk:
     kind: str = "disk"  # libvirt's device='disk|lun|cdrom|floppy'
 
 
+def live_xml(dom: libvirt.virDomain) -> ET.Element:
+    """The domain's live XML (its disks, seclabels, channel states as libvirt sees them now)."""
+    return ET.fromstring(_call("cannot read the domain XML", dom.name(), lambda: dom.XMLDesc(0)))
+
+
 def disks(dom: libvirt.virDomain) -> list[VirtDisk]:
     """The domain's disks in XML order; cdroms and floppies without media (no ``<source>``) are left out."""
-    root = ET.fromstring(_call("cannot read the domain XML", dom.name(), lambda: dom.XMLDesc(0)))
+    root = live_xml(dom)
     out = []
     for d in root.iterfind("./devices/disk"):
         src, tgt = d.find("source"), d.find("target")
@@ -390,7 +395,7 @@ def qemu_owner(dom: libvirt.virDomain) -> tuple[int, int] | None:
     import grp
     import pwd
 
-    root = ET.fromstring(_call("cannot read the domain XML", dom.name(), lambda: dom.XMLDesc(0)))
+    root = live_xml(dom)
     for sec in root.iterfind("./seclabel"):
         label = sec.findtext("label")
         if sec.get("model") != "dac" or not label or ":" not in label:
@@ -414,7 +419,7 @@ def agent_state(dom: libvirt.virDomain) -> str | None:
     guest), ``disconnected``, or None (the domain has no agent channel). libvirt answers a freeze with
     VIR_ERR_AGENT_UNRESPONSIVE both for "no agent connected" and "the agent timed out"; only the second
     can leave the guest frozen, and this tells them apart without reading messages."""
-    root = ET.fromstring(_call("cannot read the domain XML", dom.name(), lambda: dom.XMLDesc(0)))
+    root = live_xml(dom)
     for t in root.iterfind("./devices/channel/target"):
         if t.get("name") == AGENT_CHANNEL:
             return t.get("state") or "disconnected"
@@ -447,16 +452,13 @@ def fs_frozen(dom: libvirt.virDomain, timeout: int) -> bool | None:
     return {"frozen": True, "thawed": False}.get(ret) if isinstance(ret, str) else None
 
 
-def fs_freeze(dom: libvirt.virDomain, timeout: int | None = None) -> int:
-    """Freeze the guest's filesystems through qemu-guest-agent; return how many were frozen.
-
-    *timeout*: set the agent timeout first (:func:`agent_timeout`). No agent channel in the domain XML:
+def fs_freeze(dom: libvirt.virDomain) -> int:
+    """Freeze the guest's filesystems through qemu-guest-agent; return how many were frozen (bounded by
+    :func:`agent_timeout`, else libvirt blocks). No agent channel in the domain XML:
     ``VIR_ERR_ARGUMENT_UNSUPPORTED``; channel but no agent answering: ``VIR_ERR_AGENT_UNRESPONSIVE`` (both at
     once, measured). libvirt 9.0 has no quiesce for checkpoints (``VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE`` is
     rejected by the QEMU driver), so freeze → begin_pull_backup → thaw is the way.
     """
-    if timeout is not None:
-        agent_timeout(dom, timeout)
     return _call(f"cannot freeze the filesystems of {dom.name()}", dom.name(), lambda: dom.fsFreeze(None, 0))
 
 

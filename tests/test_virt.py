@@ -277,5 +277,6 @@ def test_refusals(vm):
         vm.begin({"vda": "full"})
     assert e.value.code == "VIR_ERR_INVALID_ARG" and virt.active_backup(vm.dom) is None
     with pytest.raises(LibvirtError) as e:
-        virt.fs_freeze(vm.dom, timeout=5)
+        virt.agent_timeout(vm.dom, 5)
+        virt.fs_freeze(vm.dom)
     assert e.value.code == "VIR_ERR_ARGUMENT_UNSUPPORTED"  # no agent channel in the domain
