@@ -474,11 +474,14 @@ def test_qemu_running_as_another_user_gets_its_own_private_run_directory(tmp_pat
     """QEMU started by root that dropped to ``nobody`` (``-runas``) must open fleece's scratch images and
     create the NBD socket: it gets a 0700 ``qemu`` subdirectory of its own for the socket in a 0711 run
     directory, which holds the scratch images (0600, chowned to it: it cannot swap them, the directory is
-    root's), nobody else can read any of it, and the points are exact. A ``--scratch`` it
+    root's), nobody else can read any of it, and the points are exact — the guest writing, zeroing
+    (WRITE_ZEROES and a zero-filled write on a detect-zeroes disk) and discarding right after the point. A ``--scratch`` it
     cannot traverse is a usage error that touches nothing: the next incremental is still exact."""
     base = Path(tempfile.mkdtemp(prefix="flr-", dir="/var/tmp"))
     base.chmod(0o711)
-    vm = TestVM(base / "vm", {"vda": 32 * MiB, "vdb": ODD_SIZE})
+    # vdb as Proxmox sets it up: discards unmap, zero-filled writes become WRITE_ZEROES
+    vm = TestVM(base / "vm", {"vda": 32 * MiB, "vdb": ODD_SIZE},
+                node_opts={"vda": "discard=unmap", "vdb": "detect-zeroes=unmap,discard=unmap"})
     vm.dir.chmod(0o711)
     vm._tmp.chmod(0o711)  # qemu-io -s: QEMU, as nobody, reads the guest's write data from a file there
     vm.extra_args += ["-runas", "nobody"]
@@ -492,7 +495,13 @@ def test_qemu_running_as_another_user_gets_its_own_private_run_directory(tmp_pat
         seed(vm)
         repo = Repository.open(str(tmp_path / "repo"), create=True)
         seen: dict[str, object] = {}
-        rec = Recorder(vm, after_freeze=lambda: vm.write("vda", MiB, random_bytes(MiB, 77)))
+        def guest_after_the_point() -> None:  # none of it may appear in the point
+            vm.write("vda", MiB, random_bytes(MiB, 77))
+            vm.zero("vda", 4 * MiB - 4096, 8192)  # WRITE_ZEROES over seeded data
+            vm.discard("vdb", 5 * MiB, MiB)
+            vm.zero_data("vdb", 7 * MiB, MiB)  # zero-filled write on the detect-zeroes disk
+
+        rec = Recorder(vm, after_freeze=guest_after_the_point)
 
         def on_event(name: str, data: dict) -> None:
             rec(name, data)
