@@ -244,15 +244,18 @@ def test_two_repositories_keep_their_own_checkpoints(domains, libvirtd, tmp_path
 # -- the guest is hostile: every window of the run ----------------------------------------------------------
 
 
-WINDOWS = ["frozen", "exported", "planning", "disk", "pulled"]
+WINDOWS = ["frozen", "exported", "planning", "disk", "pulled", "flushing", "committing"]
+AFTER_THE_JOB = ("flushing", "committing")  # libvirt's job has ended: the export is gone, discards apply
 
 
 @pytest.mark.parametrize("level", ["full", "incremental"])
 def test_guest_writes_zeroes_and_discards_after_the_freeze_never_reach_the_point(domains, libvirtd, tmp_path,
                                                                                   scratch, level) -> None:
     """FIELD-NOTES §5e through libvirt: zeroing and discarding data after the freeze, in every window
-    (after the freeze, after the exports, between the plan's status queries, during the pull, after it),
-    on a ``detect_zeroes='unmap'`` domain (zero-filled writes become write-zeroes) — the point keeps the data."""
+    (after the freeze, after the exports, between the plan's status queries, during the pull, after it,
+    during the upload and before the commit), on a ``detect_zeroes='unmap'`` domain (zero-filled writes
+    become write-zeroes) — the point keeps the data, and the next incremental holds every one of those
+    changes (the new checkpoint recorded them)."""
     dom = domains(detect_zeroes="unmap")
     repo_url = str(tmp_path / "repo")
     repo = Repository.open(repo_url, create=True)
@@ -277,7 +280,10 @@ def test_guest_writes_zeroes_and_discards_after_the_freeze_never_reach_the_point
             dom.zero(t, off, 256 * 1024)
             libvirt_env.guest_write(dom.dom, t, f"write -P 0 {off + 256 * 1024} 256k")  # detect_zeroes: zeroes
             dom.model[t][off + 256 * 1024:off + 512 * 1024] = bytes(256 * 1024)
-            libvirt_env.guest_write(dom.dom, t, f"discard {off + 512 * 1024} 256k")  # dropped during a job
+            if name in AFTER_THE_JOB:
+                dom.discard(t, off + 512 * 1024, 256 * 1024)  # reads back as zeros (checked)
+            else:
+                libvirt_env.guest_write(dom.dom, t, f"discard {off + 512 * 1024} 256k")  # dropped during a job
             dom.write(t, off + 768 * 1024, 256 * 1024, 0x77)
 
     result = run_backup(repo, BackupRequest(libvirt=dom.name, connect=uri, scratch=str(scratch), on_event=on_event))
@@ -285,6 +291,10 @@ def test_guest_writes_zeroes_and_discards_after_the_freeze_never_reach_the_point
     assert result.manifest.kind == level
     assert_exact(repo_url, dom.name, result.manifest.id, truth)
     no_job_left(dom, scratch)
+    following = run_backup(Repository.open(repo_url), BackupRequest(libvirt=dom.name, connect=uri,
+                                                                    scratch=str(scratch)))
+    assert following.manifest.kind == "incremental" and following.manifest.parent == result.manifest.id
+    assert_exact(repo_url, dom.name, following.manifest.id, dom.snapshot())
 
 
 # -- failures: killed client, failed run, killed QEMU ---------------------------------------------------------
