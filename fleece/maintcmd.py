@@ -143,6 +143,9 @@ def _print_prune(r: PruneReport) -> None:
     would = "would be " if r.dry_run else ""
     print(f"{r.packs} pack(s), {human_bytes(r.stored_bytes)}: {human_bytes(r.used_bytes)} used, "
           f"{human_bytes(r.unused_bytes)} unused")
+    if r.adopted_packs:
+        print(f"{r.adopted_packs} pack(s) {would}indexed again (they hold blobs points need, but no index object "
+              "named them)")
     if r.repacked_packs:
         print(f"{r.repacked_packs} pack(s) {would}repacked ({human_bytes(r.repacked_bytes)} of blobs written again)")
     print(f"{r.condemned_packs} pack(s) ({human_bytes(r.condemned_bytes)}) {would}condemned; deleted after the grace "

@@ -7,7 +7,9 @@ One run, under the maintenance lock (``locks``), in this order:
    docs/FORMAT.md. Packs no index object names (runs that failed before their index, or are still
    running) have their own tables read.
 2. **Choose**: for every blob a point needs, one pack to keep it in (never a condemned one when another
-   holds it). Packs chosen for no blob are unused.
+   holds it, never one no index object names when another holds it). Packs chosen for no blob are unused.
+   A chosen pack no index object names (its only copy of a blob: the index object that named it was lost)
+   is *adopted*: an index object naming it is written before anything is condemned.
 3. **Repack** the used packs that are mostly unused (``max_unused``): their needed blobs are read,
    checked and written again into new packs with their own index object; the old packs become unused.
 4. **Condemn** the unused packs that no earlier prune condemned: one record, ``condemned/…``, with the
@@ -71,6 +73,8 @@ class PruneReport:
     rescued_packs: int = 0
     index_objects: int = 0  #: index objects replaced by the consolidated one
     index: list[str] = field(default_factory=list)  #: the consolidated index objects written
+    #: packs no index object named that hold the only copy of a needed blob: an index object now names them
+    adopted_packs: int = 0
     locks_extended: int = 0  #: S3 Object Lock: live packs whose lock was extended
     records_done: int = 0
     records_removed: int = 0
@@ -88,8 +92,12 @@ class _Scan:
     packs: dict[str, int]  #: listed pack id → size
     tables: dict[str, PackRecord]  #: pack id → (id, entries, header), from the index or the pack itself
     index_names: list[str]  #: index objects listed
-    indexed: set[str]  #: packs those index objects name
+    indexed: set[str]  #: packs those index objects name (what consolidation rewrites)
     mtimes: dict[str, float | None]  #: listed pack id → when it was written (Object Lock: extensions)
+    #: packs a reader's index locates blobs in: *indexed*, and those of index objects written since the
+    #: scan (this run's repack and adoption, backups that wrote theirs meanwhile). Only a copy in one of
+    #: them may keep a blob: a pack in no index object holds bytes no restore can find
+    located: set[str]
 
 
 def prune(repo: Repository, *, grace: float = DEFAULT_GRACE, max_unused: float = DEFAULT_MAX_UNUSED,
@@ -125,6 +133,7 @@ class _Pruner:
         pending = gc.pending_packs(scan.records)
         last = pending - self._revived(scan, pending)  # condemned packs that stay condemned
         holder = self._choose(scan, last)
+        self._adopt(scan, holder)
         locked = self.repo.config.object_lock
         if not locked:  # locked packs are kept, never rewritten
             self._repack(scan, holder, last)
@@ -171,7 +180,7 @@ class _Pruner:
         self.report.packs = len(packs)
         self.report.stored_bytes = sum(packs.values())
         return _Scan(records, needed, packs, tables, index_names, indexed,
-                     {info.name.rsplit("/", 1)[1]: info.mtime for info in listed})
+                     {info.name.rsplit("/", 1)[1]: info.mtime for info in listed}, set(indexed))
 
     def _needed(self) -> set[bytes]:
         """Every blob any point of any VM needs; a manifest that cannot be read stops the prune."""
@@ -232,20 +241,24 @@ class _Pruner:
         due = {p for r in scan.records if r.due(now) for p in r.packs} & pending
         if not due:
             return set()
-        live = {e.id for p, (_, entries, _) in scan.tables.items() if p in scan.packs and p not in pending
-                for e in entries}
+        live = {e.id for p, (_, entries, _) in scan.tables.items()
+                if p in scan.packs and p in scan.located and p not in pending for e in entries}
         return {p for p in due if p in scan.packs and p in scan.tables
                 and any(e.id in scan.needed and e.id not in live for e in scan.tables[p][1])}
 
     def _choose(self, scan: _Scan, pending: set[str]) -> dict[bytes, str]:
-        """Needed blob → the pack that keeps it: listed, not condemned when another holds it, and
-        otherwise the pack holding most needed bytes (so duplicates end up in few packs)."""
+        """Needed blob → the pack that keeps it: listed, not condemned when another holds it, named by an
+        index object when another is, and otherwise the pack holding most needed bytes (so duplicates end
+        up in few packs). A pack no index names is ranked after every indexed one whatever it holds: a
+        prune killed in its repack leaves one with copies of many packs' needed blobs, and chosen for them
+        it would make the packs the index locates them in unused — condemned, deleted, and the points'
+        blobs in no index object (found by the prune torture)."""
         worth: dict[str, int] = {}
         for pack_id, (_, entries, _) in scan.tables.items():
             if pack_id in scan.packs:
                 worth[pack_id] = sum(e.length for e in entries if e.id in scan.needed)
         holder: dict[bytes, str] = {}
-        for pack_id in sorted(worth, key=lambda p: (p in pending, -worth[p], p)):
+        for pack_id in sorted(worth, key=lambda p: (p in pending, p not in scan.located, -worth[p], p)):
             for e in scan.tables[pack_id][1]:
                 if e.id in scan.needed:
                     holder.setdefault(e.id, pack_id)
@@ -254,6 +267,23 @@ class _Pruner:
         payload = sum(sum(e.length for e in scan.tables[p][1]) for p in scan.packs if p in scan.tables)
         self.report.unused_bytes = payload - self.report.used_bytes
         return holder
+
+    def _adopt(self, scan: _Scan, holder: dict[bytes, str]) -> None:
+        """Write an index object naming the chosen packs no index object names: each holds the only copy
+        (outside condemned packs) of a blob a point needs, so the index object that named it was lost
+        (deleted by hand, or by a tool that knew no better). Without this its blobs stay unreadable to
+        restores, and a later prune would see no indexed copy either. Written before anything is
+        condemned or deleted: from then on readers and this run's deleting phase locate them."""
+        adopt = sorted(set(holder.values()) - scan.located)
+        if not adopt:
+            return
+        self.report.adopted_packs = len(adopt)
+        log.warning("%d pack(s) hold the only copy of blobs points need but no index object names them (e.g. %s): "
+                    "indexing them again", len(adopt), pack_name(adopt[0]))
+        if not self.dry_run:
+            index_id, data = encode_index([scan.tables[p] for p in adopt], self.repo.envelope.meta)
+            self.repo.backend.put(f"index/{index_id}", data)
+        scan.located.update(adopt)
 
     # -- 3. repack --------------------------------------------------------------------------------------
 
@@ -310,6 +340,7 @@ class _Pruner:
                 holder[e.id] = pack_id
             scan.tables[pack_id] = (pack_id, entries, _)
             scan.packs[pack_id] = sum(e.length for e in entries)  # not listed: never condemned by this run
+            scan.located.add(pack_id)  # the writer's own index object names it
         self.emit("repacked", {"packs": chosen, "new": [p for p, _, _ in written]})
 
     @staticmethod
@@ -351,10 +382,12 @@ class _Pruner:
         doomed = {p for r in due for p in r.packs}
         # the manifests again, now that the grace is over: a point committed since may need a condemned pack
         needed = self._needed()
+        located = scan.located | self._indexed_since(scan)
         self.emit("rescanned", {"due": [r.name for r in due]})
         keeps: dict[bytes, bool] = {}
         for pack_id, (_, entries, _) in scan.tables.items():
-            if pack_id not in doomed and pack_id in scan.packs:  # a pack the index names but that is gone keeps nothing
+            # a pack the index names but that is gone keeps nothing, nor one no index object names
+            if pack_id not in doomed and pack_id in scan.packs and pack_id in located:
                 for e in entries:
                     keeps[e.id] = True
         keeps.update(dict.fromkeys(self.moved, True))
@@ -386,6 +419,24 @@ class _Pruner:
             r.rescued = sorted(set(r.packs) & rescued)
             gc.write_record(self.repo.backend, self.repo.envelope, r)
             self.report.records_done += 1
+
+    def _indexed_since(self, scan: _Scan) -> set[str]:
+        """Packs named by index objects written since the scan listed ``index/``: backups that committed
+        meanwhile wrote theirs before their manifests, which the rescan just read. One that cannot be
+        read names nothing here (its packs then spare no condemned pack: a rescue too many, never a loss)."""
+        known = set(scan.index_names)
+        out: set[str] = set()
+        for info in self.repo.backend.list("index/"):
+            if info.name in known:
+                continue
+            try:
+                records = decode_index(info.name.split("/", 1)[1], self.repo.backend.get(info.name),
+                                       self.repo.envelope.meta)
+            except (ObjectNotFound, IntegrityError) as exc:
+                log.warning("index object %s, written during this prune, cannot be read (%s)", info.name, exc)
+                continue
+            out.update(record[0] for record in records)
+        return out
 
     def _consolidate(self, scan: _Scan, doomed: set[str], only_if_many: bool) -> None:
         """One index object for every indexed pack but *doomed*, then the listed ones go."""

@@ -908,3 +908,116 @@ def test_a_rescued_pack_is_repacked_in_the_same_prune_so_the_next_prune_finds_no
     assert (third.repacked_packs, third.condemned_packs, third.rescued_packs) == (0, 0, 0), third
     vm.assert_restores(path)
     assert_clean(path)
+
+
+def killed_repack(repo: Repository, blobs: list[bytes]) -> str:
+    """What a prune killed in its repack leaves: a pack holding copies of *blobs* (read back and written
+    again, as the repack does) and no index object naming it (the kill came between the pack's upload
+    and the writer's index). Returns that pack's id."""
+    w = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
+    before = index_objects(repo)
+    store(repo, [repo.read_blob(b) for b in blobs], w)
+    (pack,) = [p for p, _, _ in w.written()]
+    (made,) = index_objects(repo) - before
+    repo.backend.delete(made)
+    return pack
+
+
+def needed_blobs(repo: Repository) -> set[bytes]:
+    return {b for vm in repo.vms() for m in repo.scan(vm).points for rec in m.disks.values()
+            for _, _, b in rec.extents if b is not None}
+
+
+def assert_indexed(path: Path) -> None:
+    """Every blob a listed point needs is located by a fresh handle's index in a pack that exists."""
+    repo = reopen(path)
+    index, listed = repo.load_index(), packs_listed(repo)
+    missing = [b.hex()[:16] for b in needed_blobs(repo) if index.lookup(b) is None]
+    assert not missing, f"{len(missing)} needed blob(s) in no index object: {missing[:5]}"
+    assert all(index.lookup(b).pack in listed for b in needed_blobs(repo))
+
+
+@pytest.mark.parametrize("grace", [0.0, HOUR])
+def test_a_pack_no_index_names_never_keeps_a_needed_blob_alone(path: Path, grace: float) -> None:
+    """A prune killed in its repack leaves a pack in no index object holding copies of needed blobs of
+    several packs — more needed bytes than any one of them. Ranked by needed bytes alone, it was the
+    next prune's choice to keep them: the packs the index locates them in became unused, were condemned and
+    deleted, and the points' blobs were in no index object (found by the prune torture; a restore fails
+    until rebuild-index). Packs no index names are chosen last, and their copies never spare a pack."""
+    vm = Vm(create(path, "plain"))
+    vm.history()
+    repo = reopen(path)
+    killed_repack(repo, sorted(needed_blobs(repo)))
+    first = prune(reopen(path), grace=grace, max_unused=1.0)
+    assert first.condemned_packs == 1 and first.adopted_packs == 0, first
+    assert_indexed(path)
+    if grace:
+        (record,) = gc.read_records(repo.backend, repo.envelope)
+        second = prune(reopen(path), grace=grace, max_unused=1.0, now=lambda: record.deadline)
+        assert (second.deleted_packs, second.rescued_packs, second.condemned_packs) == (1, 0, 0), second
+        assert_indexed(path)
+    vm.assert_restores(path)
+    assert_clean(path)
+
+
+def test_a_pack_whose_index_object_was_lost_is_indexed_again_by_prune(path: Path) -> None:
+    """The index object of a committed point's pack is gone (deleted by hand): its blobs are in no index
+    object, so no restore finds them, though the pack holds them. Prune, which reads such a pack's own
+    table, keeps it for those blobs and writes an index object naming it before anything else."""
+    vm = Vm(create(path, "plain"))
+    vm.history()
+    before = index_objects(vm.repo)
+    last = vm.point([(3 * CH, vm.rand(CH)), (5 * CH + 9, vm.rand(999))])
+    (lost,) = index_objects(vm.repo) - before
+    vm.repo.backend.delete(lost)
+    with pytest.raises(IntegrityError):
+        vm.assert_restores(path, [last])
+    first = prune(reopen(path), grace=HOUR)
+    assert first.adopted_packs == 1 and first.condemned_packs == 0, first
+    assert_indexed(path)
+    vm.assert_restores(path)
+    second = prune(reopen(path), grace=HOUR)
+    assert (second.adopted_packs, second.condemned_packs, second.repacked_packs) == (0, 0, 0), second
+    assert_clean(path)
+
+
+class BeforeListing(BackendWrapper):
+    """Runs *act* once, right before the first listing of *prefix* goes through."""
+
+    def __init__(self, inner: Backend, prefix: str, act: Callable[[], None]) -> None:
+        super().__init__(inner)
+        self.prefix = prefix
+        self.act: Callable[[], None] | None = act
+
+    def list(self, prefix: str = ""):
+        if prefix == self.prefix and self.act is not None:
+            act, self.act = self.act, None
+            act()
+        return self.inner.list(prefix)
+
+
+def test_a_copy_indexed_during_the_prune_spares_the_condemned_pack(path: Path) -> None:
+    """A backup's pack lands before prune lists data/, its index object after prune listed index/, its
+    manifest before the deleting phase reads the points again: the pack is in no index object the scan
+    read, yet it holds the new point's blob. The deleting phase reads the index objects written since
+    the scan, so that copy counts and the condemned pack holding the same blob goes (no needless rescue)."""
+    repo = create(path)
+    vm = Vm(repo)
+    vm.point([(0, vm.rand(CH))], full=True)
+    content = vm.rand(CH)
+    store(repo, [content])  # a run that never committed: its pack is unused
+    assert prune(reopen(path), grace=HOUR).condemned_packs == 1
+    (record,) = gc.read_records(repo.backend, repo.envelope)
+    backup = reopen(path)  # loads the record: stores the blob again rather than rely on the condemned pack
+
+    def commit_meanwhile() -> None:
+        vm.commit(vm.prepare([(2 * CH, content)], repo=backup), backup)
+
+    pruner = reopen(path)
+    pruner.backend = BeforeListing(pruner.backend, "data/", commit_meanwhile)
+    second = prune(pruner, grace=HOUR, now=lambda: record.deadline)
+    assert (second.rescued_packs, second.deleted_packs, second.adopted_packs) == (0, 1, 0), second
+    assert not set(record.packs) & packs_listed(reopen(path))
+    assert_indexed(path)
+    vm.assert_restores(path)
+    assert_clean(path)
