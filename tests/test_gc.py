@@ -1021,3 +1021,34 @@ def test_a_copy_indexed_during_the_prune_spares_the_condemned_pack(path: Path) -
     assert_indexed(path)
     vm.assert_restores(path)
     assert_clean(path)
+
+
+class KilledOnPut(BackendWrapper):
+    """The process dies (``Killed``) when it first writes an object under *prefix*: what a SIGKILL
+    between a repack's pack uploads and its writer's index object leaves."""
+
+    def __init__(self, inner: Backend, prefix: str) -> None:
+        super().__init__(inner)
+        self.prefix = prefix
+
+    def put(self, name: str, data) -> None:
+        if name.startswith(self.prefix):
+            raise Killed(name)
+        self.inner.put(name, data)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_prune_killed_between_its_repacked_packs_and_their_index_leaves_the_next_prune_exact(
+        path: Path, fmt: str) -> None:
+    vm = forgotten_history(path, fmt)
+    pruner = reopen(path)
+    pruner.backend = KilledOnPut(pruner.backend, "index/")
+    with pytest.raises(Killed):
+        prune(pruner, grace=0, max_unused=0)
+    assert set(reopen(path).backend.list("data/")), "the repack uploaded its packs"
+    vm.assert_restores(path)
+    for max_unused in (1.0, 0.0):
+        prune(reopen(path), grace=0, max_unused=max_unused)
+        assert_indexed(path)
+        vm.assert_restores(path)
+    assert_clean(path)
