@@ -14,11 +14,12 @@ One run, under the maintenance lock (``locks``), in this order:
    checked and written again into new packs with their own index object; the old packs become unused.
 4. **Condemn** the unused packs that no earlier prune condemned: one record, ``condemned/…``, with the
    time and the grace. Nothing is deleted yet: a backup may be about to commit a point that needs them.
-5. **Delete** the packs of every record whose grace is over: the manifests are listed *again*, now;
-   a pack holding a blob a point committed since needs (and no other pack holds) is rescued. The
-   index is consolidated into bounded objects without the deleted packs (written before the index objects
-   it replaces are deleted, and before any pack is deleted: an index never names a deleted pack), the
-   packs are deleted in batches, and the record is marked done (kept a while: ``gc.KEEP_DONE``).
+5. **Delete** the packs of every record whose grace was over when the run began: the manifests are
+   listed *again*, now; a pack holding a blob a point committed since needs (and no indexed pack that
+   stays holds) is rescued. The index is consolidated into bounded objects without the deleted packs,
+   nor packs already gone (written before the index objects it replaces are deleted, and before any
+   pack is deleted: an index never names a deleted pack), the packs are deleted in batches, and the
+   record is marked done (kept a while: ``gc.KEEP_DONE``).
 
 A kill anywhere leaves a repository whose every point restores: nothing a listed manifest needs is
 deleted, index objects go only after their replacement is durable, and a half-done step is redone by
@@ -126,14 +127,21 @@ class _Pruner:
         self.lock = lock
         #: dry run: blobs the repack would have written again (the real run's new packs hold them)
         self.moved: set[bytes] = set()
+        #: the one moment this run's choices treat as now: a record whose deadline passes while the run
+        #: goes on waits for the next prune — were it due for the deleting phase but not for the choice,
+        #: its rescued pack would be kept whole, and the next prune repack it (no fixed point)
+        self.clock = 0.0
+        self.condemned: gc.Condemnation | None = None  #: the record this run writes
 
     def run(self) -> PruneReport:
+        self.clock = self.now()
         scan = self._scan()
         self.emit("scanned", {"packs": len(scan.packs)})
         pending = gc.pending_packs(scan.records)
         last = pending - self._revived(scan, pending)  # condemned packs that stay condemned
         holder = self._choose(scan, last)
-        self._adopt(scan, holder)
+        if self._adopt(scan, holder):  # choose again as the next prune will, seeing them indexed
+            holder = self._choose(scan, last)
         locked = self.repo.config.object_lock
         if not locked:  # locked packs are kept, never rewritten
             self._repack(scan, holder, last)
@@ -145,13 +153,13 @@ class _Pruner:
         self.report.condemned_bytes = sum(scan.packs[p] for p in fresh)
         records = list(scan.records)
         if fresh:
-            record = gc.new_record(fresh, self.grace, socket.gethostname(), self.now())
+            record = self.condemned = gc.new_record(fresh, self.grace, socket.gethostname(), self.now())
             if not self.dry_run:  # a dry run counts it as written: --grace 0 then reports its deletions too
                 gc.write_record(self.repo.backend, self.repo.envelope, record)
                 self.emit("condemned", {"record": record.name, "packs": fresh})
             records.append(record)
         self._delete_due(scan, records)
-        self._expire(records)
+        self._expire(scan, records)
         return self.report
 
     # -- 1. scan ----------------------------------------------------------------------------------------
@@ -237,8 +245,7 @@ class _Pruner:
         kept whole: condemned for being unused, they are mostly garbage, and a rescued pack kept whole would
         be repacked (condemned again) by the next prune, which no longer sees it condemned. One run must
         leave nothing for the next (the fixed point the prune torture checks)."""
-        now = self.now()
-        due = {p for r in scan.records if r.due(now) for p in r.packs} & pending
+        due = {p for r in scan.records if r.due(self.clock) for p in r.packs} & pending
         if not due:
             return set()
         live = {e.id for p, (_, entries, _) in scan.tables.items()
@@ -268,22 +275,27 @@ class _Pruner:
         self.report.unused_bytes = payload - self.report.used_bytes
         return holder
 
-    def _adopt(self, scan: _Scan, holder: dict[bytes, str]) -> None:
+    def _adopt(self, scan: _Scan, holder: dict[bytes, str]) -> bool:
         """Write an index object naming the chosen packs no index object names: each holds the only copy
         (outside condemned packs) of a blob a point needs, so the index object that named it was lost
         (deleted by hand, or by a tool that knew no better). Without this its blobs stay unreadable to
         restores, and a later prune would see no indexed copy either. Written before anything is
-        condemned or deleted: from then on readers and this run's deleting phase locate them."""
+        condemned or deleted: from then on readers and this run's deleting phase locate them. The object
+        is one of the run's listed index objects from then on: a consolidation replaces it like them (an
+        adopted pack repacked and deleted in this run must not stay named by it). Returns whether any was."""
         adopt = sorted(set(holder.values()) - scan.located)
         if not adopt:
-            return
-        self.report.adopted_packs = len(adopt)
+            return False
+        self.report.adopted_packs += len(adopt)
         log.warning("%d pack(s) hold the only copy of blobs points need but no index object names them (e.g. %s): "
                     "indexing them again", len(adopt), pack_name(adopt[0]))
         if not self.dry_run:
             index_id, data = encode_index([scan.tables[p] for p in adopt], self.repo.envelope.meta)
             self.repo.backend.put(f"index/{index_id}", data)
+            scan.index_names.append(f"index/{index_id}")
         scan.located.update(adopt)
+        scan.indexed.update(adopt)
+        return True
 
     # -- 3. repack --------------------------------------------------------------------------------------
 
@@ -373,11 +385,14 @@ class _Pruner:
 
     def _delete_due(self, scan: _Scan, records: list[gc.Condemnation]) -> None:
         now = self.now()
-        due = [r for r in records if r.due(now)]
+        # the earlier records as the choice saw them (``clock``); this run's own (grace 0) as of now
+        due = [r for r in records if r.due(now if r is self.condemned else self.clock)]
         self.report.waiting = [{"record": r.name, "packs": len(r.packs), "deletable_from": r.deadline}
-                               for r in records if r.state == gc.PENDING and not r.due(now)]
+                               for r in records if r.state == gc.PENDING and r not in due]
         if not due:
-            self._consolidate(scan, set(), only_if_many=True)
+            # entries of packs that are gone (a refused backup's index object, written after a prune
+            # deleted its pack) are dropped at once: a backup must never deduplicate against them
+            self._consolidate(scan, set(), only_if_many=not self._gone(scan))
             return
         doomed = {p for r in due for p in r.packs}
         # the manifests again, now that the grace is over: a point committed since may need a condemned pack
@@ -438,11 +453,23 @@ class _Pruner:
             out.update(record[0] for record in records)
         return out
 
+    @staticmethod
+    def _gone(scan: _Scan) -> set[str]:
+        """Packs an index object names that data/ did not list: deleted (a backup refused by the commit
+        guard still wrote its index object naming the pack prune had deleted under it). Never needed:
+        the scan stops when a needed blob is in no listed pack."""
+        return scan.indexed - set(scan.packs)
+
     def _consolidate(self, scan: _Scan, doomed: set[str], only_if_many: bool) -> None:
-        """One index object for every indexed pack but *doomed*, then the listed ones go."""
+        """One index object for every indexed pack that is listed and not *doomed*, then the listed
+        index objects go."""
         if self.dry_run or (only_if_many and len(scan.index_names) < 2) or not scan.index_names:
             return
-        indexed = {p: scan.tables[p] for p in scan.indexed if p not in doomed}
+        gone = self._gone(scan)
+        if gone:
+            log.info("%d pack(s) named by the index are gone (e.g. %s): their entries are dropped", len(gone),
+                     pack_name(min(gone)))
+        indexed = {p: scan.tables[p] for p in scan.indexed if p not in doomed and p not in gone}
         written: list[str] = []
         for part in _chunks([indexed[p] for p in sorted(indexed)], INDEX_ENTRIES):
             index_id, data = encode_index(part, self.repo.envelope.meta)
@@ -456,10 +483,17 @@ class _Pruner:
         self.emit("indexed", {"index": written, "replaced": old})
         self.repo._index = None
 
-    def _expire(self, records: list[gc.Condemnation]) -> None:
+    def _expire(self, scan: _Scan, records: list[gc.Condemnation]) -> None:
+        """Remove the done records old enough. One whose deleted packs an index object written during
+        this run still names (a refused backup's, too late for this run's consolidation) stays until a
+        prune has dropped that entry: while it stays, a backup deduplicating against the entry is refused."""
         if self.dry_run:
             return
-        gone = [r.name for r in records if r.expired(self.now())]
+        expired = [r for r in records if r.expired(self.now())]
+        if any(r.deleted for r in expired):
+            late = self._indexed_since(scan)
+            expired = [r for r in expired if not late & set(r.deleted)]
+        gone = [r.name for r in expired]
         if gone:
             self.repo.backend.delete_many(gone)
             self.report.records_removed = len(gone)

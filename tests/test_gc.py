@@ -33,7 +33,7 @@ from fleece.repository.chain import resolve
 from fleece.repository.credentials import Credential
 from fleece.repository.errors import IntegrityError, LockedError, PruneConflict
 from fleece.repository.forget import forget
-from fleece.repository.index import Index
+from fleece.repository.index import Index, decode_index
 from fleece.repository.locks import LOCK_NAME, STALE, MaintenanceLock
 from fleece.repository.merge import plan_merges
 from fleece.repository.pack import pack_name
@@ -1051,4 +1051,214 @@ def test_a_prune_killed_between_its_repacked_packs_and_their_index_leaves_the_ne
         prune(reopen(path), grace=0, max_unused=max_unused)
         assert_indexed(path)
         vm.assert_restores(path)
+    assert_clean(path)
+
+
+# -- 11. review: stale entries, adoption, one clock ------------------------------------------------------
+
+def indexed_packs(repo: Repository) -> dict[str, set[str]]:
+    """Index object → the packs it names."""
+    out = {}
+    for name in sorted(index_objects(repo)):
+        records = decode_index(name.split("/", 1)[1], repo.backend.get(name), repo.envelope.meta)
+        out[name] = {r[0] for r in records}
+    return out
+
+
+def assert_index_names_only_listed_packs(path: Path) -> None:
+    repo = reopen(path)
+    listed = packs_listed(repo)
+    stale = {n: sorted(p[:12] for p in ps - listed) for n, ps in indexed_packs(repo).items() if ps - listed}
+    assert not stale, f"index objects naming deleted packs: {stale}"
+
+
+def unindexed_pack(repo: Repository, blobs: list[bytes]) -> tuple[str, list[bytes]]:
+    """A pack of *blobs* whose index object is lost (a plain writer, its index object deleted)."""
+    w = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
+    before = index_objects(repo)
+    ids, _ = store(repo, blobs, w)
+    (pack,) = [p for p, _, _ in w.written()]
+    (made,) = index_objects(repo) - before
+    repo.backend.delete(made)
+    return pack, ids
+
+
+def commit_point(repo: Repository, blobs: list[tuple[bytes, int]]) -> None:
+    """A full point whose extents are (blob id, length), one chunk each."""
+    extents = [(i * CH, n, b) for i, (b, n) in enumerate(blobs)]
+    m = Manifest(id=new_point_id(T0), vm=VM, created=stamp(T0), parent=None, kind="full",
+                 disks={"vda": DiskRecord(kind="full", virtual_size=len(blobs) * CH, extents=extents)})
+    repo.commit(m, set())
+
+
+class BeforePut(BackendWrapper):
+    """Runs *act* once, right before the first put under *prefix* goes through."""
+
+    def __init__(self, inner: Backend, prefix: str, act: Callable[[], None]) -> None:
+        super().__init__(inner)
+        self.prefix = prefix
+        self.act: Callable[[], None] | None = act
+
+    def put(self, name: str, data) -> None:
+        if name.startswith(self.prefix) and self.act is not None:
+            act, self.act = self.act, None
+            act()
+        self.inner.put(name, data)
+
+
+def slow_backup_refused(path: Path) -> tuple[Vm, bytes, float]:
+    """A backup's writer uploads its packs as it goes and writes its index object at flush. A run longer
+    than the grace: prune 1 condemns its (still unindexed) pack, prune 2 deletes it after the grace, then
+    the run writes its index object naming it and is refused at commit (as designed): that index object
+    names a deleted pack. Returns the VM, the refused blob's content and the clock of prune 1."""
+    repo = create(path)
+    vm = Vm(repo)
+    vm.point([(0, vm.rand(CH))], full=True)
+    t = time.time()
+    content = vm.rand(CH)
+
+    def prunes_meanwhile() -> None:
+        p1 = prune(reopen(path), grace=HOUR, now=lambda: t)
+        assert p1.condemned_packs == 1, p1
+        p2 = prune(reopen(path), grace=HOUR, now=lambda: t + HOUR)
+        assert p2.deleted_packs == 1, p2
+
+    slow = reopen(path)
+    slow.backend = BeforePut(slow.backend, "index/", prunes_meanwhile)
+    m = vm.prepare([(2 * CH, content)], repo=slow)
+    with pytest.raises(PruneConflict):
+        vm.commit(m, slow)
+    return vm, content, t
+
+
+def test_the_index_entry_of_a_refused_backup_naming_a_deleted_pack_is_dropped_by_the_next_prune(
+        path: Path) -> None:
+    """Consolidation copied every indexed pack, listed or not: the refused run's entry for the deleted
+    pack went into every consolidated index object from then on (found by review)."""
+    _, _, t = slow_backup_refused(path)
+    with pytest.raises(AssertionError, match="index objects naming deleted packs"):
+        assert_index_names_only_listed_packs(path)
+    third = prune(reopen(path), grace=HOUR, now=lambda: t + HOUR + 1)
+    assert third.index, "a gone pack's entry forces a consolidation"
+    assert_index_names_only_listed_packs(path)
+
+
+def test_once_the_done_record_expires_no_backup_dedups_against_the_deleted_pack(path: Path) -> None:
+    """Had the refused run's entry survived the record's expiry, the VM's next backup (its bitmap still
+    holds the change) would deduplicate against the deleted pack, pass the commit guard (no record names
+    it any more) and commit a point that does not restore. It stores the blob again and restores."""
+    vm, content, t = slow_backup_refused(path)
+    prune(reopen(path), grace=HOUR, now=lambda: t + HOUR + 1)
+    expiring = prune(reopen(path), grace=HOUR, now=lambda: t + HOUR + gc.KEEP_DONE + HOUR + 1)
+    assert expiring.records_removed == 1, expiring
+    again = reopen(path)
+    m2 = vm.prepare([(2 * CH, content)], repo=again)
+    assert vm.stats is not None and (vm.stats.dedup_blobs, vm.stats.new_blobs) == (0, 1)
+    vm.commit(m2, again)
+    vm.assert_restores(path)
+    assert_indexed(path)
+
+
+def test_a_record_stays_while_an_index_object_written_during_the_prune_names_its_deleted_pack(
+        path: Path) -> None:
+    """The refused run's index object lands while the prune that expires the record runs (after it listed
+    index/): too late for its consolidation. The record stays, so a backup deduplicating against the
+    entry is still refused; the next prune drops the entry and then the record."""
+    vm, content, t = slow_backup_refused(path)
+    repo = reopen(path)
+    (stale,) = [n for n, packs in indexed_packs(repo).items() if packs - packs_listed(repo)]
+    data = repo.backend.get(stale)
+    repo.backend.delete(stale)
+    late = t + HOUR + gc.KEEP_DONE + HOUR + 1
+    pruner = reopen(path)
+    pruner.backend = BeforeListing(pruner.backend, "data/", lambda: repo.backend.put(stale, data))
+    first = prune(pruner, grace=HOUR, now=lambda: late)
+    assert first.records_removed == 0, first
+    assert [r.state for r in gc.read_records(repo.backend, repo.envelope)] == [gc.DONE]
+    second = prune(reopen(path), grace=HOUR, now=lambda: late + 1)
+    assert second.records_removed == 1, second
+    assert_index_names_only_listed_packs(path)
+
+
+def test_a_prune_that_adopts_a_pack_chooses_again_so_the_next_prune_finds_nothing(path: Path) -> None:
+    """Blob y is in indexed pack A and in pack O whose index object was lost; x only in O. Indexed packs
+    rank first, so y was kept in A and x in O, adopting O; the next prune, seeing O indexed with more
+    needed bytes than A, kept y in O and condemned A (found by review). The prune that adopts chooses
+    again: A is condemned at once, and the next prune finds nothing."""
+    repo = create(path, "plain")
+    rng = random.Random(3)
+    x, y = rng.randbytes(CH), rng.randbytes(1000)
+    [yid], _ = store(repo, [y])  # pack A, indexed
+    _, (xid, _) = unindexed_pack(repo, [x, y])  # pack O, index object lost
+    commit_point(repo, [(xid, CH), (yid, 1000)])
+    first = prune(reopen(path), grace=HOUR)
+    assert first.adopted_packs == 1 and first.condemned_packs == 1, first
+    assert_indexed(path)
+    second = prune(reopen(path), grace=HOUR)
+    assert (second.condemned_packs, second.repacked_packs, second.adopted_packs) == (0, 0, 0), second
+
+
+def test_an_adopted_pack_repacked_and_deleted_in_one_run_is_named_by_no_index_object(path: Path) -> None:
+    """The adoption's index object is one of the run's index objects: the consolidation that drops the
+    deleted pack replaces it too (it survived, and a fresh reader located x in the deleted pack)."""
+    repo = create(path, "plain")
+    rng = random.Random(4)
+    base, x, g = rng.randbytes(CH), rng.randbytes(CH), rng.randbytes(CH)
+    [bid], _ = store(repo, [base])
+    _, (xid, _) = unindexed_pack(repo, [x, g])  # g: garbage
+    commit_point(repo, [(bid, CH), (xid, CH)])
+    report = prune(reopen(path), grace=0, max_unused=0)
+    assert (report.adopted_packs, report.repacked_packs, report.deleted_packs) == (1, 1, 1), report
+    fresh = reopen(path)
+    assert materialize(fresh, fresh.manifest(VM, fresh.point_ids(VM)[0]), "vda") == base + x
+    assert_index_names_only_listed_packs(path)
+    assert_clean(path)
+
+
+def test_a_revived_pack_no_index_names_adopted_repacked_and_deleted_leaves_no_entry(path: Path) -> None:
+    """A condemned pack whose grace is over, needed by a point committed in the grace, and named by no
+    index object: revived, adopted, repacked and deleted in one run — and named by no index object after."""
+    repo = create(path, "plain")
+    rng = random.Random(5)
+    base, x, g = rng.randbytes(CH), rng.randbytes(CH), rng.randbytes(CH)
+    [bid], _ = store(repo, [base])
+    pack, (xid, _) = unindexed_pack(repo, [x, g])
+    commit_point(repo, [(bid, CH), (xid, CH)])  # committed in the grace of the record below
+    now = time.time()
+    gc.write_record(repo.backend, repo.envelope, gc.new_record([pack], HOUR, "elsewhere", now - 2 * HOUR))
+    report = prune(reopen(path), grace=HOUR, max_unused=0, now=lambda: now)
+    assert report.adopted_packs == 1 and report.deleted_packs == 1, report
+    assert pack not in packs_listed(reopen(path))
+    assert_indexed(path)
+    assert_index_names_only_listed_packs(path)
+
+
+def test_a_deadline_passing_during_the_prune_waits_for_the_next_prune(path: Path) -> None:
+    """The grace of a record ends while a prune runs: due for its deleting phase but not for its choice,
+    the pack a point committed in the grace needs was rescued whole (not repacked) and the next prune
+    repacked and condemned it (found by review). One clock per run: the record waits for the next prune,
+    which repacks and deletes it, and the one after finds nothing."""
+    repo = create(path)
+    vm = Vm(repo)
+    vm.point([(0, vm.rand(CH))], full=True)
+    content = vm.rand(CH)
+    store(repo, [content] + [vm.rand(CH) for _ in range(3)])  # a run that never committed
+    backup = reopen(path)
+    m = vm.prepare([(2 * CH, content)], repo=backup)
+    assert prune(reopen(path), grace=HOUR).condemned_packs == 1
+    vm.commit(m, backup)  # in the grace
+    (record,) = gc.read_records(repo.backend, repo.envelope)
+    calls = {"n": 0}
+
+    def clock() -> float:  # the run starts a second before the deadline, the rest happens after it
+        calls["n"] += 1
+        return record.deadline - 1 if calls["n"] == 1 else record.deadline
+
+    second = prune(reopen(path), grace=HOUR, now=clock)
+    assert (second.rescued_packs, second.deleted_packs, len(second.waiting)) == (0, 0, 1), second
+    third = prune(reopen(path), grace=HOUR, now=lambda: record.deadline + 1)
+    assert (third.repacked_packs, third.rescued_packs, third.deleted_packs) == (1, 0, 1), third
+    fourth = prune(reopen(path), grace=HOUR, now=lambda: record.deadline + 2)
+    assert (fourth.repacked_packs, fourth.condemned_packs) == (0, 0), fourth
+    vm.assert_restores(path)
     assert_clean(path)
