@@ -158,7 +158,7 @@ class _Pruner:
                 gc.write_record(self.repo.backend, self.repo.envelope, record)
                 self.emit("condemned", {"record": record.name, "packs": fresh})
             records.append(record)
-        self._delete_due(scan, records)
+        self._delete_due(scan, records, used)
         self._expire(scan, records)
         return self.report
 
@@ -383,7 +383,7 @@ class _Pruner:
 
     # -- 5. delete --------------------------------------------------------------------------------------
 
-    def _delete_due(self, scan: _Scan, records: list[gc.Condemnation]) -> None:
+    def _delete_due(self, scan: _Scan, records: list[gc.Condemnation], chosen: set[str]) -> None:
         now = self.now()
         # the earlier records as the choice saw them (``clock``); this run's own (grace 0) as of now
         due = [r for r in records if r.due(now if r is self.condemned else self.clock)]
@@ -407,7 +407,9 @@ class _Pruner:
                     keeps[e.id] = True
         keeps.update(dict.fromkeys(self.moved, True))
         rescued: set[str] = set()
-        for pack_id in sorted(doomed):
+        # the packs the choice kept blobs in first: rescuing another copy first (two condemned packs
+        # holding one blob) would keep both, and the next prune condemn the one it does not choose
+        for pack_id in sorted(doomed, key=lambda p: (p not in chosen, p)):
             record = scan.tables.get(pack_id)
             if record is None:
                 continue

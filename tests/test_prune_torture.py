@@ -422,6 +422,30 @@ def check_point(got: bytes, vm: str, point: str, truth: Truth) -> None:
                              f"(sha {hashlib.sha256(got).hexdigest()[:12]} != {truth.sha[:12]})")
 
 
+def why_condemned(repo: Repository) -> str:
+    """For a failure message: the packs of pending records, with what they hold that points need and
+    where else the index has those blobs, and their history."""
+    needed = survey(repo).needed
+    index, _ = repo.load_index_report(keep_tables=True)
+    assert index.tables is not None
+    holders: dict[bytes, set[str]] = defaultdict(set)
+    for pack, tables in index.tables.items():
+        for table in tables:
+            for e in table:
+                holders[e.id].add(pack)
+    listed = listed_packs(repo)
+    lines = []
+    for pack in sorted(pending_packs(read_records(repo.backend, repo.envelope))):
+        tables = index.tables.get(pack)
+        entries = list(next(iter(tables))) if tables else repo.pack_trailer(pack, listed[pack])[0]
+        mine = [e for e in entries if e.id in needed]
+        elsewhere = sorted({pack_name(q)[-12:] for e in mine for q in holders[e.id] - {pack}})
+        lines.append(f"{pack_name(pack)} ({'indexed' if tables else 'in no index object'}, {len(entries)} blobs, "
+                     f"{len(mine)} needed, {sum(e.length for e in mine)} needed bytes, also in {elsewhere}): "
+                     f"{pack_history(repo, pack)}")
+    return "\n".join(lines)
+
+
 def unreferenced_packs(repo: Repository) -> dict[str, int]:
     """Listed packs holding no blob any point needs (tables from the index, or the pack's own trailer)."""
     needed = survey(repo).needed
@@ -801,7 +825,8 @@ def test_backups_forget_and_prune_race_under_sigkill(make_vm, s3_bucket, rgw, tm
     left = unreferenced_packs(repo)
     assert not left, (f"{len(left)} unreferenced pack(s) left after two prunes a grace apart: "
                       + ", ".join(f"{pack_name(p)} ({pack_history(repo, p)})" for p in sorted(left)))
-    assert second["condemned_packs"] == 0 and not second["waiting"], second
+    assert second["condemned_packs"] == 0 and not second["waiting"], \
+        f"no fixed point: the second prune {second}\nthe first {first}\n{why_condemned(repo)}"
     check_needed_packs(repo)
 
     records = read_records(repo.backend, repo.envelope)
