@@ -73,19 +73,27 @@ def store(repo: Repository, blobs: list[bytes], writer: BlobWriter | None = None
 
 def orphan(repo: Repository, rng: random.Random, *, index: bool = True) -> str:
     """The pack of a run that never committed (its writer flushed, no manifest followed); with
-    ``index=False`` a run killed between its packs and its index: a plain BlobWriter's run whose index
-    object is deleted again. Returns the pack id."""
-    if index:
-        w = repo.writer()
-    else:
-        w = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
+    ``index=False`` a run killed between its packs and its index (:func:`unindexed_pack`). Returns the
+    pack id."""
+    if not index:
+        return unindexed_pack(repo, [rng.randbytes(CH // 2)])[0]
+    w = repo.writer()
     before = index_objects(repo)
     store(repo, [rng.randbytes(CH // 2)], w)
     (pack,) = [p for p, _, _ in w.written()]
-    (made,) = index_objects(repo) - before
-    if not index:
-        repo.backend.delete(made)
+    (_,) = index_objects(repo) - before  # one index object, naming it
     return pack
+
+
+def unindexed_pack(repo: Repository, blobs: list[bytes]) -> tuple[str, list[bytes]]:
+    """A pack of *blobs* whose index object is lost (a plain writer, its index object deleted)."""
+    w = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
+    before = index_objects(repo)
+    ids, _ = store(repo, blobs, w)
+    (pack,) = [p for p, _, _ in w.written()]
+    (made,) = index_objects(repo) - before
+    repo.backend.delete(made)
+    return pack, ids
 
 
 def packs_listed(repo: Repository) -> set[str]:
@@ -914,13 +922,7 @@ def killed_repack(repo: Repository, blobs: list[bytes]) -> str:
     """What a prune killed in its repack leaves: a pack holding copies of *blobs* (read back and written
     again, as the repack does) and no index object naming it (the kill came between the pack's upload
     and the writer's index). Returns that pack's id."""
-    w = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
-    before = index_objects(repo)
-    store(repo, [repo.read_blob(b) for b in blobs], w)
-    (pack,) = [p for p, _, _ in w.written()]
-    (made,) = index_objects(repo) - before
-    repo.backend.delete(made)
-    return pack
+    return unindexed_pack(repo, [repo.read_blob(b) for b in blobs])[0]
 
 
 def needed_blobs(repo: Repository) -> set[bytes]:
@@ -1070,17 +1072,6 @@ def assert_index_names_only_listed_packs(path: Path) -> None:
     listed = packs_listed(repo)
     stale = {n: sorted(p[:12] for p in ps - listed) for n, ps in indexed_packs(repo).items() if ps - listed}
     assert not stale, f"index objects naming deleted packs: {stale}"
-
-
-def unindexed_pack(repo: Repository, blobs: list[bytes]) -> tuple[str, list[bytes]]:
-    """A pack of *blobs* whose index object is lost (a plain writer, its index object deleted)."""
-    w = BlobWriter(repo.backend, repo.config, Index(), envelope=repo.envelope)
-    before = index_objects(repo)
-    ids, _ = store(repo, blobs, w)
-    (pack,) = [p for p, _, _ in w.written()]
-    (made,) = index_objects(repo) - before
-    repo.backend.delete(made)
-    return pack, ids
 
 
 def commit_point(repo: Repository, blobs: list[tuple[bytes, int]]) -> None:
