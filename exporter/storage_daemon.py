@@ -80,6 +80,19 @@ class StorageDaemon:
             # its own session: a Ctrl-C at the terminal reaches fleece, which then stops it in order
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        try:
+            self._wait_listening(pidfile, log_path)
+        except BaseException:
+            # a Ctrl-C/SIGTERM while it starts: ``__exit__`` never runs for a failed ``__enter__``, and the
+            # parent-death signal would fire only after fleece exited. No image is open yet: just end it.
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()
+            self.stop()
+            raise
+
+    def _wait_listening(self, pidfile: Path, log_path: Path) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + START_TIMEOUT
         while not pidfile.exists():  # written once the monitor socket listens
             code = self.proc.poll()
@@ -88,7 +101,6 @@ class StorageDaemon:
                 text = log_path.read_text(errors="replace").strip().splitlines()
                 raise QemuError(f"{BINARY} exited with status {code} at start: {text[-1] if text else 'no output'}")
             if time.monotonic() > deadline:
-                self.stop()
                 raise QemuError(f"{BINARY} did not start within {START_TIMEOUT:.0f} s")
             time.sleep(0.01)
 

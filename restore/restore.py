@@ -332,22 +332,23 @@ def _layer(repo: Repository, req: RestoreRequest, journal: Journal, layer: str, 
             req.progress(resumed)
         return FillStats(resumed_bytes=resumed)
     target = None
-    if req.resume and image.exists() and journal.done(layer):
-        try:
-            target = reopen()
-            log.info("%s: resuming, %d range read(s) written already", image.name, len(journal.done(layer)))
-        except RestoreError as exc:
-            log.warning("%s cannot be continued (%s): making it anew", image, exc)
-    if target is None:
-        journal.reset(layer)
-        _remove(image)
-        target = make()
-    try:
+    try:  # one try from the moment a target exists: an interruption anywhere after it still closes it
+        if req.resume and image.exists() and journal.done(layer):
+            try:
+                target = reopen()
+                log.info("%s: resuming, %d range read(s) written already", image.name, len(journal.done(layer)))
+            except RestoreError as exc:
+                log.warning("%s cannot be continued (%s): making it anew", image, exc)
+        if target is None:
+            journal.reset(layer)
+            _remove(image)
+            target = make()
         stats = fill(repo, target, pieces, mask=mask, workers=req.workers, progress=req.progress, where=where,
                      skip=journal.done(layer), checkpoint=lambda keys: journal.record(layer, keys),
                      checkpoint_bytes=journal_mod.CHECKPOINT_BYTES, hints=hints, located=located)
     finally:
-        target.close()
+        if target is not None:
+            target.close()
     journal.finish(layer)
     return stats
 

@@ -271,15 +271,23 @@ class QemuNbdTarget:
             # it dies with the thread that started it (_die_with_parent), even by SIGKILL.
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
             preexec_fn=_die_with_parent())
-        log_file.close()
         self._log = run_dir / f"{image.name}.qemu-nbd.log"
         self._writers: list[NbdWriter] = []
         self._lock = threading.Lock()
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RestoreError(f"qemu-nbd did not start for {image}: {self._log.read_text().strip()}")
-            time.sleep(0.01)
+        try:
+            log_file.close()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(self.socket):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RestoreError(f"qemu-nbd did not start for {image}: {self._log.read_text().strip()}")
+                time.sleep(0.01)
+        except BaseException:
+            # Nobody holds this target yet, so nobody will close() it: an interruption (SIGTERM is a
+            # KeyboardInterrupt here) while qemu-nbd starts must stop it now, not leave it to the
+            # parent-death signal at fleece's exit, which lands after fleece is gone.
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def writer(self) -> NbdWriter:
         w = NbdWriter(self.socket)

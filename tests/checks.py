@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
+from typing import Any, Callable
 
 from fleece.exporter.qmp import Monitor
 from fleece.repository import Manifest, Repository
@@ -126,3 +128,39 @@ def comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def interrupted_while_starting(tmp_path: Path, monkeypatch: Any, binary: str, start: Callable[[], object]) -> None:
+    """Interrupt *start* (which launches *binary*) as fleece's SIGTERM handler does (a KeyboardInterrupt in
+    the main thread) while *binary* is still starting, and assert no such process is left: nothing owns a
+    half-started helper to stop it later. *binary* is replaced on PATH by one that never becomes ready."""
+    bin_dir = tmp_path / "slow-bin"
+    bin_dir.mkdir()
+    pid_file = tmp_path / f"{binary}.pid"
+    fake = bin_dir / binary
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    fake.chmod(0o700)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        try:
+            start()
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError(f"{binary} never became ready, yet the start returned")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return  # stopped and reaped before the interruption left the start
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"the interrupted start left its {binary} (pid {pid}) running")

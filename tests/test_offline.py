@@ -14,8 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from checks import FLEECE, assert_point_matches, fleece, fleece_bitmaps
+from checks import FLEECE, assert_point_matches, fleece, fleece_bitmaps, interrupted_while_starting
 from conftest import ODD_SIZE, MiB
+from fleece.exporter.storage_daemon import StorageDaemon
 from fleece.repository import RepoConfig, Repository
 from test_backup import seed
 from test_backup_cli import one_line_error
@@ -205,3 +206,17 @@ def test_bad_image_arguments(tmp_path, scratch) -> None:
         assert p.returncode == 2, (args, p.stderr)
         assert text in one_line_error(p), (args, p.stderr)
     assert not Path(repo).exists()  # a failed first backup leaves no repository
+
+
+def test_an_interruption_while_the_daemon_starts_stops_it(tmp_path, monkeypatch) -> None:
+    """Ctrl-C/SIGTERM while qemu-storage-daemon starts: ``with StorageDaemon`` never reaches ``__exit__``,
+    so the start itself must end the daemon and remove its run directory."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def start() -> None:
+        with StorageDaemon([], scratch):
+            raise AssertionError("the fake daemon never listens")
+
+    interrupted_while_starting(tmp_path, monkeypatch, "qemu-storage-daemon", start)
+    assert not list(scratch.iterdir())

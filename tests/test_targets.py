@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from checks import interrupted_while_starting
 from fleece.restore import targets
 from fleece.restore.targets import QemuNbdTarget, create_qcow2
 
@@ -104,3 +105,12 @@ def test_writer_retries_a_socket_that_is_bound_but_not_yet_listening(tmp_path: P
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_an_interruption_while_qemu_nbd_starts_stops_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM before qemu-nbd's socket appears: the half-made target has no owner to close it, so it must
+    stop its qemu-nbd itself — the parent-death signal fires only after fleece has exited (CI caught a
+    qemu-nbd alive after an interrupted restore's exit)."""
+    image = tmp_path / "x.qcow2"
+    create_qcow2(image, 8 << 20, {})
+    interrupted_while_starting(tmp_path, monkeypatch, "qemu-nbd", lambda: QemuNbdTarget(image, tmp_path, 2))
