@@ -337,8 +337,96 @@ def _thaw(freezer: Freezer, patience: float | None = None) -> bool:
 # -- the guard against a killed run ------------------------------------------------------------------------
 
 
+class GuardLaunch:
+    """A guard process on its way up (:meth:`ThawGuard.launch`).
+
+    Under systemd (a ``fleece@`` service) the guard goes into a transient scope of its own
+    (``systemd-run --scope``): when the service's main process is gone, systemd kills what is left in
+    its cgroup, the guard included, exactly when it is needed. Where that fails, it runs as our child.
+    """
+
+    def __init__(self, args: list[str], hold_locks: bool = True) -> None:
+        from .lock import held_fds
+
+        self._fds = held_fds() if hold_locks else []
+        self._argv = [sys.executable, "-P", "-m", "fleece.exporter.agent", "guard", *args,
+                      *[a for fd in self._fds for a in ("--lock-fd", str(fd))]]
+        scoped = os.environ.get("INVOCATION_ID") and os.geteuid() == 0 and shutil.which("systemd-run")
+        self._wrappers: list[list[str]] = ([["systemd-run", "--scope", "--quiet", "--collect",
+                                             f"--unit=fleece-thaw-guard-{os.getpid()}-{random.randrange(1 << 30)}",
+                                             "--description=fleece: thaws or resumes the guest if its backup dies "
+                                             "while it is frozen or paused", "--"]] if scoped else []) + [[]]
+        self._guard: ThawGuard | None = None
+        self._proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes] | None:
+        while self._wrappers:
+            wrapper = self._wrappers.pop(0)
+            try:
+                return subprocess.Popen([*wrapper, *self._argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, cwd="/", start_new_session=True,
+                                        pass_fds=self._fds)
+            except OSError as e:
+                log.warning("cannot start the guard (%s)", e.strerror)
+        return None
+
+    def ready(self) -> ThawGuard | None:
+        """Wait until the guard says ``ready``; the guard, or None (logged) if none would start."""
+        while self._proc is not None:
+            proc, wrapped = self._proc, len(self._wrappers) > 0
+            assert proc.stdout is not None
+            ok = select.select([proc.stdout], [], [], 30)[0] and proc.stdout.readline() == b"ready\n"
+            proc.stdout.close()  # the guard never writes again
+            if ok:
+                self._proc = None  # the guard's now: cancel() must not close its pipe (an armed EOF)
+                self._guard = ThawGuard(proc)
+                return self._guard
+            proc.kill()
+            proc.wait()
+            log.warning("the guard did not start%s", " in a systemd scope; trying without" if wrapped else "")
+            self._proc = self._spawn()
+        log.warning("no guard: a run killed while the guest is frozen or paused would leave it so")
+        return None
+
+    def started(self) -> ThawGuard | None:
+        """The guard as it is, without waiting for its ``ready``: what we write is buffered in its pipe
+        until it reads, and an end-of-file after ``arm`` means the same to it then. A guard that already
+        failed is replaced by the next way of starting one (and that one is not waited for either)."""
+        while self._proc is not None and self._proc.poll() is not None:
+            log.warning("the guard exited at once (status %s)%s", self._proc.returncode,
+                        "; trying without a systemd scope" if self._wrappers else "")
+            self._proc = self._spawn()
+        if self._proc is None:
+            log.warning("no guard: a run killed while the guest is paused would leave it so until the next run")
+            return None
+        proc, self._proc = self._proc, None
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdout.close()  # type: ignore[union-attr] - its "ready" is not read
+        self._guard = ThawGuard(proc, reap=False)
+        return self._guard
+
+    def cancel(self) -> None:
+        """The run is over: end a guard never handed out (not armed, it only exits), reap one released
+        (a guard from :meth:`started` may still be starting: it is only polled, never waited for); one
+        handed over (armed, no ``done``) is left to do its work."""
+        guard, self._guard = self._guard, None
+        if guard is not None and guard.released:
+            guard.reap()
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            for f in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError, ValueError):
+                    f.close()  # type: ignore[union-attr]
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 class ThawGuard:
-    """A child process that thaws the guest if this process dies (or gives up) while it may be frozen.
+    """A child process that thaws the guest if this process dies (or gives up) while it may be frozen, and
+    resumes it if it dies inside the freeze's pause (a *pause guard*, ``--qmp`` only, guards just that).
 
     SIGKILL and the OOM killer run no ``finally``. The guard is started before the freeze (a Python
     start-up is ~100 ms, too long to add to the frozen window), in its own session (a Ctrl-C to the
@@ -355,46 +443,22 @@ class ThawGuard:
     channel; it reports to syslog, never to our stdout/stderr (a caller reading those would wait for it).
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], reap: bool = True) -> None:
         self.proc = proc
+        self.released = False  # said "done": its exit is expected and may be waited for
+        self._wait = reap  # False: reap() only polls (subprocess reaps it at a later Popen, or we exit)
 
     @classmethod
     def start(cls, freezer: Freezer) -> ThawGuard | None:
-        """Start the guard and wait until it runs (it says ``ready``: ~0.1 s, before the freeze).
-
-        Under systemd (a ``fleece@`` service) the guard goes into a transient scope of its own
-        (``systemd-run --scope``): when the service's main process is gone, systemd kills what is left in
-        its cgroup, the guard included, exactly when it is needed. Where that fails, it runs as our child.
-        """
+        """Start the guard and wait until it runs (it says ``ready``: ~0.1 s, before the freeze)."""
         args = freezer.guard_args()
-        if args is None:
-            return None
-        from .lock import held_fds
+        return None if args is None else cls.launch(args).ready()
 
-        fds = held_fds()
-        argv = [sys.executable, "-P", "-m", "fleece.exporter.agent", "guard", *args,
-                *[a for fd in fds for a in ("--lock-fd", str(fd))]]
-        scoped = os.environ.get("INVOCATION_ID") and os.geteuid() == 0 and shutil.which("systemd-run")
-        for wrapper in ([["systemd-run", "--scope", "--quiet", "--collect",
-                          f"--unit=fleece-thaw-guard-{os.getpid()}-{random.randrange(1 << 30)}",
-                          "--description=fleece: thaws the guest if its backup dies while it is frozen", "--"]]
-                        if scoped else []) + [[]]:
-            try:
-                proc = subprocess.Popen([*wrapper, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, cwd="/", start_new_session=True, pass_fds=fds)
-            except OSError as e:
-                log.warning("cannot start the thaw guard (%s)", e.strerror)
-                continue
-            assert proc.stdout is not None
-            ready = select.select([proc.stdout], [], [], 30)[0] and proc.stdout.readline() == b"ready\n"
-            proc.stdout.close()  # the guard never writes again
-            if ready:
-                return cls(proc)
-            proc.kill()
-            proc.wait()
-            log.warning("the thaw guard did not start%s", " in a systemd scope; trying without" if wrapper else "")
-        log.warning("no thaw guard: a run killed while the guest is frozen would leave it frozen")
-        return None
+    @classmethod
+    def launch(cls, args: list[str], hold_locks: bool = True) -> GuardLaunch:
+        """Spawn a guard with *args* without waiting for it: :meth:`GuardLaunch.ready` waits. A run spawns
+        it early and awaits it just before it is needed, so its Python start-up overlaps the run's set-up."""
+        return GuardLaunch(args, hold_locks)
 
     def _say(self, word: bytes) -> None:
         assert self.proc.stdin is not None
@@ -409,19 +473,34 @@ class ThawGuard:
         self._say(b"arm")
 
     def disarm(self) -> None:
+        self.release()
+        self.reap()
+
+    def release(self) -> None:
+        """Say ``done``: the guard exits on its own (:meth:`reap` waits for that, later, off the pause)."""
         self._say(b"done")
         self._close()
+        self.released = True
+
+    def reap(self) -> None:
+        if not self._wait:
+            self.proc.poll()
+            return
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
-    def hand_over(self) -> None:
-        """We could not thaw: the guard keeps trying on its own (end-of-file without ``done``)."""
+    def hand_over(self, task: str | None = None) -> None:
+        """We could not thaw (or resume, *task*): the guard tries on its own (end-of-file without ``done``)."""
         self._close()
-        log.error("the thaw guard (pid %d) keeps trying to thaw the guest for up to %.0f s", self.proc.pid,
-                  GUARD_PATIENCE)
+        if task is None:
+            log.error("the thaw guard (pid %d) keeps trying to thaw the guest for up to %.0f s", self.proc.pid,
+                      GUARD_PATIENCE)
+        else:
+            log.error("the guard (pid %d) tries %s through a fresh QMP connection (its outcome is in syslog)",
+                      self.proc.pid, task)
 
     def _close(self) -> None:
         assert self.proc.stdin is not None
@@ -475,7 +554,8 @@ def _resume_paused(qmp: str, timeout: float) -> None:
 
 
 def _guard_main(argv: list[str]) -> int:
-    """``python -m fleece.exporter.agent guard (--qga SOCK [--qmp SOCK] | --libvirt URI UUID) --timeout T``."""
+    """``python -m fleece.exporter.agent guard (--qga SOCK [--qmp SOCK] | --qmp SOCK | --libvirt URI UUID)
+    --timeout T``; ``--qmp`` alone guards only the freeze's pause (pause.py)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="fleece.exporter.agent guard")
@@ -485,8 +565,8 @@ def _guard_main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--lock-fd", type=int, action="append", default=[])
     args = p.parse_args(argv)
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
+    with contextlib.suppress(OSError):  # a parent that did not wait for it (or is gone) closed the pipe
+        os.write(sys.stdout.fileno(), b"ready\n")
     with contextlib.suppress(OSError):
         os.close(sys.stdout.fileno())
     if not _wait_for_parent():
@@ -512,6 +592,8 @@ def _guard_main(argv: list[str]) -> int:
     else:
         if args.qmp:
             _resume_paused(args.qmp, args.timeout)
+        if not args.qga:  # a pause guard (no --quiesce): resuming was all there was to do
+            return 0
         freezer = QgaFreezer(args.qga, args.timeout)
     ok = _thaw(freezer, max(1.0, deadline - time.monotonic()))
     if ok:

@@ -257,6 +257,14 @@ class _Run:
         self.machine = self._machine(info)
         self._check_identity(vm)
         info = self._recover(vm, info)
+        guard = self._pause_guard(info)  # now: its start-up overlaps the planning below
+        try:
+            return self._plan_and_back_up(vm, info, guard, started)
+        finally:
+            if guard is not None:
+                guard.cancel()
+
+    def _plan_and_back_up(self, vm: str, info: VmInfo, guard: Any, started: float) -> BackupResult:
         disks = self._select(info)
         forced = self._forced_full(info, disks)
         bases = self.repo.latest_layers(vm, [d.id for d in disks])
@@ -278,7 +286,7 @@ class _Run:
         # One name per disk: a disk's bitmap can never be taken for another disk's (images swapped, ids
         # reassigned) — it simply is not there, and that disk gets a full.
         new_bitmaps = {d.id: bitmaps.bitmap_name(self.repo.config.id, point_id, d.id) for d in disks}
-        manifest, stats = self._backup(vm, info, disks, levels, point_id, new_bitmaps)
+        manifest, stats = self._backup(vm, info, disks, levels, point_id, new_bitmaps, guard)
         self.event("committed", {"point": manifest.id})
         for d in disks:
             self._drop_old_bitmaps(d, new_bitmaps[d.id])
@@ -376,7 +384,7 @@ class _Run:
         return set(names)
 
     def _backup(self, vm: str, info: VmInfo, disks: list[DiskInfo], levels: dict[str, bitmaps.Level],
-                point_id: str, new_bitmaps: dict[str, str]) -> tuple[Manifest, dict[str, Any]]:
+                point_id: str, new_bitmaps: dict[str, str], guard: Any = None) -> tuple[Manifest, dict[str, Any]]:
         scratch = self.scratch
         try:
             run_dir = graph.make_run_dir(scratch)
@@ -410,9 +418,10 @@ class _Run:
             # A run killed inside the pause leaves a marker the next run resumes the guest by (pause.py).
             # --quiesce: the guest's filesystems frozen by its agent around exactly this (the agent cannot
             # answer while the guest is paused, so freeze first, thaw after the guest runs again).
+            armed = guard.started() if guard is not None else None
             with self._quiesced(info, point_id) as quiesce:
                 t0 = time.perf_counter()
-                with pause.paused(self.mon, point_id, info.running):
+                with pause.paused(self.mon, point_id, info.running, armed):
                     self.event("freezing", {"point": point_id, "paused": info.running})
                     actions = [a for f in fleeces for a in bitmaps.freeze_actions(f.disk.node, new_bitmaps[f.disk.id],
                                                                                   levels[f.disk.id], None)]
@@ -672,6 +681,17 @@ class _Run:
 
     #: what the quiesce messages call the machine ("the guest is paused: its agent cannot freeze …")
     _subject = "guest"
+
+    def _pause_guard(self, info: VmInfo) -> Any:
+        """The pause guard on its way up (pause.py), for a running guest fleece reaches by its QMP socket;
+        None for a guest that will not be paused (the user paused it, a shut-off image)."""
+        if not info.running or info.offline or not self.req.qmp:
+            return None
+        from .agent import ThawGuard
+
+        # Not waited for, and it holds no lock: a guard still starting reads our "arm" and end-of-file from
+        # its pipe all the same, and two resumes (it and the next run's) of one marker are harmless.
+        return ThawGuard.launch(["--qmp", self.req.qmp, "--timeout", "30"], hold_locks=False)
 
     @contextlib.contextmanager
     def _quiesced(self, info: VmInfo, point_id: str) -> Iterator[Any]:

@@ -13,6 +13,12 @@ guest it finds ``paused`` and drops the marker. A guest that is *not* plainly pa
 shutdown, a migration) is left as it is: that state is not ours to undo. A guest the user paused before the
 run is never stopped nor resumed, and no marker is made for it.
 
+A run killed inside the pause should not have to wait for the next run, which may be a day away: a *pause
+guard* (:class:`~fleece.exporter.agent.ThawGuard` with ``--qmp`` only), spawned early in the run so its
+~0.1 s Python start-up overlaps the run's set-up, is armed for exactly the pause and, when its parent dies
+armed, connects to the monitor and runs :func:`recover` — the guest runs again within a fraction of a second.
+The marker stays the backstop for a guard killed along with its run.
+
 The marker lives in QEMU, not in a file, because it must be found through any monitor of that QEMU, by a run
 of any user, after any crash of the host's tools; a ``secret`` object is inert (nothing reads it).
 """
@@ -22,9 +28,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .bitmaps import PREFIX
 from .qmp import CommandError, Monitor
+
+if TYPE_CHECKING:
+    from .agent import ThawGuard
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +42,37 @@ MARK = f"{PREFIX}pause-"
 
 
 @contextlib.contextmanager
-def paused(mon: Monitor, point_id: str, running: bool) -> Iterator[None]:
-    """Keep the guest paused for the ``with`` body if it was *running*; resume it whatever happens."""
+def paused(mon: Monitor, point_id: str, running: bool, guard: ThawGuard | None = None) -> Iterator[None]:
+    """Keep the guest paused for the ``with`` body if it was *running*; resume it whatever happens.
+
+    *guard*: a ready pause guard (``ThawGuard.launch(["--qmp", SOCK]).ready()``), armed for exactly the
+    pause: if this process is killed inside it (SIGKILL, OOM), the guard resumes the guest at once through
+    the marker (:func:`recover`) instead of it staying paused until fleece next runs on this VM. It is
+    released (told ``done``) after the resume, and reaped by its launcher off the pause.
+    """
     if not running:
         yield
         return
+    if guard is not None:
+        guard.arm()
     marker = MARK + point_id
-    mon.cmd("object-add", {"qom-type": "secret", "id": marker, "data": "paused by a fleece backup"})
+    resumed = True
     try:
-        mon.cmd("stop")
-        yield
-    finally:
+        mon.cmd("object-add", {"qom-type": "secret", "id": marker, "data": "paused by a fleece backup"})
+        resumed = False
         try:
-            mon.cmd("cont")
+            mon.cmd("stop")
+            yield
         finally:
-            _drop(mon, marker)
+            mon.cmd("cont")
+            resumed = True
+            _drop(mon, marker)  # only once resumed: a marker kept is how the guard or the next run resumes
+    finally:
+        if guard is not None:
+            if resumed:
+                guard.release()
+            else:  # QEMU did not take our cont: the guard tries once more through a fresh connection
+                guard.hand_over("to resume the guest")
 
 
 def recover(mon: Monitor) -> list[str]:
