@@ -1,7 +1,7 @@
 """The QEMU side of fleece: QMP, the fleece graph, dirty bitmaps, NBD extent plans and the parallel pull.
 
 The public names are loaded on first use (PEP 562): the thaw/pause guard (``python -m
-fleece.exporter.agent guard``) imports only this package and its own few modules, and a start-up that
+fleece.exporter.guard``) imports only this package and its own few modules, and a start-up that
 also imported the whole backup pipeline (repository, crypto, boto3-free but still ~0.25 s here) would be
 paid by every backup that starts a guard.
 """

@@ -219,7 +219,9 @@ class QgaFreezer:
             self._agent = None
 
     def guard_args(self) -> list[str] | None:
-        return ["--qga", self.path, "--timeout", str(self.timeout), *(["--qmp", self.qmp] if self.qmp else [])]
+        # absolute: the guard runs from / (a relative --qmp/--qga given to fleece would point nowhere)
+        return ["--qga", os.path.abspath(self.path), "--timeout", str(self.timeout),
+                *(["--qmp", os.path.abspath(self.qmp)] if self.qmp else [])]
 
 
 def _count(ret: Any, stage: str, path: str) -> int:
@@ -337,6 +339,15 @@ def _thaw(freezer: Freezer, patience: float | None = None) -> bool:
 # -- the guard against a killed run ------------------------------------------------------------------------
 
 
+#: what of our environment a guard keeps: never the repository's credentials (it needs none), which
+#: /proc/PID/environ would show for as long as it lives
+GUARD_ENVIRONMENT = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "PYTHONPATH")
+
+
+def _guard_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in GUARD_ENVIRONMENT or k.startswith("LC_")}
+
+
 class GuardLaunch:
     """A guard process on its way up (:meth:`ThawGuard.launch`).
 
@@ -345,11 +356,11 @@ class GuardLaunch:
     its cgroup, the guard included, exactly when it is needed. Where that fails, it runs as our child.
     """
 
-    def __init__(self, args: list[str], hold_locks: bool = True) -> None:
+    def __init__(self, args: list[str]) -> None:
         from .lock import held_fds
 
-        self._fds = held_fds() if hold_locks else []
-        self._argv = [sys.executable, "-P", "-m", "fleece.exporter.agent", "guard", *args,
+        self._fds = held_fds()  # the VM stays locked while a guard may still act on it
+        self._argv = [sys.executable, "-P", "-m", "fleece.exporter.guard", *args,
                       *[a for fd in self._fds for a in ("--lock-fd", str(fd))]]
         scoped = os.environ.get("INVOCATION_ID") and os.geteuid() == 0 and shutil.which("systemd-run")
         self._wrappers: list[list[str]] = ([["systemd-run", "--scope", "--quiet", "--collect",
@@ -363,11 +374,13 @@ class GuardLaunch:
         while self._wrappers:
             wrapper = self._wrappers.pop(0)
             try:
-                return subprocess.Popen([*wrapper, *self._argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                proc = subprocess.Popen([*wrapper, *self._argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, cwd="/", start_new_session=True,
-                                        pass_fds=self._fds)
+                                        pass_fds=self._fds, env=_guard_env())
             except OSError as e:
                 log.warning("cannot start the guard (%s)", e.strerror)
+                continue
+            return proc
         return None
 
     def ready(self) -> ThawGuard | None:
@@ -388,40 +401,22 @@ class GuardLaunch:
         log.warning("no guard: a run killed while the guest is frozen or paused would leave it so")
         return None
 
-    def started(self) -> ThawGuard | None:
-        """The guard as it is, without waiting for its ``ready``: what we write is buffered in its pipe
-        until it reads, and an end-of-file after ``arm`` means the same to it then. A guard that already
-        failed is replaced by the next way of starting one (and that one is not waited for either)."""
-        while self._proc is not None and self._proc.poll() is not None:
-            log.warning("the guard exited at once (status %s)%s", self._proc.returncode,
-                        "; trying without a systemd scope" if self._wrappers else "")
-            self._proc = self._spawn()
-        if self._proc is None:
-            log.warning("no guard: a run killed while the guest is paused would leave it so until the next run")
-            return None
-        proc, self._proc = self._proc, None
-        with contextlib.suppress(OSError, ValueError):
-            proc.stdout.close()  # type: ignore[union-attr] - its "ready" is not read
-        self._guard = ThawGuard(proc, reap=False)
-        return self._guard
-
     def cancel(self) -> None:
-        """The run is over: end a guard never handed out (not armed, it only exits), reap one released
-        (a guard from :meth:`started` may still be starting: it is only polled, never waited for); one
-        handed over (armed, no ``done``) is left to do its work."""
+        """The run is over: tell a guard that was never armed, or was released, that it is not needed and
+        wait for it (it is up and exits at once; it holds the VM's lock until then); one armed and handed
+        over (no ``done``) is left to do its work. One never awaited (the run failed before its pause) is
+        not waited for: it exits when its start-up is done."""
         guard, self._guard = self._guard, None
-        if guard is not None and guard.released:
+        if guard is not None and (guard.released or not guard.armed):
+            if not guard.released:
+                guard.release()
             guard.reap()
         proc, self._proc = self._proc, None
         if proc is not None:
             for f in (proc.stdin, proc.stdout):
                 with contextlib.suppress(OSError, ValueError):
                     f.close()  # type: ignore[union-attr]
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.poll()
 
 
 class ThawGuard:
@@ -443,10 +438,10 @@ class ThawGuard:
     channel; it reports to syslog, never to our stdout/stderr (a caller reading those would wait for it).
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], reap: bool = True) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
+        self.armed = False  # said "arm": from now on an end-of-file without "done" makes it act
         self.released = False  # said "done": its exit is expected and may be waited for
-        self._wait = reap  # False: reap() only polls (subprocess reaps it at a later Popen, or we exit)
 
     @classmethod
     def start(cls, freezer: Freezer) -> ThawGuard | None:
@@ -455,10 +450,10 @@ class ThawGuard:
         return None if args is None else cls.launch(args).ready()
 
     @classmethod
-    def launch(cls, args: list[str], hold_locks: bool = True) -> GuardLaunch:
+    def launch(cls, args: list[str]) -> GuardLaunch:
         """Spawn a guard with *args* without waiting for it: :meth:`GuardLaunch.ready` waits. A run spawns
         it early and awaits it just before it is needed, so its Python start-up overlaps the run's set-up."""
-        return GuardLaunch(args, hold_locks)
+        return GuardLaunch(args)
 
     def _say(self, word: bytes) -> None:
         assert self.proc.stdin is not None
@@ -470,6 +465,7 @@ class ThawGuard:
         if self.proc.poll() is not None:
             log.warning("the thaw guard exited (status %s) before the freeze: a run killed while the guest is "
                         "frozen would leave it frozen", self.proc.returncode)
+        self.armed = True
         self._say(b"arm")
 
     def disarm(self) -> None:
@@ -483,9 +479,6 @@ class ThawGuard:
         self.released = True
 
     def reap(self) -> None:
-        if not self._wait:
-            self.proc.poll()
-            return
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -506,106 +499,3 @@ class ThawGuard:
         assert self.proc.stdin is not None
         with contextlib.suppress(OSError, ValueError):
             self.proc.stdin.close()
-
-
-def _log_to_syslog() -> None:
-    """The guard's messages go to syslog (the journal), where an operator looks after a crashed run."""
-    import logging.handlers
-
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    if os.path.exists("/dev/log"):
-        h: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
-        h.setFormatter(logging.Formatter("fleece-thaw-guard[%(process)d]: %(message)s"))
-        root.addHandler(h)
-
-
-def _wait_for_parent() -> bool:
-    """Read the pipe until ``done`` or end-of-file; True if the guest may need us (armed, not done)."""
-    data = b""
-    while True:  # select first: the read must not be cut short by a signal
-        select.select([sys.stdin.buffer], [], [])
-        chunk = os.read(sys.stdin.fileno(), 64)
-        if not chunk:
-            return b"arm" in data
-        data += chunk
-        if b"done" in data:
-            return False
-
-
-def _resume_paused(qmp: str, timeout: float) -> None:
-    """Resume a guest that a dead run left paused under its marker (pause.recover), so its agent can
-    answer the thaw; a guest paused otherwise is left as it is."""
-    from .pause import recover
-    from .qmp import Monitor
-
-    try:
-        mon = Monitor(qmp, timeout=timeout, connect_timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - another client holds the monitor, QEMU is gone: thaw anyway
-        log.info("cannot reach %s to resume a paused guest: %s", qmp, e)
-        return
-    try:
-        for line in recover(mon):
-            log.warning("%s", line)
-    except Exception as e:  # noqa: BLE001
-        log.info("resuming through %s failed: %s", qmp, e)
-    finally:
-        mon.close()
-
-
-def _guard_main(argv: list[str]) -> int:
-    """``python -m fleece.exporter.agent guard (--qga SOCK [--qmp SOCK] | --qmp SOCK | --libvirt URI UUID)
-    --timeout T``; ``--qmp`` alone guards only the freeze's pause (pause.py)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="fleece.exporter.agent guard")
-    p.add_argument("--qga")
-    p.add_argument("--qmp")
-    p.add_argument("--libvirt", nargs=2, metavar=("URI", "UUID"))
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--lock-fd", type=int, action="append", default=[])
-    args = p.parse_args(argv)
-    with contextlib.suppress(OSError):  # a parent that did not wait for it (or is gone) closed the pipe
-        os.write(sys.stdout.fileno(), b"ready\n")
-    with contextlib.suppress(OSError):
-        os.close(sys.stdout.fileno())
-    if not _wait_for_parent():
-        return 0
-    _log_to_syslog()
-    for fd in args.lock_fd:  # the VM stays locked while we may still thaw or resume it: say who holds it
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} (the thaw guard of a backup that died or gave up)\n".encode(), 0)
-    deadline = time.monotonic() + GUARD_PATIENCE
-    freezer: Freezer | None = None
-    if args.libvirt:
-        from .libvirt_run import LibvirtFreezer
-
-        while freezer is None:  # libvirtd restarting, the connection refused: keep trying
-            try:
-                freezer = LibvirtFreezer.reach(args.libvirt[0], args.libvirt[1], args.timeout)
-            except Exception as e:  # noqa: BLE001
-                if time.monotonic() > deadline:
-                    log.error("cannot reach domain %s on %s to thaw it: %s", args.libvirt[1], args.libvirt[0], e)
-                    return 1
-                time.sleep(THAW_RETRY_PAUSE)
-    else:
-        if args.qmp:
-            _resume_paused(args.qmp, args.timeout)
-        if not args.qga:  # a pause guard (no --quiesce): resuming was all there was to do
-            return 0
-        freezer = QgaFreezer(args.qga, args.timeout)
-    ok = _thaw(freezer, max(1.0, deadline - time.monotonic()))
-    if ok:
-        log.warning("a backup died or gave up while %s may have kept the guest frozen: thawed it", freezer.what)
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":  # pragma: no cover - the guard's entry point, exercised by the SIGKILL tests
-    if sys.argv[1:2] == ["guard"]:
-        import signal
-
-        for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # the run's own signals are not the guard's business
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-        sys.exit(_guard_main(sys.argv[2:]))
-    sys.exit("usage: python -m fleece.exporter.agent guard ...")

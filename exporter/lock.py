@@ -11,12 +11,13 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from fleece.repository.errors import BackupBusyError
 
 
-_HELD: set[int] = set()  # descriptors of the locks this process holds (a thaw guard inherits them)
+_HELD: dict[int, Path] = {}  # descriptor → lock file, of the locks this process holds (its guards inherit them)
 
 
 def held_fds() -> list[int]:
@@ -39,6 +40,28 @@ def lock_dir() -> Path:
     raise BackupBusyError("no writable directory for fleece's lock files (/run/lock, $XDG_RUNTIME_DIR, /tmp)")
 
 
+#: seconds a run waits for a lock whose recorded holder cannot be holding it (dead, or this very process):
+#: a run's pause guard (exporter/pause.py) inherits the lock; it keeps it while it resumes the guest of a
+#: run killed inside its pause (~0.1 s), or until its start-up ends after a run that failed before its
+#: pause. A thaw guard that must keep trying writes its own pid, and a run finding it alive is told at once.
+DEAD_HOLDER_GRACE = 10.0
+
+
+def _not_the_holder(holder: str, path: Path) -> bool:
+    """Whether the pid a lock file names is gone, or is this process and it does not hold *path* itself."""
+    if not holder.isdigit():
+        return False
+    if int(holder) == os.getpid():
+        return path not in _HELD.values()
+    try:
+        os.kill(int(holder), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class VmLock:
     """Exclusive lock named by *key* (the QMP socket's real path, or the VM name)."""
 
@@ -49,23 +72,32 @@ class VmLock:
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        deadline = time.monotonic() + DEAD_HOLDER_GRACE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if _not_the_holder(holder, self.path) and time.monotonic() < deadline:
+                    # the run that wrote its pid is gone, or is this process, which no longer holds it: a
+                    # guard that inherited the lock (exporter/agent.py) is finishing
+                    time.sleep(0.02)
+                    continue
+                os.close(fd)
                 raise BackupBusyError(f"another fleece backup (pid {holder}) is already running on {self.what}; "
                                       f"wait for it to finish (lock file {self.path})") from None
-            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
-        _HELD.add(fd)
+        _HELD[fd] = self.path
 
     def release(self) -> None:
         if self._fd is not None:
-            _HELD.discard(self._fd)
+            _HELD.pop(self._fd, None)
             os.close(self._fd)
             self._fd = None
 

@@ -85,10 +85,11 @@ class StorageDaemon:
         except BaseException:
             # a Ctrl-C/SIGTERM while it starts: ``__exit__`` never runs for a failed ``__enter__``, and the
             # parent-death signal would fire only after fleece exited. No image is open yet: just end it.
-            if self.proc is not None:
-                self.proc.kill()
-                self.proc.wait()
-            self.stop()
+            proc, self.proc = self.proc, None
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            self.stop()  # the run directory (no "bitmaps may not have been stored" warning: none was open)
             raise
 
     def _wait_listening(self, pidfile: Path, log_path: Path) -> None:

@@ -7,6 +7,8 @@ pause (the "freezing" event: guest paused, bitmaps not switched; or right after 
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -35,7 +37,7 @@ def die():
     if guard == "killed-too":  # the guard dies with the run (the host's tools all killed together)
         me = os.getpid()
         kids = [c for t in os.listdir(f"/proc/{me}/task") for c in open(f"/proc/{me}/task/{t}/children").read().split()]
-        guards = [int(c) for c in kids if b"fleece.exporter.agent" in open(f"/proc/{c}/cmdline", "rb").read()]
+        guards = [int(c) for c in kids if b"fleece.exporter.guard" in open(f"/proc/{c}/cmdline", "rb").read()]
         assert len(guards) == 1, guards
         os.kill(guards[0], signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -76,11 +78,19 @@ def first_point(vm: TestVM, tmp_path: Path, scratch: Path) -> tuple[str, Manifes
     return repo_path, first.manifest
 
 
-def next_point_is_exact(vm: TestVM, repo_path: str, scratch: Path, first: Manifest, resumed_by_it: bool) -> None:
-    """The next run: an exact incremental on *first* (the guest wrote nothing since the kill)."""
-    p = fleece("backup", "--qmp", vm.qmp_path, "--repo", repo_path, "--scratch", str(scratch), "--json")
-    doc = ok(p)
-    assert ("resumed the guest: an interrupted backup" in p.stderr) == resumed_by_it, p.stderr
+def next_point_is_exact(vm: TestVM, repo_path: str, scratch: Path, first: Manifest, resumed_by_it: bool,
+                        caplog: pytest.LogCaptureFixture | None = None) -> None:
+    """The next run: an exact incremental on *first* (the guest wrote nothing since the kill). With
+    *caplog*: run in this process, which takes the VM's lock at once (the command needs ~0.5 s to start)."""
+    if caplog is None:
+        p = fleece("backup", "--qmp", vm.qmp_path, "--repo", repo_path, "--scratch", str(scratch), "--json")
+        doc, said = ok(p), p.stderr
+    else:
+        with caplog.at_level(logging.INFO):
+            doc = {"id": run_backup(Repository.open(repo_path), BackupRequest(qmp=vm.qmp_path,
+                                                                               scratch=str(scratch))).manifest.id}
+        said = caplog.text
+    assert ("resumed the guest: an interrupted backup" in said) == resumed_by_it, said
     assert vm.status() == "running"
     assert markers(vm) == []
     assert_clean(vm.guest)
@@ -94,19 +104,24 @@ def next_point_is_exact(vm: TestVM, repo_path: str, scratch: Path, first: Manife
     assert vm.status() == "running"
 
 
-@pytest.mark.parametrize("moment", ["before-switch", "filter-in"])
+@pytest.mark.parametrize("moment, then", [("before-switch", "wait"), ("filter-in", "wait"),
+                                          ("before-switch", "back-up-at-once")])
 def test_a_run_killed_inside_the_pause_has_its_guard_resume_the_guest_at_once(make_vm, tmp_path: Path,
-                                                                              scratch: Path, moment: str) -> None:
+                                                                              scratch: Path, moment: str,
+                                                                              then: str, caplog) -> None:
     """SIGKILL inside the pause: the run's pause guard resumes the guest within moments and drops the
-    marker — no waiting for the next run, which may be a day away."""
+    marker — no waiting for the next run, which may be a day away. A next run started at once waits for
+    the guard (it holds the VM's lock while it may resume) instead of being refused as busy."""
     vm = make_vm({"vda": 32 * MiB})
     repo_path, first = first_point(vm, tmp_path, scratch)
     killed_inside_the_pause(vm, repo_path, scratch, moment, "alive")
-    deadline = time.monotonic() + 10
-    while (vm.status(), markers(vm)) != ("running", []) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (vm.status(), markers(vm)) == ("running", [])
-    next_point_is_exact(vm, repo_path, scratch, first, resumed_by_it=False)
+    if then == "wait":
+        deadline = time.monotonic() + 10
+        while (vm.status(), markers(vm)) != ("running", []) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (vm.status(), markers(vm)) == ("running", [])
+    next_point_is_exact(vm, repo_path, scratch, first, resumed_by_it=False,
+                        caplog=caplog if then == "back-up-at-once" else None)
 
 
 def test_a_run_killed_inside_the_pause_with_its_guard_leaves_a_guest_the_next_run_resumes(
@@ -178,3 +193,25 @@ def test_a_marker_on_a_running_guest_is_dropped_silently() -> None:
     assert pause.recover(mon) == []  # type: ignore[arg-type]
     assert "cont" not in mon.sent and mon.objects == []
     assert pause.recover(FakeMonitor("paused", ["pc.ram"])) == []  # type: ignore[arg-type]  # no marker: not ours
+
+
+def test_the_pause_guard_carries_no_credentials(make_vm, tmp_path: Path, scratch: Path, monkeypatch) -> None:
+    """The guard lives as long as the run (longer, if it acts): its /proc environ must not show the
+    repository's password or S3 keys, which it never needs."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret-for-the-guard-test")
+    vm = make_vm({"vda": 16 * MiB})
+    seen: list[bytes] = []
+
+    def on_event(name: str, data: dict) -> None:
+        if name == "freezing":
+            me = os.getpid()
+            kids = [c for t in os.listdir(f"/proc/{me}/task")
+                    for c in Path(f"/proc/{me}/task/{t}/children").read_text().split()]
+            seen.extend(Path(f"/proc/{c}/environ").read_bytes() for c in kids
+                        if b"fleece.exporter.guard" in Path(f"/proc/{c}/cmdline").read_bytes())
+
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    run_backup(repo, BackupRequest(qmp=vm.qmp_path, scratch=str(scratch), on_event=on_event))
+    assert len(seen) == 1, "no pause guard ran during the pause"
+    assert os.environ["FLEECE_PASSWORD"].encode() not in seen[0]
+    assert b"s3-secret-for-the-guard-test" not in seen[0] and b"PATH=" in seen[0]
