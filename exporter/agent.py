@@ -339,13 +339,14 @@ def _thaw(freezer: Freezer, patience: float | None = None) -> bool:
 # -- the guard against a killed run ------------------------------------------------------------------------
 
 
-#: what of our environment a guard keeps: never the repository's credentials (it needs none), which
-#: /proc/PID/environ would show for as long as it lives
-GUARD_ENVIRONMENT = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "PYTHONPATH")
+#: what of our environment a guard drops: the repository's credentials (it needs none), which /proc/PID/environ
+#: would show for as long as it lives. The rest stays: libvirt and ssh need XDG_RUNTIME_DIR, SSH_AUTH_SOCK,
+#: KRB5CCNAME… to reach a session daemon or a remote host
+GUARD_DROPPED_PREFIXES = ("FLEECE_", "AWS_")
 
 
 def _guard_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in GUARD_ENVIRONMENT or k.startswith("LC_")}
+    return {k: v for k, v in os.environ.items() if not k.startswith(GUARD_DROPPED_PREFIXES)}
 
 
 class GuardLaunch:

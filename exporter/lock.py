@@ -53,13 +53,12 @@ def _not_the_holder(holder: str, path: Path) -> bool:
         return False
     if int(holder) == os.getpid():
         return path not in _HELD.values()
-    try:
-        os.kill(int(holder), 0)
-    except ProcessLookupError:
+    try:  # a zombie is dead too (its parent has not reaped it yet)
+        return Path(f"/proc/{holder}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
         return True
-    except PermissionError:
+    except (OSError, IndexError):
         return False
-    return False
 
 
 class VmLock:
@@ -73,23 +72,28 @@ class VmLock:
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + DEAD_HOLDER_GRACE
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    os.close(fd)
-                    raise
-                if _not_the_holder(holder, self.path) and time.monotonic() < deadline:
-                    # the run that wrote its pid is gone, or is this process, which no longer holds it: a
-                    # guard that inherited the lock (exporter/agent.py) is finishing
-                    time.sleep(0.02)
-                    continue
-                os.close(fd)
-                raise BackupBusyError(f"another fleece backup (pid {holder}) is already running on {self.what}; "
-                                      f"wait for it to finish (lock file {self.path})") from None
+                if not _not_the_holder(holder, self.path):
+                    raise BackupBusyError(f"another fleece backup (pid {holder}) is already running on "
+                                          f"{self.what}; wait for it to finish (lock file {self.path})")
+                if time.monotonic() >= deadline:
+                    raise BackupBusyError(f"{self.what} is still locked {DEAD_HOLDER_GRACE:.0f} s after the run that "
+                                          f"took the lock (pid {holder}) ended: a process it started holds it "
+                                          f"(fuser -v {self.path} names it); wait for it or end it")
+                # the run that wrote its pid is gone, or is this process, which no longer holds it: a
+                # guard that inherited the lock (exporter/agent.py) is finishing
+                time.sleep(0.02)
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -53,11 +53,11 @@ def paused(mon: Monitor, point_id: str, running: bool, guard: ThawGuard | None =
     if not running:
         yield
         return
-    if guard is not None:
-        guard.arm()
     marker = MARK + point_id
     resumed = True
     try:
+        if guard is not None:  # inside the try: an interrupt right after it still releases the guard
+            guard.arm()
         mon.cmd("object-add", {"qom-type": "secret", "id": marker, "data": "paused by a fleece backup"})
         resumed = False
         try:

@@ -7,6 +7,7 @@ reason), and the wire protocol survives stale answers. The real agent in a real 
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -317,3 +318,43 @@ def test_sync_ignores_an_earlier_syncs_late_answer(fake) -> None:
         assert ga.call("guest-fsfreeze-status", "status") == "thawed"
     finally:
         ga.close()
+
+
+def test_a_lock_held_by_a_dead_runs_child_is_waited_out_a_live_holder_is_refused(tmp_path) -> None:
+    """The lock file names a run that is gone (dead, or a zombie) while a child it started still holds the
+    flock (its guard): the next run waits until that child exits. A live holder is refused at once."""
+    import fcntl
+    import subprocess
+
+    from fleece.exporter.lock import VmLock
+    from fleece.repository.errors import BackupBusyError
+
+    key = f"vm-under-test-{tmp_path}"
+    lock = VmLock(key, "the test VM")
+    fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    dead = subprocess.Popen(["true"])  # not reaped yet: a zombie, as a killed run is until its parent waits
+    time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{dead.pid}\n".encode(), 0)
+    holder = subprocess.Popen(["sleep", "0.6"], pass_fds=[fd])  # the dead run's guard, finishing
+    os.close(fd)
+    t0 = time.monotonic()
+    lock.acquire()
+    assert 0.4 < time.monotonic() - t0 < 5, "it neither waited for the holder nor got the lock after it"
+    lock.release()
+    holder.wait()
+    dead.wait()
+
+    live = subprocess.Popen(["sleep", "5"])
+    fd = os.open(lock.path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{live.pid}\n".encode(), 0)
+    t0 = time.monotonic()
+    with pytest.raises(BackupBusyError, match=f"pid {live.pid}"):
+        VmLock(key, "the test VM").acquire()
+    assert time.monotonic() - t0 < 1
+    os.close(fd)
+    live.kill()
+    live.wait()
