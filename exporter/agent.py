@@ -350,7 +350,8 @@ def _guard_env() -> dict[str, str]:
 
 
 class GuardLaunch:
-    """A guard process on its way up (:meth:`ThawGuard.launch`).
+    """A guard process (:class:`ThawGuard`) on its way up: spawned now, awaited by :meth:`ready`. A run
+    spawns it early and awaits it just before it is needed, so its Python start-up overlaps the run's set-up.
 
     Under systemd (a ``fleece@`` service) the guard goes into a transient scope of its own
     (``systemd-run --scope``): when the service's main process is gone, systemd kills what is left in
@@ -448,13 +449,7 @@ class ThawGuard:
     def start(cls, freezer: Freezer) -> ThawGuard | None:
         """Start the guard and wait until it runs (it says ``ready``: ~0.1 s, before the freeze)."""
         args = freezer.guard_args()
-        return None if args is None else cls.launch(args).ready()
-
-    @classmethod
-    def launch(cls, args: list[str]) -> GuardLaunch:
-        """Spawn a guard with *args* without waiting for it: :meth:`GuardLaunch.ready` waits. A run spawns
-        it early and awaits it just before it is needed, so its Python start-up overlaps the run's set-up."""
-        return GuardLaunch(args)
+        return None if args is None else GuardLaunch(args).ready()
 
     def _say(self, word: bytes) -> None:
         assert self.proc.stdin is not None

@@ -687,13 +687,13 @@ class _Run:
         None for a guest that will not be paused (the user paused it, a shut-off image)."""
         if not info.running or info.offline or not self.req.qmp:
             return None
-        from .agent import ThawGuard
+        from .agent import GuardLaunch
 
         # Spawned now, awaited just before the pause: its ~0.07 s start-up overlaps the planning, and is
         # over before the pause (started alongside it, it lengthened the pause 16 → 22–29 ms on this 2-core
         # host). It holds the VM's locks, so no next run pauses the guest while it may resume it.
         # Absolute: it runs from /.
-        return ThawGuard.launch(["--qmp", os.path.abspath(self.req.qmp), "--timeout", "30"])
+        return GuardLaunch(["--qmp", os.path.abspath(self.req.qmp), "--timeout", "30"])
 
     @contextlib.contextmanager
     def _quiesced(self, info: VmInfo, point_id: str) -> Iterator[Any]:

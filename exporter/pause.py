@@ -14,8 +14,8 @@ shutdown, a migration) is left as it is: that state is not ours to undo. A guest
 run is never stopped nor resumed, and no marker is made for it.
 
 A run killed inside the pause should not have to wait for the next run, which may be a day away: a *pause
-guard* (:class:`~fleece.exporter.agent.ThawGuard` with ``--qmp`` only), spawned early in the run so its
-~0.1 s Python start-up overlaps the run's set-up, is armed for exactly the pause and, when its parent dies
+guard* (:class:`~fleece.exporter.agent.GuardLaunch` with ``--qmp`` only), spawned early in the run so its
+~0.07 s Python start-up overlaps the run's set-up, is armed for exactly the pause and, when its parent dies
 armed, connects to the monitor and runs :func:`recover` — the guest runs again within a fraction of a second.
 The marker stays the backstop for a guard killed along with its run.
 
@@ -45,7 +45,7 @@ MARK = f"{PREFIX}pause-"
 def paused(mon: Monitor, point_id: str, running: bool, guard: ThawGuard | None = None) -> Iterator[None]:
     """Keep the guest paused for the ``with`` body if it was *running*; resume it whatever happens.
 
-    *guard*: a ready pause guard (``ThawGuard.launch(["--qmp", SOCK]).ready()``), armed for exactly the
+    *guard*: a ready pause guard (``GuardLaunch(["--qmp", SOCK]).ready()``), armed for exactly the
     pause: if this process is killed inside it (SIGKILL, OOM), the guard resumes the guest at once through
     the marker (:func:`recover`) instead of it staying paused until fleece next runs on this VM. It is
     released (told ``done``) after the resume, and reaped by its launcher off the pause.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from checks import assert_clean, assert_point_matches, fleece, fleece_bitmaps, ok
+from checks import assert_clean, children, assert_point_matches, fleece, fleece_bitmaps, ok
 from conftest import MiB
 from fleece.exporter import pause
 from fleece.exporter.backup import BackupRequest, run_backup
@@ -204,10 +204,7 @@ def test_the_pause_guard_carries_no_credentials(make_vm, tmp_path: Path, scratch
 
     def on_event(name: str, data: dict) -> None:
         if name == "freezing":
-            me = os.getpid()
-            kids = [c for t in os.listdir(f"/proc/{me}/task")
-                    for c in Path(f"/proc/{me}/task/{t}/children").read_text().split()]
-            seen.extend(Path(f"/proc/{c}/environ").read_bytes() for c in kids
+            seen.extend(Path(f"/proc/{c}/environ").read_bytes() for c in children(os.getpid())
                         if b"fleece.exporter.guard" in Path(f"/proc/{c}/cmdline").read_bytes())
 
     repo = Repository.open(str(tmp_path / "repo"), create=True)
